@@ -1,0 +1,206 @@
+"""Handlers of `erasure classifier {train,unlearn,compare}` and `erasure mask compute`."""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from classifiers.config import CompareConfig, MaskConfig, TrainConfig, UnlearnConfig
+from classifiers.data import Dataset, ForgetSplit, forget_split, load_dataset
+from classifiers.loop import Loop, Streams
+from classifiers.methods import FineTune, build_method, forget_loss
+from classifiers.metrics import PROTOCOL, average_gap, evaluate
+from classifiers.models import Classifier, build_model, load_model, save_model, spec_for, to_input
+from classifiers.report import write_comparison
+from erasure.config import from_dict, to_dict
+from erasure.errors import RunDirError
+from erasure.io import RunDir, finished_run, read_json, write_json
+from erasure.saliency import Mask, compute_mask
+
+MODEL_FILE = "model.safetensors"
+MASK_FILE = "mask.safetensors"
+
+
+def _accelerator(accelerator: Accelerator | None) -> Accelerator:
+    return accelerator if accelerator is not None else Accelerator()
+
+
+def _original(path: str) -> tuple[TrainConfig, Classifier]:
+    manifest = finished_run(path, "`erasure classifier train`")
+    return from_dict(TrainConfig, manifest["config"], source=f"'{path}/manifest.json'"), load_model(Path(path) / MODEL_FILE)
+
+
+def dataset_for(config: TrainConfig, device: torch.device) -> Dataset:
+    """The dataset a train config names, on `device` (with its train_limit applied)."""
+    data = load_dataset(config.dataset, config.data_dir, config.split_seed)
+    if config.train_limit:
+        data.train = data.train.subset(torch.arange(min(config.train_limit, len(data.train))))
+    return data.to(device)
+
+
+def train(config: TrainConfig, accelerator: Accelerator | None = None) -> dict[str, Any]:
+    """Train the original classifier on the whole training split."""
+    accelerator = _accelerator(accelerator)
+    run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume, main_process=accelerator.is_main_process)
+    data = dataset_for(config, accelerator.device)
+    run.start(to_dict(config), seed=config.seed, device=str(accelerator.device), kind="classifier-train")
+    torch.manual_seed(config.seed)
+    model = build_model(spec_for(config.arch, config.dataset, data.image_shape, data.num_classes, config.width))
+    loop = Loop(model, FineTune(config), Streams(None, data.train), config, run, num_classes=data.num_classes,
+                augment_images=config.augment, accelerator=accelerator)
+    stats = loop.run_steps()
+    model = loop.unwrapped
+    metrics = {name: _accuracy(model, subset) for name, subset in
+               (("train_acc", data.train), ("val_acc", data.val), ("test_acc", data.test))}
+    metrics.update(stats)
+    if accelerator.is_main_process:
+        save_model(model, run.path / MODEL_FILE)
+        run.finish(metrics)
+        print(f"trained {config.arch} on {config.dataset}: test accuracy {metrics['test_acc']:.2f}% "
+              f"in {stats['train_seconds']:.1f}s -> {run.path}")
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _accuracy(model: torch.nn.Module, subset) -> float:
+    from classifiers.metrics import accuracy, predict_proba
+
+    return accuracy(predict_proba(model, subset), subset.labels)
+
+
+def _forget_batches(split: ForgetSplit, data: Dataset, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    forget = split.forget(data)
+    return [(to_input(forget.images[i:i + batch_size]), forget.labels[i:i + batch_size])
+            for i in range(0, len(forget), batch_size)]
+
+
+def _saliency_mask(model: Classifier, split: ForgetSplit, data: Dataset, ratio: float | None,
+                   threshold: float | None, params: str | None, batch_size: int, accelerator: Accelerator) -> Mask:
+    """The SalUn mask: top |gradient| of the forget cross-entropy (model in eval mode, so BN stats stay)."""
+    was_training = model.training
+    model.eval()
+    mask = compute_mask(model, _forget_batches(split, data, batch_size), forget_loss, ratio=ratio,
+                        threshold=threshold, params=params, accelerator=accelerator, loss_name="cross_entropy")
+    model.train(was_training)
+    return mask
+
+
+def unlearn(config: UnlearnConfig, accelerator: Accelerator | None = None) -> dict[str, Any]:
+    """Unlearn the forget set from the original model with one method; returns its metrics."""
+    accelerator = _accelerator(accelerator)
+    original_config, model = _original(config.original)
+    run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume, main_process=accelerator.is_main_process)
+    data = dataset_for(original_config, accelerator.device)
+    split = forget_split(config.forget, data, seed=config.seed)
+    method = build_method(config, config.method)
+    run.start(to_dict(config), seed=config.seed, device=str(accelerator.device), kind="classifier-unlearn")
+    if accelerator.is_main_process:
+        write_json(run.path / "forget_indices.json", {"spec": config.forget, "train_index": split.forget_index.tolist()})
+    optim = config
+    if method.from_scratch:
+        optim = replace(original_config, seed=config.seed, checkpoint_every=config.checkpoint_every)
+        torch.manual_seed(config.seed)
+        model = build_model(model.spec)
+    model.to(accelerator.device)
+    started = time.perf_counter()
+    forget, retain = split.forget(data), split.retain(data)
+    method.edit(model, forget, retain)
+    stats: dict[str, Any] = {"steps": 0}
+    if method.trains:
+        mask = _method_mask(config, method.uses_mask, model, split, data, run, accelerator)
+        loop = Loop(model, method, Streams(forget, retain), optim, run, num_classes=data.num_classes,
+                    augment_images=original_config.augment, accelerator=accelerator, mask=mask,
+                    forget_batch_size=config.forget_batch_size)
+        stats = loop.run_steps()
+        model = loop.unwrapped
+    run_seconds = time.perf_counter() - started
+    metrics: dict[str, Any] = {"protocol": PROTOCOL, "method": config.method, "forget": config.forget,
+                               "forget_size": len(split.forget_index), **evaluate(model, data, split, config.seed),
+                               "RTE": run_seconds, **stats}
+    if config.retrain:
+        metrics["Avg.Gap"] = average_gap(metrics, read_json(Path(config.retrain) / "metrics.json"))
+    if accelerator.is_main_process:
+        save_model(model, run.path / MODEL_FILE)
+        run.finish(metrics)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _method_mask(config: UnlearnConfig, uses_mask: bool, model: Classifier, split: ForgetSplit, data: Dataset,
+                 run: RunDir, accelerator: Accelerator) -> Mask | None:
+    if not uses_mask:
+        return None
+    saved = run.path / MASK_FILE
+    if run.resumed and saved.is_file():
+        return Mask.load(saved, model)
+    if config.mask:
+        mask = Mask.load(config.mask, model)
+    else:
+        mask = _saliency_mask(model, split, data, config.mask_ratio, None, None, config.batch_size, accelerator)
+    if accelerator.is_main_process:
+        mask.save(saved)
+    return mask
+
+
+def compare(config: CompareConfig) -> dict[str, Any]:
+    """Original, retrain and every method on one forget set; writes report.md, metrics.json, a plot."""
+    accelerator = Accelerator()
+    run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume, main_process=accelerator.is_main_process)
+    run.start(to_dict(config), seed=config.seed, device=str(accelerator.device), kind="classifier-compare")
+    original = config.original or str(run.path / "original")
+    if config.original is None:
+        _once(run.path / "original", lambda: train(config.train_config(out=original, resume=True), accelerator))
+    methods = ["retrain", *[m for m in config.methods if m != "retrain"]]
+    results: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        out = run.path / method
+        retrain = None if method == "retrain" else str(run.path / "retrain")
+        settings = config.unlearn_config(method, original=original, out=str(out), retrain=retrain, resume=True)
+        results[method] = _once(out, lambda s=settings: unlearn(s, accelerator))
+    original_metrics = _original_metrics(original, config, accelerator)
+    summary = {"protocol": PROTOCOL, "forget": config.forget, "original": original_metrics, "methods": results}
+    if accelerator.is_main_process:
+        table = write_comparison(run.path, summary)
+        run.finish(summary)
+        print(table)
+    return summary
+
+
+def _once(out: Path, work) -> dict[str, Any]:
+    """Run `work` unless `out` already holds a finished run (then reuse its metrics)."""
+    try:
+        return finished_run(out, "sub")["metrics"]
+    except RunDirError:
+        return work()
+
+
+def _original_metrics(original: str, config: CompareConfig, accelerator: Accelerator) -> dict[str, Any]:
+    train_config, model = _original(original)
+    data = dataset_for(train_config, accelerator.device)
+    split = forget_split(config.forget, data, seed=config.seed)
+    metrics = evaluate(model.to(accelerator.device), data, split, config.seed)
+    metrics["Avg.Gap"] = average_gap(metrics, read_json(Path(config.out) / "retrain" / "metrics.json"))
+    return metrics
+
+
+def compute_mask_command(config: MaskConfig) -> Mask:
+    """Compute and save the saliency mask of a trained classifier for a forget set."""
+    out = Path(config.out)
+    if out.exists() and not config.overwrite:
+        raise RunDirError(f"mask file '{out}' already exists; pass --overwrite to replace it or choose another --out")
+    accelerator = Accelerator()
+    train_config, model = _original(config.original)
+    data = dataset_for(train_config, accelerator.device)
+    split = forget_split(config.forget, data, seed=config.seed)
+    mask = _saliency_mask(model.to(accelerator.device), split, data, config.ratio, config.threshold, config.params,
+                          config.batch_size, accelerator)
+    mask.metadata["forget_spec"] = config.forget
+    mask.metadata["source_run"] = str(config.original)
+    if accelerator.is_main_process:
+        mask.save(out, packed=config.packed)
+        print(f"saved mask ({mask.density:.2%} of {mask.metadata['numel']:,} weights) -> {out}")
+    return mask

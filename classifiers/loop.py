@@ -1,0 +1,184 @@
+"""The one training loop of the classifier domain, for training, retraining and every unlearning method.
+
+Batches are pure functions of (seed, stream, step): the data order, augmentation and random labels
+of step s are the same whether or not the run was interrupted, so a resumed run ends bit-identical
+to an uninterrupted one. Each step: method loss -> backward -> mask.apply_to_grads -> clip -> step.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from classifiers.config import OptimConfig
+from classifiers.data import ImageSet, augment
+from classifiers.methods import Method, StepBatch
+from classifiers.models import to_input
+from erasure.errors import NonFiniteLossError
+from erasure.io import RunDir, load_checkpoint, save_checkpoint
+
+FORGET_STREAM, RETAIN_STREAM, LABEL_STREAM, AUGMENT_STREAM = 1, 2, 3, 4
+
+
+@dataclass
+class Streams:
+    """The data a run reads: the forget set, the retain set (either may be absent)."""
+
+    forget: ImageSet | None
+    retain: ImageSet | None
+
+
+def _stream_seed(seed: int, stream: int, index: int) -> int:
+    return (seed * 1_000_003 + stream * 7_919 + index) % (2**63)
+
+
+@lru_cache(maxsize=4)
+def _permutation(n: int, seed: int) -> Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def batch_index(n: int, batch_size: int, step: int, seed: int, stream: int) -> Tensor:
+    """Indices of the `step`-th batch of a stream that reshuffles `n` examples every pass."""
+    per_pass = math.ceil(n / batch_size)
+    epoch, position = divmod(step, per_pass)
+    order = _permutation(n, _stream_seed(seed, stream, epoch))
+    return order[position * batch_size:(position + 1) * batch_size]
+
+
+def learning_rate(config: OptimConfig, step: int, total: int) -> float:
+    """The schedule as a pure function of the step (no scheduler state to save)."""
+    progress = step / max(total, 1)
+    if config.schedule == "constant":
+        return config.lr
+    if config.schedule == "linear":
+        return config.lr * (1.0 - progress)
+    warmup = config.warmup
+    if progress < warmup:
+        return config.lr * progress / warmup
+    rest = (progress - warmup) / (1.0 - warmup)
+    if config.schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * rest))
+    return config.lr * (1.0 - rest)
+
+
+def build_optimizer(params: list[nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov) or AdamW as configured."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                           nesterov=config.nesterov and config.momentum > 0)
+
+
+class Loop:
+    """One run of a method over its streams, with checkpoints in `run.checkpoints`."""
+
+    def __init__(self, model: nn.Module, method: Method, streams: Streams, config: OptimConfig, run: RunDir, *,
+                 num_classes: int, augment_images: bool, accelerator, mask=None, forget_batch_size: int | None = None):
+        self.method, self.streams, self.config, self.run = method, streams, config, run
+        self.num_classes, self.augment_images = num_classes, augment_images
+        self.accelerator, self.mask = accelerator, mask
+        self.forget_batch_size = forget_batch_size or config.batch_size
+        primary_set = streams.retain if method.uses_retain else streams.forget
+        if primary_set is None or len(primary_set) == 0:
+            raise ValueError(f"method '{method.name}' needs a non-empty {'retain' if method.uses_retain else 'forget'} set")
+        self.steps_per_epoch = math.ceil(len(primary_set) / config.batch_size)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        params = [p for p in model.parameters() if p.requires_grad]
+        if mask is not None:
+            from erasure.saliency import masked_parameters
+
+            params = masked_parameters(model, mask)
+        optimizer = build_optimizer(params, config)
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model, self.optimizer = accelerator.prepare(torch.compile(model) if config.compile else model, optimizer)
+        if mask is not None:
+            mask.protect_unmasked(self.unwrapped, self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer)
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    def _images(self, images: Tensor, step: int) -> Tensor:
+        if self.augment_images:
+            generator = torch.Generator().manual_seed(_stream_seed(self.config.seed, AUGMENT_STREAM, step))
+            images = augment(images, generator)
+        x = to_input(images)
+        return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
+
+    def _take(self, data: ImageSet, stream: int, batch_size: int, step: int) -> tuple[Tensor, Tensor]:
+        index = batch_index(len(data), batch_size, step, self.config.seed, stream)
+        index = index[self.accelerator.process_index::self.accelerator.num_processes].to(data.labels.device)
+        return self._images(data.images[index], step * 2 + stream), data.labels[index]
+
+    def batch(self, step: int) -> StepBatch:
+        """The batch of global step `step` (a pure function of the seed and the step)."""
+        forget = retain = random_labels = None
+        if self.method.uses_forget:
+            size = self.forget_batch_size if self.method.uses_retain else self.config.batch_size
+            forget = self._take(self.streams.forget, FORGET_STREAM, size, step)
+            generator = torch.Generator().manual_seed(_stream_seed(self.config.seed, LABEL_STREAM, step))
+            shift = torch.randint(1, self.num_classes, (len(forget[1]),), generator=generator).to(forget[1].device)
+            random_labels = (forget[1] + shift) % self.num_classes
+        if self.method.uses_retain:
+            retain = self._take(self.streams.retain, RETAIN_STREAM, self.config.batch_size, step)
+        return StepBatch(forget, random_labels, retain, progress=step / self.total_steps)
+
+    def _resume(self) -> int:
+        state = load_checkpoint(self.run.checkpoints) if self.run.resumed else None
+        if state is None:
+            return 0
+        self.unwrapped.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return int(state["step"])
+
+    def _checkpoint(self, step: int) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.run.checkpoints, {"step": step, "model": self.unwrapped.state_dict(),
+                                                   "optimizer": self.optimizer.state_dict()})
+        self.last_checkpoint = step
+
+    def run_steps(self) -> dict[str, float]:
+        """Train to the end (or from the last checkpoint); returns steps, seconds and the last loss."""
+        start = self._resume()
+        self.last_checkpoint = start if start else None
+        self.model.train()
+        t0 = time.perf_counter()
+        loss_value = float("nan")
+        bar = tqdm(range(start, self.total_steps), desc=self.method.name, initial=start, total=self.total_steps,
+                   disable=None if self.accelerator.is_main_process else True, leave=False)
+        for step in bar:
+            loss_value = self._step(step)
+            if self.config.checkpoint_every and (step + 1) % self.config.checkpoint_every == 0:
+                self._checkpoint(step + 1)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+        return {"steps": self.total_steps, "resumed_from_step": start, "train_seconds": time.perf_counter() - t0,
+                "final_loss": loss_value}
+
+    def _step(self, step: int) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.config, step, self.total_steps)
+        with self.accelerator.autocast():
+            loss = self.method.loss(self.model, self.batch(step))
+        if not torch.isfinite(loss):
+            where = (f"the last good checkpoint (step {self.last_checkpoint}) is kept in {self.run.checkpoints}"
+                     if self.last_checkpoint is not None else "no checkpoint was written yet")
+            message = (f"the '{self.method.name}' loss became {loss.item()} at step {step}; {where}. "
+                       "Lower --lr (or raise --checkpoint-every frequency) and rerun with --resume or --overwrite")
+            self.run.fail(message)
+            raise NonFiniteLossError(message)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        if self.mask is not None:
+            self.mask.apply_to_grads(self.unwrapped)
+        if self.config.grad_clip:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        return loss.item()

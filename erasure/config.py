@@ -1,0 +1,212 @@
+"""Configs are data: dataclasses whose fields carry their help, allowed values and ranges.
+
+`load_config(Cls, path, overrides)` reads an optional YAML file, applies flag overrides and
+validates every key: an unknown key, a wrong type or an out-of-range value raises `ConfigError`
+naming the key and what is allowed. The CLI builds its flags from the same fields, so `--help`,
+YAML files and the Python API can never disagree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from erasure.errors import ConfigError
+
+C = TypeVar("C")
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: typing.Sequence[Any] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A config field with its help text and the values it admits."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def fields(cls: type) -> list[dataclasses.Field]:
+    """The config fields of a dataclass, in declaration order."""
+    return list(dataclasses.fields(cls))
+
+
+def field_type(cls: type, f: dataclasses.Field) -> Any:
+    """The resolved annotation of a field (annotations are strings under `from __future__`)."""
+    return typing.get_type_hints(cls)[f.name]
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def type_name(tp: Any) -> str:
+    """A readable name for a field type, used in help and errors."""
+    inner, optional = _unwrap_optional(tp)
+    if inner is dict or typing.get_origin(inner) is dict:
+        name = "mapping (YAML like '{lr: 0.1}' on the command line)"
+    elif typing.get_origin(inner) is list:
+        name = f"list of {typing.get_args(inner)[0].__name__} (comma-separated on the command line)"
+    else:
+        name = inner.__name__
+    return f"{name} or null" if optional else name
+
+
+def coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert `value` (from YAML or a flag string) to `tp`, or raise ConfigError naming `key`."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"config key '{key}' must be a {type_name(tp)}, got null; set a value")
+    origin = typing.get_origin(inner)
+    if inner is dict or origin is dict:
+        return _coerce_mapping(key, value, tp)
+    if origin is list:
+        item_type = typing.get_args(inner)[0]
+        items = [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a {type_name(tp)}, got {value!r}")
+        return [coerce(f"{key}[{i}]", item, item_type) for i, item in enumerate(items)]
+    return _coerce_scalar(key, value, inner, tp)
+
+
+def _coerce_mapping(key: str, value: Any, tp: Any) -> dict[str, Any]:
+    if isinstance(value, str):
+        import yaml
+
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config key '{key}' must be a mapping (YAML like '{{lr: 0.1}}'): {exc}") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"config key '{key}' must be a mapping of names to values, got {value!r}")
+    return dict(value)
+
+
+def _coerce_scalar(key: str, value: Any, inner: type, tp: Any) -> Any:
+    problem = f"config key '{key}' must be a {type_name(tp)}, got {value!r} ({type(value).__name__})"
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(problem)
+    if inner is int:
+        if isinstance(value, bool):
+            raise ConfigError(problem)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                raise ConfigError(problem) from None
+        raise ConfigError(problem)
+    if inner is float:
+        if isinstance(value, bool):
+            raise ConfigError(problem)
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(problem) from None
+        raise ConfigError(problem)
+    if inner is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(problem)
+    raise TypeError(f"unsupported config field type {inner!r} for '{key}'")
+
+
+def check_range(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    """Raise ConfigError if `value` is outside the choices or bounds declared for `key`."""
+    if isinstance(value, dict):
+        return
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if v is None:
+            continue
+        if meta.get("choices") and v not in meta["choices"]:
+            allowed = ", ".join(map(str, meta["choices"]))
+            hint = difflib.get_close_matches(str(v), [str(c) for c in meta["choices"]], n=1)
+            did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"config key '{key}' must be one of: {allowed}; got '{v}'{did_you_mean}")
+        bounds = [("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
+                  ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")]
+        for name, ok, symbol in bounds:
+            bound = meta.get(name)
+            if bound is not None and not ok(v, bound):
+                raise ConfigError(f"config key '{key}' must be {symbol} {bound}; got {v}")
+
+
+def from_dict(cls: type[C], data: typing.Mapping[str, Any], source: str = "config") -> C:
+    """Build and validate a config dataclass from a mapping of raw values."""
+    known = {f.name: f for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            did_you_mean = f"; did you mean '{hint[0]}'?" if hint else ""
+            raise ConfigError(
+                f"unknown config key '{key}' in {source}{did_you_mean} Allowed keys: {', '.join(known)}"
+            )
+    values = {}
+    for key, value in data.items():
+        f = known[key]
+        values[key] = coerce(key, value, field_type(cls, f))
+        check_range(key, values[key], f.metadata)
+    config = cls(**values)
+    for f in fields(cls):
+        if f.name not in values:
+            check_range(f.name, getattr(config, f.name), f.metadata)
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()
+    return config
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that say which file is wrong and how."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file to --config (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML ({exc}); fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys to values, not a {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: typing.Mapping[str, Any] | None = None) -> C:
+    """Load `cls` from an optional YAML file, then apply `overrides` (e.g. command-line flags)."""
+    data = read_yaml(path) if path else {}
+    data.update(overrides or {})
+    source = f"'{path}'" if path else "the command line"
+    return from_dict(cls, data, source=source)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The resolved config as plain data, for manifests."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,240 @@
+"""Run directories: atomic writes, the guard against clobbering a finished run, manifests, checkpoints.
+
+Every run writes `manifest.json` (resolved config, package versions, git commit, seed, device,
+start/end time, wall seconds, status) and `metrics.json`. A directory whose manifest says
+`finished` is refused unless `overwrite=True`; an unfinished one is refused unless the run is
+resumed (`resume=True`) or overwritten.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from erasure.errors import RunDirError
+
+MANIFEST = "manifest.json"
+METRICS = "metrics.json"
+CHECKPOINT_DIR = "checkpoints"
+TRACKED_PACKAGES = ("erasure", "torch", "diffusers", "transformers", "accelerate", "safetensors",
+                    "numpy", "scikit-learn", "nudenet", "torchmetrics")
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[BinaryIO]:
+    """Open a temp file beside `path`; on success it replaces `path` in one step, on error it vanishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_path(path: str | Path) -> contextlib.AbstractContextManager[Path]:
+    """A temp path beside `path` for writers that need a file name (safetensors, torch.save, PIL)."""
+
+    @contextlib.contextmanager
+    def manager() -> Iterator[Path]:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    return manager()
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (sorted keys are not forced: insertion order reads better)."""
+    with atomic_open(path, "w") as handle:
+        json.dump(data, handle, indent=2, default=_json_default)
+        handle.write("\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file."""
+    return json.loads(Path(path).read_text())
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages a result depends on."""
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[name] = importlib.metadata.version(name)
+    return versions
+
+
+def git_commit(path: str | Path | None = None) -> str | None:
+    """The commit of the source tree (with `-dirty` if it has uncommitted changes), or None."""
+    cwd = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class RunDir:
+    """An output directory of one run: guards, manifest, metrics and checkpoints.
+
+    `RunDir(path, overwrite=..., resume=...)` checks the directory; `start(config, seed, device)`
+    writes the manifest with status `running`; `finish(metrics)` writes `metrics.json` and marks
+    the manifest `finished` with the end time and wall seconds.
+    """
+
+    def __init__(self, path: str | Path, *, overwrite: bool = False, resume: bool = False, main_process: bool = True):
+        self.path = Path(path)
+        self.main_process = main_process
+        self.resumed = resume
+        if main_process:
+            self._guard(overwrite=overwrite, resume=resume)
+        self._t0 = time.time()
+        self._manifest: dict[str, Any] = {}
+
+    def _guard(self, *, overwrite: bool, resume: bool) -> None:
+        state = self.status()
+        if state == "finished" and not overwrite:
+            raise RunDirError(
+                f"output directory '{self.path}' already holds a finished run; "
+                "pass --overwrite to replace it or choose another --out"
+            )
+        if state is not None and state != "finished" and not (resume or overwrite):
+            raise RunDirError(
+                f"output directory '{self.path}' holds an unfinished run; "
+                "pass --resume to continue it or --overwrite to start again"
+            )
+        if state is None and self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
+            raise RunDirError(
+                f"output directory '{self.path}' exists and is not empty; "
+                "choose another --out or pass --overwrite to replace it"
+            )
+        if overwrite and self.path.exists():
+            shutil.rmtree(self.path)
+        self.resumed = resume and not overwrite and state not in (None, "finished")
+
+    def status(self) -> str | None:
+        """The manifest's status (`running`, `failed`, `finished`), or None when there is no manifest."""
+        manifest = self.path / MANIFEST
+        if not manifest.is_file():
+            return None
+        try:
+            return read_json(manifest).get("status", "running")
+        except (json.JSONDecodeError, OSError):
+            return "running"
+
+    @property
+    def checkpoints(self) -> Path:
+        """The folder of resumable state."""
+        return self.path / CHECKPOINT_DIR
+
+    def start(self, config: dict[str, Any], *, seed: int | None, device: str, kind: str) -> None:
+        """Write the manifest of a run that is starting (or resuming)."""
+        manifest = self.path / MANIFEST
+        previous = read_json(manifest) if self.resumed and manifest.is_file() else {}
+        self._manifest = {
+            "kind": kind,
+            "status": "running",
+            "config": config,
+            "seed": seed,
+            "device": device,
+            "versions": package_versions(),
+            "git_commit": git_commit(),
+            "command": sys.argv,
+            "started": previous.get("started", _now()),
+            "resumed_at": [*previous.get("resumed_at", []), _now()] if self.resumed else [],
+        }
+        self._write_manifest()
+
+    def fail(self, reason: str) -> None:
+        """Mark the run failed; its checkpoints stay so it can be resumed."""
+        self._manifest.update(status="failed", failure=reason, ended=_now())
+        self._write_manifest()
+
+    def finish(self, metrics: dict[str, Any], *, keep_checkpoints: bool = False) -> None:
+        """Write metrics.json and mark the manifest finished."""
+        if not self.main_process:
+            return
+        write_json(self.path / METRICS, metrics)
+        self._manifest.update(status="finished", ended=_now(), wall_seconds=round(time.time() - self._t0, 3),
+                              metrics=metrics)
+        self._write_manifest()
+        if not keep_checkpoints and self.checkpoints.exists():
+            shutil.rmtree(self.checkpoints)
+
+    def _write_manifest(self) -> None:
+        if self.main_process:
+            write_json(self.path / MANIFEST, self._manifest)
+
+
+def finished_run(path: str | Path, what: str) -> dict[str, Any]:
+    """The manifest of a finished run at `path`, or a RunDirError saying what to do instead."""
+    manifest = Path(path) / MANIFEST
+    if not manifest.is_file():
+        raise RunDirError(f"'{path}' is not a run directory (no {MANIFEST}); pass the --out folder of a {what} run")
+    data = read_json(manifest)
+    if data.get("status") != "finished":
+        raise RunDirError(f"the {what} run in '{path}' has not finished; resume it with --resume first")
+    return data
+
+
+def save_checkpoint(folder: str | Path, state: dict[str, Any]) -> Path:
+    """Write resumable state to `folder/last.pt` atomically (a crash mid-write keeps the previous one)."""
+    import torch
+
+    path = Path(folder) / "last.pt"
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return path
+
+
+def load_checkpoint(folder: str | Path) -> dict[str, Any] | None:
+    """The state saved by `save_checkpoint`, or None if there is none."""
+    import torch
+
+    path = Path(folder) / "last.pt"
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,639 @@
+"""Weight-saliency masks: which weights to update when unlearning a forget set.
+
+The saliency of a weight is |g|, where g is the gradient of the forget loss summed
+over the whole forget set. `compute_mask` keeps the most salient weights (a ratio of
+all entries, or those above a threshold); training then updates only those weights.
+
+Recommended training loop::
+
+    mask = compute_mask(model, forget_batches, loss_fn, ratio=0.5)
+    optimizer = torch.optim.AdamW(masked_parameters(model, mask), lr=1e-5)
+    mask.protect_unmasked(model, optimizer)      # once, after building the optimizer
+    for batch in loader:
+        optimizer.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        mask.apply_to_grads(model)               # before clipping: the norm sees only masked grads
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()                         # the hook restores every unmasked weight
+
+`apply_to_grads` alone is not enough: weight decay and momentum still move weights
+whose gradient is zero. `protect_unmasked` guarantees that unmasked weights stay
+bit-identical to their values when it was called.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from erasure.errors import MaskError
+
+if TYPE_CHECKING:
+    import accelerate
+
+ParamFilter = str | Callable[[str], bool] | None
+"""Which parameters a mask covers: a regex searched in the name, a predicate, or None for all."""
+
+FORMAT = "erasure-mask/v1"
+_CHUNK = 1 << 24  # elements per histogram step: bounds the selection's scratch memory
+_BUCKETS = 1 << 16  # radix select works on 16 bits at a time
+_FIRST_NON_FINITE = 0x7F80  # high 16 bits of +inf; NaN lies above, negative floats from 0x8000
+
+
+class GradientSum(NamedTuple):
+    """Signed forget-loss gradients summed over the forget set (float32, one per parameter)."""
+
+    grads: dict[str, Tensor]
+    samples: int
+    batches: int
+
+
+# ---------------------------------------------------------------------------- computing masks
+
+
+def compute_mask(
+    model: nn.Module,
+    forget_batches: Iterable[Any],
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    *,
+    ratio: float | None = None,
+    threshold: float | None = None,
+    params: ParamFilter = None,
+    grad_clip: float | None = None,
+    accelerator: accelerate.Accelerator | None = None,
+    loss_name: str = "forget_loss",
+    progress: bool = True,
+) -> Mask:
+    """Build a saliency mask from the gradient of `loss_fn(model, batch)` over `forget_batches`.
+
+    Give exactly one of `ratio` (keep that fraction of entries with the largest |g|; ties
+    at the cut keep the earliest entries in parameter then index order) or `threshold`
+    (keep entries with |g| >= threshold). See `accumulate_gradients` for the other
+    arguments; under a multi-process `accelerator` every rank returns the same mask.
+    """
+    _check_selection(ratio, threshold)
+    summed = accumulate_gradients(
+        model, forget_batches, loss_fn, params=params, grad_clip=grad_clip,
+        accelerator=accelerator, progress=progress,
+    )
+    scores = {name: g.abs_() for name, g in summed.grads.items()}
+    masks, used = select_mask(scores, ratio=ratio, threshold=threshold)
+    masks = {name: m.cpu() for name, m in masks.items()}
+    kept = sum(int(torch.count_nonzero(m)) for m in masks.values())
+    numel = sum(m.numel() for m in masks.values())
+    metadata = {
+        "mode": "ratio" if ratio is not None else "threshold",
+        "ratio": ratio,
+        "threshold": threshold,
+        "threshold_used": used,
+        "density": kept / numel,
+        "kept": kept,
+        "numel": numel,
+        "loss_name": loss_name,
+        "forget_samples": summed.samples,
+        "forget_batches": summed.batches,
+        "param_filter": _describe_filter(params),
+        "grad_clip": grad_clip,
+        "model_class": type(_unwrap(model, accelerator)).__name__,
+        "world_size": accelerator.num_processes if accelerator is not None else 1,
+    }
+    return Mask(masks, metadata)
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    forget_batches: Iterable[Any],
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    *,
+    params: ParamFilter = None,
+    grad_clip: float | None = None,
+    accelerator: accelerate.Accelerator | None = None,
+    progress: bool = True,
+) -> GradientSum:
+    """Sum the signed gradient of `loss_fn(model, batch)` over all batches, per parameter.
+
+    `params` picks the parameters (among those with requires_grad); `grad_clip` clips each
+    batch's gradient to that global L2 norm before adding it. The model's `.grad` fields
+    and its train/eval mode are left untouched (call `model.eval()` first if dropout or
+    batch-norm statistics should not vary). With a multi-process `accelerator`, pass the
+    same un-sharded batches on every rank: rank r uses batches i with i % world == r and
+    the sums are all-reduced, so every rank gets the same result.
+    """
+    if grad_clip is not None and not grad_clip > 0:
+        raise MaskError(f"grad_clip must be > 0 (got {grad_clip}); pass a positive norm or grad_clip=None")
+    base = _unwrap(model, accelerator)
+    named = _select_parameters(base, params)
+    rank, world = _rank_and_world(accelerator, forget_batches)
+    sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for _, p in named]
+    samples = batches = 0
+    for index, batch in enumerate(_progress(forget_batches, progress, rank)):
+        samples += _count_samples(batch)
+        batches += 1
+        if index % world == rank:
+            _add_batch_gradient(sums, base, [p for _, p in named], loss_fn, batch, grad_clip)
+    if batches == 0:
+        raise MaskError("the forget set is empty (no batches); pass a non-empty forget_batches iterable")
+    if world > 1:
+        for s in sums:
+            torch.distributed.all_reduce(s, op=torch.distributed.ReduceOp.SUM)
+    return GradientSum({name: s for (name, _), s in zip(named, sums, strict=True)}, samples, batches)
+
+
+def _check_selection(ratio: float | None, threshold: float | None) -> None:
+    """Require exactly one of ratio in (0, 1) or threshold >= 0."""
+    if (ratio is None) == (threshold is None):
+        raise MaskError("give exactly one of ratio=... (fraction of weights to keep) or threshold=... (minimum |grad|)")
+    if ratio is not None and not 0 < ratio < 1:
+        raise MaskError(
+            f"ratio must be in (0, 1), exclusive (got {ratio}); to keep weights by |grad| use "
+            "threshold=..., and to update all weights use no mask"
+        )
+    if threshold is not None and not threshold >= 0:
+        raise MaskError(f"threshold must be >= 0 (got {threshold}); pass a non-negative |grad| cut-off")
+
+
+def _unwrap(model: nn.Module, accelerator: accelerate.Accelerator | None) -> nn.Module:
+    """Return the bare model behind DistributedDataParallel / DataParallel wrappers."""
+    if accelerator is not None:
+        return accelerator.unwrap_model(model)
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
+
+
+def _select_parameters(model: nn.Module, params: ParamFilter) -> list[tuple[str, nn.Parameter]]:
+    """The trainable parameters whose names pass `params`, in model order."""
+    try:
+        keep = re.compile(params).search if isinstance(params, str) else params
+    except re.error as error:
+        raise MaskError(f"params={params!r} is not a valid regular expression ({error}); fix the pattern") from error
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and (keep is None or keep(n))]
+    if not named:
+        raise MaskError(
+            f"no trainable parameter of {type(model).__name__} matches params={_describe_filter(params)}; "
+            "check the filter against the names in model.named_parameters()"
+        )
+    return named
+
+
+def _describe_filter(params: ParamFilter) -> str | None:
+    """A JSON-friendly description of a parameter filter."""
+    if params is None or isinstance(params, str):
+        return params
+    return f"callable:{getattr(params, '__qualname__', repr(params))}"
+
+
+def _rank_and_world(accelerator: accelerate.Accelerator | None, batches: Iterable[Any]) -> tuple[int, int]:
+    """This process's rank and the world size, refusing batches that are already sharded."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return 0, 1
+    from accelerate.data_loader import DataLoaderDispatcher, DataLoaderShard
+
+    if isinstance(batches, (DataLoaderShard, DataLoaderDispatcher)):
+        raise MaskError(
+            "forget_batches was passed through accelerator.prepare and is already sharded; "
+            "pass the un-prepared DataLoader (compute_mask shards the batches itself)"
+        )
+    return accelerator.process_index, accelerator.num_processes
+
+
+def _progress(batches: Iterable[Any], enabled: bool, rank: int) -> Iterable[Any]:
+    """Wrap `batches` in a progress bar shown only on the main process."""
+    return tqdm(batches, desc="saliency", unit="batch", disable=not enabled or rank != 0)
+
+
+def _count_samples(batch: Any) -> int:
+    """Samples in one batch: the leading size of its first tensor, else its length, else 1."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    items = list(batch.values()) if isinstance(batch, Mapping) else batch
+    if not isinstance(items, (list, tuple)):
+        return 1
+    for item in items:
+        if isinstance(item, Tensor) and item.dim():
+            return int(item.shape[0])
+    if isinstance(batch, Mapping):
+        sized = [len(v) for v in items if isinstance(v, (list, tuple))]
+        return sized[0] if sized else 1
+    return len(items)
+
+
+def _add_batch_gradient(
+    sums: list[Tensor],
+    model: nn.Module,
+    params: list[nn.Parameter],
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batch: Any,
+    grad_clip: float | None,
+) -> None:
+    """Add one batch's (optionally norm-clipped) gradient into the float32 sums."""
+    with torch.enable_grad():
+        loss = loss_fn(model, batch)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise MaskError("loss_fn must return a scalar tensor; reduce the per-sample losses with .mean() or .sum()")
+        if not loss.requires_grad:
+            raise MaskError(
+                "the forget loss does not depend on the selected parameters; compute it from the "
+                "model's output outside torch.no_grad() and check the params filter"
+            )
+        grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
+    scale = _clip_scale([g for g in grads if g is not None], grad_clip)
+    for s, g in zip(sums, grads, strict=True):
+        if g is not None:
+            s.add_(g, alpha=scale)
+
+
+def _clip_scale(grads: list[Tensor], grad_clip: float | None) -> float:
+    """The factor that brings the global L2 norm of `grads` to at most `grad_clip`."""
+    if grad_clip is None or not grads:
+        return 1.0
+    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(grads[0].device) for g in grads])
+    norm = float(torch.linalg.vector_norm(norms))
+    return min(1.0, grad_clip / (norm + 1e-6))
+
+
+# ---------------------------------------------------------------------------- exact selection
+
+
+def select_mask(
+    scores: dict[str, Tensor], *, ratio: float | None = None, threshold: float | None = None
+) -> tuple[dict[str, Tensor], float]:
+    """Select entries of non-negative float32 `scores` globally; return bool masks and the cut used.
+
+    ratio: keep exactly round(ratio * n) entries with the largest score; of the entries equal
+    to the cut value, the earliest in (dict order, flat index) are kept. threshold: keep
+    scores >= threshold. The cut is found by an exact two-pass radix select over the float32
+    bit patterns (monotonic for non-negative floats), so the scores are never concatenated.
+    NaN, inf and negative scores raise MaskError.
+    """
+    _check_selection(ratio, threshold)
+    _check_scores(scores)
+    scores = {name: s.contiguous() for name, s in scores.items()}
+    high = _histogram(scores)
+    _check_finite(high)
+    if threshold is not None:
+        return {name: s >= threshold for name, s in scores.items()}, float(threshold)
+    n = int(high.sum())
+    k = round(ratio * n)
+    if k == 0:
+        raise MaskError(f"ratio={ratio} keeps no entry out of {n}; raise the ratio")
+    cut = _kth_largest(scores, high, k)
+    return _keep_top(scores, cut, k), _bits_to_float(cut)
+
+
+def _check_scores(scores: dict[str, Tensor]) -> None:
+    """Scores must be a non-empty dict of float32 tensors."""
+    if not scores:
+        raise MaskError("there are no scores to select from; pass at least one tensor")
+    wrong = [name for name, s in scores.items() if s.dtype != torch.float32]
+    if wrong:
+        raise MaskError(f"scores must be float32 but {wrong} are not; convert them with .float()")
+
+
+class _Block(NamedTuple):
+    """Up to _CHUNK score bit patterns, with same-sized scratch buffers that may be overwritten."""
+
+    bits: Tensor
+    ints: Tensor
+    flags: Tensor
+
+
+def _blocks(scores: dict[str, Tensor]) -> Iterator[_Block]:
+    """All (contiguous) scores' bit patterns in blocks of up to _CHUNK, device by device."""
+    devices = dict.fromkeys(s.device for s in scores.values())
+    for device in devices:
+        yield from _device_blocks([s for s in scores.values() if s.device == device])
+
+
+def _device_blocks(tensors: list[Tensor]) -> Iterator[_Block]:
+    """Blocks of the bit patterns of `tensors` (one device), small tensors packed together.
+
+    Packing and reusing the scratch buffers keep the operations and allocations of a pass
+    near n / _CHUNK even for models made of thousands of small tensors.
+    """
+    size, device = min(_CHUNK, sum(t.numel() for t in tensors)), tensors[0].device
+    pack = torch.empty(size, dtype=torch.int32, device=device)
+    ints = torch.empty(size, dtype=torch.int32, device=device)
+    flags = torch.empty(size, dtype=torch.bool, device=device)
+    filled = 0
+    for t in tensors:
+        flat = t.view(torch.int32).view(-1)
+        for start in range(0, flat.numel(), _CHUNK):
+            piece = flat[start : start + _CHUNK]
+            if piece.numel() == size:
+                yield _Block(piece, ints, flags)
+                continue
+            if filled + piece.numel() > size:
+                yield _Block(pack[:filled], ints[:filled], flags[:filled])
+                filled = 0
+            pack[filled : filled + piece.numel()] = piece
+            filled += piece.numel()
+    if filled:
+        yield _Block(pack[:filled], ints[:filled], flags[:filled])
+
+
+def _histogram(scores: dict[str, Tensor]) -> Tensor:
+    """Pass 1: counts of the high 16 bits of every score's bit pattern."""
+    counts = torch.zeros(_BUCKETS, dtype=torch.int64, device=next(iter(scores.values())).device)
+    for block in _blocks(scores):
+        high = torch.bitwise_right_shift(block.bits, 16, out=block.ints).bitwise_and_(0xFFFF)
+        counts += torch.bincount(high, minlength=_BUCKETS).to(counts.device)
+    return counts
+
+
+def _check_finite(high: Tensor) -> None:
+    """Refuse NaN, inf and negative scores, which the histogram shows in its top buckets."""
+    if int(high[_FIRST_NON_FINITE:0x8000].sum()):
+        raise MaskError(
+            "saliency scores contain NaN or inf (a non-finite forget-loss gradient); check loss_fn "
+            "for overflow (compute it in float32) or use a model checkpoint that gives finite losses"
+        )
+    if int(high[0x8000:].sum()):
+        raise MaskError("scores must be non-negative; pass absolute values, e.g. {name: g.abs() for ...}")
+
+
+def _top_bucket(counts: Tensor, k: int) -> tuple[int, int]:
+    """The bucket holding the k-th largest entry, and how many entries lie in higher buckets."""
+    from_top = counts.flip(0).cumsum(0)
+    index = int(torch.searchsorted(from_top, torch.tensor([k], device=counts.device)))
+    bucket = counts.numel() - 1 - index
+    return bucket, int(from_top[index]) - int(counts[bucket])
+
+
+def _kth_largest(scores: dict[str, Tensor], high: Tensor, k: int) -> int:
+    """Pass 2: the bit pattern of the exact k-th largest score, from the low 16 bits in its bucket."""
+    bucket, above = _top_bucket(high, k)
+    counts = torch.zeros(_BUCKETS, dtype=torch.int64, device=high.device)
+    for block in _blocks(scores):
+        shifted = torch.bitwise_right_shift(block.bits, 16, out=block.ints)
+        inside = block.bits[torch.eq(shifted, bucket, out=block.flags)]
+        counts += torch.bincount(inside.bitwise_and_(0xFFFF), minlength=_BUCKETS).to(counts.device)
+    low, _ = _top_bucket(counts, k - above)
+    return (bucket << 16) | low
+
+
+def _bits_to_float(bits: int) -> float:
+    """The float32 whose bit pattern is `bits`."""
+    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+
+
+def _keep_top(scores: dict[str, Tensor], cut: int, k: int) -> dict[str, Tensor]:
+    """Masks of the k largest: every score whose bits are >= `cut`, less the last surplus ties.
+
+    Comparing bit patterns rather than floats keeps the result exact even where a device
+    flushes subnormal floats to zero. Without ties at the cut there is no surplus to remove.
+    """
+    masks = {name: s.view(torch.int32) >= cut for name, s in scores.items()}
+    surplus = sum(int(torch.count_nonzero(m)) for m in masks.values()) - k
+    for name in reversed(scores):
+        if surplus == 0:
+            break
+        ties = (scores[name].view(torch.int32) == cut).view(-1).nonzero().squeeze(1)[-surplus:]
+        masks[name].view(-1)[ties] = False
+        surplus -= ties.numel()
+    return masks
+
+
+# ---------------------------------------------------------------------------- the mask
+
+
+class Mask:
+    """Per-parameter bool masks (True = the weight may be updated) plus JSON metadata."""
+
+    def __init__(self, masks: dict[str, Tensor], metadata: dict[str, Any] | None = None) -> None:
+        """Wrap bool `masks` (kept on CPU) and their `metadata`."""
+        wrong = [name for name, m in masks.items() if not isinstance(m, Tensor) or m.dtype != torch.bool]
+        if wrong:
+            raise MaskError(f"mask tensors must be torch.bool but {wrong} are not; convert them with .bool()")
+        self.masks: dict[str, Tensor] = {name: m.detach().cpu() for name, m in masks.items()}
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        self._frozen: dict[tuple[str, torch.device], Tensor] = {}
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.masks[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.masks
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.masks)
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __repr__(self) -> str:
+        return f"Mask({len(self)} tensors, density={self.density:.4f})"
+
+    @property
+    def density(self) -> float:
+        """Fraction of all entries that are selected."""
+        return self.summary()["density"]
+
+    def stats(self) -> list[dict[str, Any]]:
+        """One row per parameter: name, shape, numel, kept, density. Totals are in `summary()`."""
+        rows = []
+        for name, m in self.masks.items():
+            kept = int(torch.count_nonzero(m))
+            rows.append({"name": name, "shape": list(m.shape), "numel": m.numel(), "kept": kept,
+                         "density": kept / m.numel() if m.numel() else 0.0})
+        return rows
+
+    def summary(self) -> dict[str, Any]:
+        """Totals over all parameters: tensors, numel, kept, density."""
+        numel = sum(m.numel() for m in self.masks.values())
+        kept = sum(int(torch.count_nonzero(m)) for m in self.masks.values())
+        return {"tensors": len(self), "numel": numel, "kept": kept, "density": kept / numel if numel else 0.0}
+
+    # -------------------------------------------------------------------- files
+
+    def save(self, path: str | os.PathLike[str], *, packed: bool = False) -> None:
+        """Write a safetensors file atomically: bool tensors, or bits packed 8 per uint8 byte
+        (little bit order, like numpy.packbits(bitorder="little")) when `packed`.
+
+        String metadata: "format", "packing" ("bool" or "bits-le"), "erasure.mask" (the JSON
+        metadata) and "erasure.shapes" (JSON {name: shape} in parameter order).
+        """
+        tensors = {name: _pack(m) if packed else m.contiguous() for name, m in self.masks.items()}
+        header = {
+            "format": FORMAT,
+            "packing": "bits-le" if packed else "bool",
+            "erasure.mask": _to_json(self.metadata),
+            "erasure.shapes": json.dumps({name: list(m.shape) for name, m in self.masks.items()}),
+        }
+        _atomic_save(tensors, header, os.fspath(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], model: nn.Module | None = None) -> Mask:
+        """Read a mask written by `save`; with `model`, also check that it fits (see `validate`)."""
+        tensors, header = _read_safetensors(os.fspath(path))
+        if header.get("format") != FORMAT:
+            raise MaskError(
+                f"{path} is not an erasure mask (format {header.get('format')!r}); recompute it with compute_mask"
+            )
+        shapes = json.loads(header["erasure.shapes"])  # also restores the parameter order
+        if header.get("packing") == "bits-le":
+            tensors = {name: _unpack(tensors[name], shape) for name, shape in shapes.items()}
+        mask = cls({name: tensors[name] for name in shapes}, json.loads(header["erasure.mask"]))
+        if model is not None:
+            mask.validate(model)
+        return mask
+
+    def validate(self, model: nn.Module) -> None:
+        """Raise one MaskError listing every mask entry the model lacks or shapes differently.
+
+        Model parameters absent from the mask are fine: they are frozen.
+        """
+        shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        model_class = type(model).__name__
+        if self.masks and not any(name in shapes for name in self.masks):
+            raise MaskError(
+                f"none of the mask's {len(self)} parameter names exist in {model_class}; the mask looks made "
+                f"for another model ({self.metadata.get('model_class', 'unknown class')}): recompute it for this model"
+            )
+        problems = [_mismatch(name, tuple(m.shape), shapes.get(name)) for name, m in self.masks.items()]
+        problems = [p for p in problems if p]
+        if problems:
+            raise MaskError(
+                f"the mask does not fit {model_class} ({len(problems)} problems: {'; '.join(problems)}); "
+                "recompute the mask for this model or load the model it was made for"
+            )
+
+    # -------------------------------------------------------------------- training
+
+    def apply_to_grads(self, model: nn.Module) -> None:
+        """Zero, in place, the gradient of every unmasked entry; parameters not in the mask lose all of it."""
+        for name, p in model.named_parameters():
+            if p.grad is None:
+                continue
+            frozen = self._frozen_on(name, p)
+            if frozen is None:
+                p.grad.zero_()
+            else:
+                p.grad.masked_fill_(frozen, 0)
+
+    def protect_unmasked(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.utils.hooks.RemovableHandle:
+        """Keep every unmasked weight bit-identical to its current value, whatever the optimizer does.
+
+        Saves the unmasked values of the optimizer's parameters now and restores them after
+        every `optimizer.step()`. Call once, after moving the model to its device and building
+        the optimizer. Remove the protection with the returned handle's `.remove()`.
+        """
+        saved = [self._unmasked_values(name, p) for name, p in _optimizer_parameters(model, optimizer)]
+        saved = [entry for entry in saved if entry is not None]
+
+        def restore(*_: Any) -> None:
+            with torch.no_grad():
+                for p, frozen, values in saved:
+                    if frozen is None:
+                        p.copy_(values)
+                    else:
+                        p.masked_scatter_(frozen, values)
+
+        return optimizer.register_step_post_hook(restore)
+
+    def _frozen_on(self, name: str, p: Tensor) -> Tensor | None:
+        """The inverted mask (True = keep fixed) of `name` on p's device, cached; None if not in the mask."""
+        if name not in self.masks:
+            return None
+        key = (name, p.device)
+        if key not in self._frozen:
+            if self.masks[name].shape != p.shape:
+                raise MaskError(
+                    f"mask for {name} has shape {tuple(self.masks[name].shape)} but the parameter has "
+                    f"{tuple(p.shape)}; recompute the mask for this model"
+                )
+            self._frozen[key] = (~self.masks[name]).to(p.device)
+        return self._frozen[key]
+
+    def _unmasked_values(self, name: str, p: nn.Parameter) -> tuple[Tensor, Tensor | None, Tensor] | None:
+        """(param, frozen mask or None for all-frozen, saved values), or None if nothing is frozen."""
+        frozen = self._frozen_on(name, p)
+        if frozen is None:
+            return p, None, p.detach().clone()
+        if not bool(frozen.any()):
+            return None
+        return p, frozen, p.detach()[frozen].clone()
+
+
+def masked_parameters(model: nn.Module, mask: Mask) -> list[nn.Parameter]:
+    """The parameters with at least one selected entry: build the optimizer over these only."""
+    return [p for name, p in model.named_parameters() if name in mask and bool(mask[name].any())]
+
+
+def _optimizer_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) for every parameter the optimizer updates, named after the model."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    strangers = sum(id(p) not in names for p in params)
+    if strangers:
+        raise MaskError(
+            f"the optimizer holds {strangers} parameters that are not in {type(model).__name__}; "
+            "pass the model the optimizer was built for (unwrapped, e.g. accelerator.unwrap_model(model))"
+        )
+    return [(names[id(p)], p) for p in params]
+
+
+def _mismatch(name: str, mask_shape: tuple[int, ...], model_shape: tuple[int, ...] | None) -> str | None:
+    """Describe why a mask entry does not fit the model, or None if it fits."""
+    if model_shape is None:
+        return f"{name} is not a parameter of the model"
+    if mask_shape != model_shape:
+        return f"{name} has shape {mask_shape} in the mask but {model_shape} in the model"
+    return None
+
+
+def _pack(m: Tensor) -> Tensor:
+    """Bit-pack a bool tensor, 8 entries per byte, least significant bit first."""
+    return torch.from_numpy(np.packbits(m.reshape(-1).numpy(), bitorder="little"))
+
+
+def _unpack(packed: Tensor, shape: list[int]) -> Tensor:
+    """Invert `_pack` for a tensor of `shape`."""
+    count = math.prod(shape)
+    bits = np.unpackbits(packed.numpy(), count=count, bitorder="little")
+    return torch.from_numpy(bits.astype(bool)).reshape(shape)
+
+
+def _to_json(metadata: dict[str, Any]) -> str:
+    """Encode metadata as JSON, refusing values that would not round-trip."""
+    try:
+        return json.dumps(metadata)
+    except TypeError as error:
+        raise MaskError(
+            f"mask metadata is not JSON-serialisable ({error}); store only str, number, bool, None, list or dict values"
+        ) from error
+
+
+def _atomic_save(tensors: dict[str, Tensor], header: dict[str, str], path: str) -> None:
+    """Write a safetensors file to a temporary name in the same directory, then rename it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        save_file(tensors, tmp, metadata=header)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _read_safetensors(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All tensors and the string metadata of a safetensors file."""
+    if not os.path.isfile(path):
+        raise MaskError(f"mask file {path} does not exist; fix the path or create it with compute_mask(...).save(path)")
+    try:
+        with safe_open(path, framework="pt") as f:
+            names = f.keys()  # safe_open is not a mapping
+            return {name: f.get_tensor(name) for name in names}, f.metadata() or {}
+    except SafetensorError as error:
+        raise MaskError(f"{path} is not a readable safetensors file ({error}); recompute the mask") from error

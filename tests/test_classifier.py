@@ -1,0 +1,164 @@
+"""Classifier unlearning on scikit-learn's digits: every method, resume, the metrics and the data splits."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from classifiers import methods as methods_module
+from classifiers.commands import train, unlearn
+from classifiers.config import METHODS, TrainConfig, UnlearnConfig
+from classifiers.data import forget_split, load_digits
+from classifiers.loop import Loop
+from classifiers.metrics import mia_efficacy
+from classifiers.models import load_model
+from erasure.config import from_dict
+from erasure.errors import ConfigError, NonFiniteLossError
+from erasure.saliency import Mask
+
+
+def train_config(out: Path, **extra) -> TrainConfig:
+    return from_dict(TrainConfig, {"out": str(out), "dataset": "digits", "arch": "mlp", "width": 64, "epochs": 12,
+                                   "batch_size": 64, "lr": 0.05, "checkpoint_every": 0, **extra})
+
+
+def unlearn_config(original: Path, out: Path, method: str, **extra) -> UnlearnConfig:
+    return from_dict(UnlearnConfig, {"original": str(original), "out": str(out), "method": method,
+                                     "forget": "class:3", "epochs": 5, "lr": 0.05, "schedule": "constant",
+                                     "checkpoint_every": 0, **extra})
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits") / "original"
+    metrics = train(train_config(out))
+    assert metrics["test_acc"] > 90
+    return out
+
+
+def test_method_names_in_config_match_the_registry():
+    assert set(METHODS) == set(methods_module.METHODS)
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("ft", {"lr": 0.1, "epochs": 10}),
+    ("ga", {"lr": 0.005, "epochs": 4}),
+    ("rl", {}),
+    ("l1_sparse", {"l1_alpha": 1e-3, "epochs": 10}),
+    ("salun", {}),
+    ("iu", {"iu_alpha": 3.0}),
+    ("retrain", {}),
+])
+def test_each_method_raises_unlearning_accuracy(original, tmp_path, method, extra):
+    metrics = unlearn(unlearn_config(original, tmp_path / method, method, **extra))
+    assert metrics["UA"] > 5.0, f"{method} did not forget: {metrics}"
+    assert metrics["RA"] > 50.0, f"{method} destroyed the retain set: {metrics}"
+    assert (tmp_path / method / "manifest.json").is_file() and (tmp_path / method / "model.safetensors").is_file()
+
+
+def test_salun_leaves_unmasked_weights_bit_identical(original, tmp_path):
+    unlearn(unlearn_config(original, tmp_path / "salun", "salun", mask_ratio=0.3))
+    mask = Mask.load(tmp_path / "salun" / "mask.safetensors")
+    before = dict(load_model(original / "model.safetensors").named_parameters())
+    after = dict(load_model(tmp_path / "salun" / "model.safetensors").named_parameters())
+    moved = 0
+    for name, m in mask.masks.items():
+        assert torch.equal(before[name].detach()[~m], after[name].detach()[~m]), name
+        moved += int((before[name].detach()[m] != after[name].detach()[m]).sum())
+    assert moved > 0
+    assert abs(mask.density - 0.3) < 1e-3
+
+
+def test_a_saved_mask_is_reused_and_a_foreign_mask_is_refused(original, tmp_path):
+    from erasure.errors import MaskError
+
+    unlearn(unlearn_config(original, tmp_path / "a", "salun"))
+    reused = unlearn(unlearn_config(original, tmp_path / "b", "salun", mask=str(tmp_path / "a" / "mask.safetensors")))
+    assert torch.equal(Mask.load(tmp_path / "b" / "mask.safetensors").masks["head.weight"],
+                       Mask.load(tmp_path / "a" / "mask.safetensors").masks["head.weight"])
+    assert reused["UA"] > 5
+    cnn = tmp_path / "cnn"
+    train(train_config(cnn, arch="cnn", width=4, epochs=1))
+    unlearn(unlearn_config(cnn, tmp_path / "cnn-salun", "salun", epochs=1))
+    with pytest.raises(MaskError):
+        unlearn(unlearn_config(original, tmp_path / "c", "salun", mask=str(tmp_path / "cnn-salun" / "mask.safetensors")))
+
+
+def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
+    reference = tmp_path / "reference"
+    train(train_config(reference, epochs=4, checkpoint_every=7))
+    interrupted = tmp_path / "interrupted"
+    original_step = Loop._step
+
+    def crash_at_step_23(self, step):
+        if step == 23:
+            raise KeyboardInterrupt
+        return original_step(self, step)
+
+    monkeypatch.setattr(Loop, "_step", crash_at_step_23)
+    with pytest.raises(KeyboardInterrupt):
+        train(train_config(interrupted, epochs=4, checkpoint_every=7))
+    monkeypatch.setattr(Loop, "_step", original_step)
+    assert (interrupted / "checkpoints" / "last.pt").is_file()
+    metrics = train(train_config(interrupted, epochs=4, checkpoint_every=7, resume=True))
+    assert metrics["resumed_from_step"] == 21
+    a = load_model(reference / "model.safetensors").state_dict()
+    b = load_model(interrupted / "model.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(original, tmp_path, monkeypatch):
+    original_loss = methods_module.FineTune.loss
+
+    calls = []
+
+    def nan_after_12(self, model, batch):
+        calls.append(1)
+        loss = original_loss(self, model, batch)
+        return loss * float("nan") if len(calls) > 12 else loss
+
+    monkeypatch.setattr(methods_module.FineTune, "loss", nan_after_12)
+    with pytest.raises(NonFiniteLossError, match="step 12.*last good checkpoint \\(step 10\\)"):
+        unlearn(unlearn_config(original, tmp_path / "nan", "ft", epochs=2, checkpoint_every=5))
+    from erasure.io import load_checkpoint, read_json
+
+    assert load_checkpoint(tmp_path / "nan" / "checkpoints")["step"] == 10
+    assert read_json(tmp_path / "nan" / "manifest.json")["status"] == "failed"
+
+
+def test_forget_specs_are_deterministic_and_validated():
+    data = load_digits()
+    a, b = forget_split("random:0.1", data, seed=4), forget_split("random:0.1", data, seed=4)
+    assert torch.equal(a.forget_index, b.forget_index)
+    assert not torch.equal(a.forget_index, forget_split("random:0.1", data, seed=5).forget_index)
+    assert len(a.forget_index) + len(a.retain_index) == len(data.train)
+    cls = forget_split("class:7", data)
+    assert (data.train.labels[cls.forget_index] == 7).all() and (data.train.labels[cls.retain_index] != 7).all()
+    assert (cls.test(data).labels != 7).all()
+    for bad in ("class:unicorn", "random:1.5", "random:x", "everything"):
+        with pytest.raises(ConfigError):
+            forget_split(bad, data)
+
+
+def test_splits_are_deterministic_by_seed():
+    assert torch.equal(load_digits(1).val.labels, load_digits(1).val.labels)
+    assert not torch.equal(load_digits(1).val.images, load_digits(2).val.images)
+
+
+def test_mia_efficacy_is_chance_for_random_confidences_and_one_for_separated_ones():
+    rng = np.random.default_rng(0)
+    same = mia_efficacy(rng.uniform(size=500), rng.uniform(size=500), rng.uniform(size=500))
+    assert 30 < same < 70
+    separated = mia_efficacy(rng.uniform(0.9, 1.0, 500), rng.uniform(0.0, 0.1, 500), rng.uniform(0.0, 0.1, 500))
+    assert separated > 99
+
+
+def test_woodfisher_solve_matches_the_dense_inverse():
+    from classifiers.methods import woodfisher_solve
+
+    g = torch.randn(5, 12, dtype=torch.float64)
+    v = torch.randn(12, dtype=torch.float64)
+    dense = torch.linalg.solve(0.1 * torch.eye(12, dtype=torch.float64) + g.T @ g / 5, v)
+    assert torch.allclose(woodfisher_solve(g, v, 0.1), dense)

@@ -1,0 +1,90 @@
+"""Configs are validated on load; every shipped YAML loads into the config of its command."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from erasure.cli import COMMANDS, _resolve
+from erasure.config import from_dict, load_config, option
+from erasure.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Example:
+    lr: float = option(0.1, "learning rate", gt=0)
+    steps: int = option(10, "steps", ge=1)
+    method: str = option("salun", "method", choices=("salun", "ga"))
+    ratio: float | None = option(None, "mask ratio", gt=0, lt=1)
+    names: list[str] = option(["a"], "names")
+    flag: bool = option(False, "a flag")
+
+
+def test_values_are_coerced_from_strings_as_flags_give_them():
+    config = from_dict(Example, {"lr": "0.5", "steps": "3", "ratio": "null", "names": "x,y", "flag": "true"})
+    assert (config.lr, config.steps, config.ratio, config.names, config.flag) == (0.5, 3, None, ["x", "y"], True)
+
+
+@pytest.mark.parametrize("data, words", [
+    ({"lrr": 0.1}, ["unknown config key 'lrr'", "did you mean 'lr'"]),
+    ({"steps": "many"}, ["'steps'", "int"]),
+    ({"steps": 1.5}, ["'steps'", "int"]),
+    ({"flag": "maybe"}, ["'flag'", "bool"]),
+    ({"lr": 0}, ["'lr'", "> 0"]),
+    ({"ratio": 1.0}, ["'ratio'", "< 1"]),
+    ({"method": "sallun"}, ["'method'", "salun, ga", "did you mean 'salun'"]),
+    ({"names": 3}, ["'names'", "list"]),
+])
+def test_bad_values_name_the_key_and_what_is_allowed(data, words):
+    with pytest.raises(ConfigError) as info:
+        from_dict(Example, data)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_missing_config_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Example, tmp_path / "nope.yaml")
+
+
+def test_a_yaml_list_at_top_level_is_refused(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(Example, path)
+
+
+def test_flags_override_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.2\nsteps: 4\n")
+    assert load_config(Example, path, {"steps": "7"}).steps == 7
+
+
+def _command_of(path: Path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# command: erasure "), f"{path.name}: first line must be '# command: erasure <subcommand>'"
+    words = tuple(first.removeprefix("# command: erasure ").split())
+    matches = [c for c in COMMANDS if c.path == words]
+    assert matches, f"{path.name} names unknown command {words}"
+    return matches[0]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("**/*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    command = _command_of(path)
+    load_config(_resolve(command.config), path)
+
+
+def test_nested_compare_sections_are_validated(tmp_path):
+    from classifiers.config import CompareConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {epoch: 3}\n")
+    with pytest.raises(ConfigError, match="unknown config key 'epoch' in 'train'"):
+        load_config(CompareConfig, path)
+    path.write_text("per_method: {ga: {lr: -1}}\n")
+    with pytest.raises(ConfigError, match="'lr' must be > 0"):
+        load_config(CompareConfig, path)
