@@ -16,6 +16,7 @@ from classifiers.methods import FineTune, build_method, forget_loss
 from classifiers.metrics import PROTOCOL, average_gap, evaluate
 from classifiers.models import Classifier, build_model, load_model, save_model, spec_for, to_input
 from classifiers.report import write_comparison
+from erasure.accel import make_accelerator
 from erasure.config import from_dict, to_dict
 from erasure.errors import RunDirError
 from erasure.io import RunDir, finished_run, read_json, write_json
@@ -26,7 +27,7 @@ MASK_FILE = "mask.safetensors"
 
 
 def _accelerator(accelerator: Accelerator | None) -> Accelerator:
-    return accelerator if accelerator is not None else Accelerator()
+    return accelerator if accelerator is not None else make_accelerator()
 
 
 def _original(path: str) -> tuple[TrainConfig, Classifier]:
@@ -148,7 +149,7 @@ def _method_mask(config: UnlearnConfig, uses_mask: bool, model: Classifier, spli
 
 def compare(config: CompareConfig) -> dict[str, Any]:
     """Original, retrain and every method on one forget set; writes report.md, metrics.json, a plot."""
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume, main_process=accelerator.is_main_process)
     run.start(to_dict(config), seed=config.seed, device=str(accelerator.device), kind="classifier-compare")
     original = config.original or str(run.path / "original")
@@ -192,7 +193,7 @@ def compute_mask_command(config: MaskConfig) -> Mask:
     out = Path(config.out)
     if out.exists() and not config.overwrite:
         raise RunDirError(f"mask file '{out}' already exists; pass --overwrite to replace it or choose another --out")
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     train_config, model = _original(config.original)
     data = dataset_for(train_config, accelerator.device)
     split = forget_split(config.forget, data, seed=config.seed)
