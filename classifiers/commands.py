@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ from classifiers.config import CompareConfig, MaskConfig, TrainConfig, UnlearnCo
 from classifiers.data import Dataset, ForgetSplit, forget_split, load_dataset
 from classifiers.loop import Loop, Streams
 from classifiers.methods import FineTune, build_method, forget_loss
-from classifiers.metrics import PROTOCOL, average_gap, evaluate
+from classifiers.data import ImageSet
+from classifiers.metrics import PROTOCOL, accuracy, average_gap, evaluate, predict_proba
 from classifiers.models import Classifier, build_model, load_model, save_model, spec_for, to_input
 from classifiers.report import write_comparison
 from erasure.accel import make_accelerator
@@ -67,9 +69,7 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None) -> dict[s
     return metrics
 
 
-def _accuracy(model: torch.nn.Module, subset) -> float:
-    from classifiers.metrics import accuracy, predict_proba
-
+def _accuracy(model: torch.nn.Module, subset: ImageSet) -> float:
     return accuracy(predict_proba(model, subset), subset.labels)
 
 
@@ -116,7 +116,7 @@ def unlearn(config: UnlearnConfig, accelerator: Accelerator | None = None) -> di
         loop = Loop(model, method, Streams(forget, retain), optim, run, num_classes=data.num_classes,
                     augment_images=original_config.augment, accelerator=accelerator, mask=mask,
                     forget_batch_size=config.forget_batch_size)
-        stats = loop.run_steps()
+        stats = loop.run_steps(_forget_accuracy_at_most(config.stop_forget_acc, forget), config.stop_check_every)
         model = loop.unwrapped
     run_seconds = time.perf_counter() - started
     metrics: dict[str, Any] = {"protocol": PROTOCOL, "method": config.method, "forget": config.forget,
@@ -129,6 +129,12 @@ def unlearn(config: UnlearnConfig, accelerator: Accelerator | None = None) -> di
         run.finish(metrics)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _forget_accuracy_at_most(target: float | None, forget: ImageSet) -> Callable[[torch.nn.Module], bool] | None:
+    if target is None:
+        return None
+    return lambda model: _accuracy(model, forget) <= target
 
 
 def _method_mask(config: UnlearnConfig, uses_mask: bool, model: Classifier, split: ForgetSplit, data: Dataset,

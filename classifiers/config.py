@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from erasure.config import from_dict, option
+from erasure.config import from_dict, option, read_yaml
 from erasure.errors import ConfigError
 
 DATASETS = ("digits", "cifar10")
@@ -71,6 +71,9 @@ class UnlearnConfig(OptimConfig):
     mask_ratio: float = option(0.5, "share of weights the saliency mask keeps (salun)", gt=0, lt=1)
     mask: str | None = option(None, "a saved mask (.safetensors) to use instead of computing one (salun)")
     l1_alpha: float = option(5e-4, "L1 penalty weight, decayed linearly to 0 (l1_sparse)", ge=0)
+    stop_forget_acc: float | None = option(None, "stop early once forget-set accuracy (%) falls to this value", ge=0,
+                                           le=100)
+    stop_check_every: int = option(5, "steps between the checks of stop_forget_acc", ge=1)
     iu_alpha: float = option(3.0, "step size of the influence update (iu)", gt=0)
     iu_samples: int = option(64, "retain samples in the WoodFisher estimate of the Fisher (iu)", ge=1)
     iu_damping: float = option(0.1, "damping added to the Fisher before inverting it (iu)", gt=0)
@@ -90,7 +93,8 @@ class CompareConfig:
     out: str = option("outputs/classifier-compare", "output directory")
     forget: str = option("class:0", "what to forget: 'class:<name|index>' or 'random:<fraction>'")
     methods: list[str] = option(["ft", "ga", "rl", "l1_sparse", "salun"], "methods to compare", choices=METHODS)
-    train: dict = option({}, "settings of the original model (keys of `classifier train`)")
+    train_file: str | None = option(None, "a `classifier train` YAML with the original model's settings")
+    train: dict = option({}, "settings of the original model (keys of `classifier train`; override train_file)")
     unlearn: dict = option({}, "settings shared by every method (keys of `classifier unlearn`)")
     per_method: dict = option({}, "per-method settings overriding `unlearn`, e.g. {ga: {lr: 0.01}}")
     original: str | None = option(None, "reuse the model of a finished train run instead of training one")
@@ -109,8 +113,9 @@ class CompareConfig:
             raise ConfigError(f"config key 'per_method' names unknown methods {unknown}; choices: {', '.join(METHODS)}")
 
     def train_config(self, **fixed: object) -> TrainConfig:
-        """The TrainConfig of the original model."""
-        return from_dict(TrainConfig, {**self.train, "seed": self.seed, **fixed}, source="'train'")
+        """The TrainConfig of the original model: train_file, then `train`, then the fixed values."""
+        base = read_yaml(self.train_file) if self.train_file else {}
+        return from_dict(TrainConfig, {**base, **self.train, "seed": self.seed, **fixed}, source="'train'")
 
     def unlearn_config(self, method: str, **fixed: object) -> UnlearnConfig:
         """The UnlearnConfig of one method: shared settings, then its own."""

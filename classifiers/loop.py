@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -144,13 +145,18 @@ class Loop:
                                                    "optimizer": self.optimizer.state_dict()})
         self.last_checkpoint = step
 
-    def run_steps(self) -> dict[str, float]:
-        """Train to the end (or from the last checkpoint); returns steps, seconds and the last loss."""
+    def run_steps(self, stop_when: Callable[[nn.Module], bool] | None = None, check_every: int = 1) -> dict[str, float]:
+        """Train to the end (or from the last checkpoint); returns steps, seconds and the last loss.
+
+        `stop_when(model)`, checked every `check_every` steps, ends training early (e.g. once the
+        forget accuracy reached a target); it depends on the weights only, so resume stays exact.
+        """
         start = self._resume()
         self.last_checkpoint = start if start else None
         self.model.train()
         t0 = time.perf_counter()
         loss_value = float("nan")
+        steps_done = self.total_steps
         bar = tqdm(range(start, self.total_steps), desc=self.method.name, initial=start, total=self.total_steps,
                    disable=None if self.accelerator.is_main_process else True, leave=False)
         for step in bar:
@@ -159,7 +165,11 @@ class Loop:
                 self._checkpoint(step + 1)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{loss_value:.4f}")
-        return {"steps": self.total_steps, "resumed_from_step": start, "train_seconds": time.perf_counter() - t0,
+            if stop_when is not None and (step + 1) % check_every == 0 and stop_when(self.unwrapped):
+                steps_done = step + 1
+                break
+        bar.close()
+        return {"steps": steps_done, "resumed_from_step": start, "train_seconds": time.perf_counter() - t0,
                 "final_loss": loss_value}
 
     def _step(self, step: int) -> float:

@@ -48,7 +48,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(("mask", "show"), "print the metadata and per-layer density of a mask file",
             "erasure.mask_commands:ShowMaskConfig", "erasure.mask_commands:show_mask"),
     Command(("eval", "nudity"), "count NudeNet detections on generated images (protocol nudity-i2p-v1)",
-            "erasure.evaluation.config:NudityEvalConfig", "erasure.evaluation.commands:eval_nudity"),
+            "erasure.evaluation.config:NudityEvalConfig", "pipelines.commands:eval_nudity"),
     Command(("eval", "fid"), "FID/KID between two image folders (protocol retain-fid-v1)",
             "erasure.evaluation.config:FIDEvalConfig", "erasure.evaluation.commands:eval_fid"),
     Command(("sample",), "generate images from a base or erased model for evaluation",
@@ -72,7 +72,7 @@ def _describe(cls: type, f: dataclasses.Field) -> str:
               if meta.get(key) is not None]
     if bounds:
         parts[-1] += f"; {' and '.join(bounds)}"
-    return " ".join(parts) + "]"
+    return (" ".join(parts) + "]").replace("%", "%%")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
