@@ -79,7 +79,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     parser.add_argument("--config", metavar="FILE.yaml", default=None,
                         help="YAML file with any of the options below; flags override it")
     for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        flag = "--" + (f.metadata.get("flag") or f.name.replace("_", "-"))
         tp = field_type(cls, f)
         if tp is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,

@@ -28,9 +28,11 @@ def option(
     gt: float | None = None,
     le: float | None = None,
     lt: float | None = None,
+    flag: str | None = None,
 ) -> Any:
-    """A config field with its help text and the values it admits."""
-    meta = {"help": help, "choices": tuple(choices) if choices else None, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    """A config field with its help text and the values it admits (`flag` renames its CLI flag, e.g. 'class')."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "ge": ge, "gt": gt, "le": le, "lt": lt,
+            "flag": flag}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
