@@ -161,14 +161,13 @@ def compare(config: CompareConfig) -> dict[str, Any]:
     original = config.original or str(run.path / "original")
     if config.original is None:
         _once(run.path / "original", lambda: train(config.train_config(out=original, resume=True), accelerator))
-    methods = ["retrain", *[m for m in config.methods if m != "retrain"]]
-    results: dict[str, dict[str, Any]] = {}
-    for method in methods:
+    retrain = config.retrain or str(run.path / "retrain")
+    results: dict[str, dict[str, Any]] = {"retrain": _retrain_metrics(config, original, retrain, accelerator)}
+    for method in [m for m in config.methods if m != "retrain"]:
         out = run.path / method
-        retrain = None if method == "retrain" else str(run.path / "retrain")
         settings = config.unlearn_config(method, original=original, out=str(out), retrain=retrain, resume=True)
         results[method] = _once(out, lambda s=settings: unlearn(s, accelerator))
-    original_metrics = _original_metrics(original, config, accelerator)
+    original_metrics = _original_metrics(original, retrain, config, accelerator)
     summary = {"protocol": PROTOCOL, "forget": config.forget, "original": original_metrics, "methods": results}
     if accelerator.is_main_process:
         table = write_comparison(run.path, summary)
@@ -185,12 +184,26 @@ def _once(out: Path, work) -> dict[str, Any]:
         return work()
 
 
-def _original_metrics(original: str, config: CompareConfig, accelerator: Accelerator) -> dict[str, Any]:
+def _retrain_metrics(config: CompareConfig, original: str, retrain: str, accelerator: Accelerator) -> dict[str, Any]:
+    """Metrics of the gold standard: a given finished retrain run (checked to match), or one trained here."""
+    if config.retrain is None:
+        settings = config.unlearn_config("retrain", original=original, out=retrain, resume=True)
+        return _once(Path(retrain), lambda: unlearn(settings, accelerator))
+    manifest = finished_run(retrain, "`classifier unlearn --method retrain`")
+    given = manifest["config"]
+    if given.get("method") != "retrain" or given.get("forget") != config.forget or given.get("seed") != config.seed:
+        raise RunDirError(f"'{retrain}' is not a retrain run for forget '{config.forget}' with seed {config.seed} "
+                          f"(it has method {given.get('method')}, forget {given.get('forget')}, seed {given.get('seed')}); "
+                          "pass a matching run or leave 'retrain' unset to train one")
+    return manifest["metrics"]
+
+
+def _original_metrics(original: str, retrain: str, config: CompareConfig, accelerator: Accelerator) -> dict[str, Any]:
     train_config, model = _original(original)
     data = dataset_for(train_config, accelerator.device)
     split = forget_split(config.forget, data, seed=config.seed)
     metrics = evaluate(model.to(accelerator.device), data, split, config.seed)
-    metrics["Avg.Gap"] = average_gap(metrics, read_json(Path(config.out) / "retrain" / "metrics.json"))
+    metrics["Avg.Gap"] = average_gap(metrics, read_json(Path(retrain) / "metrics.json"))
     return metrics
 
 

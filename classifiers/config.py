@@ -98,6 +98,7 @@ class CompareConfig:
     unlearn: dict = option({}, "settings shared by every method (keys of `classifier unlearn`)")
     per_method: dict = option({}, "per-method settings overriding `unlearn`, e.g. {ga: {lr: 0.01}}")
     original: str | None = option(None, "reuse the model of a finished train run instead of training one")
+    retrain: str | None = option(None, "reuse a finished retrain run (same forget set and seed) instead of training one")
     seed: int = option(0, "seed of every run (overrides train/unlearn seeds)", ge=0)
     overwrite: bool = option(False, "replace an existing output directory")
     resume: bool = option(False, "reuse the finished parts of an unfinished comparison")

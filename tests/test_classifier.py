@@ -162,3 +162,28 @@ def test_woodfisher_solve_matches_the_dense_inverse():
     v = torch.randn(12, dtype=torch.float64)
     dense = torch.linalg.solve(0.1 * torch.eye(12, dtype=torch.float64) + g.T @ g / 5, v)
     assert torch.allclose(woodfisher_solve(g, v, 0.1), dense)
+
+
+def test_early_stop_on_forget_accuracy_ends_gradient_ascent_at_the_target(original, tmp_path):
+    metrics = unlearn(unlearn_config(original, tmp_path / "ga", "ga", lr=0.002, epochs=50, stop_forget_acc=20.0,
+                                     stop_check_every=1))
+    assert metrics["UA"] >= 80.0
+    assert metrics["steps"] < 50 * 2  # the forget set holds 2 batches a pass: it stopped early
+    assert metrics["RA"] > 80.0
+
+
+def test_compare_reuses_a_matching_retrain_run_and_refuses_another(original, tmp_path):
+    from classifiers.commands import compare
+    from classifiers.config import CompareConfig
+    from erasure.errors import RunDirError
+
+    retrain = tmp_path / "retrain"
+    unlearn(unlearn_config(original, retrain, "retrain"))
+    base = {"original": str(original), "retrain": str(retrain), "methods": ["rl"], "forget": "class:3",
+            "unlearn": {"epochs": 1, "checkpoint_every": 0}}
+    summary = compare(from_dict(CompareConfig, {**base, "out": str(tmp_path / "cmp")}))
+    assert summary["methods"]["retrain"]["UA"] == 100.0 and "Avg.Gap" in summary["methods"]["rl"]
+    assert not (tmp_path / "cmp" / "retrain").exists()
+    assert (tmp_path / "cmp" / "report.md").read_text().count("| rl |") == 1
+    with pytest.raises(RunDirError, match="not a retrain run for forget 'class:4'"):
+        compare(from_dict(CompareConfig, {**base, "forget": "class:4", "out": str(tmp_path / "cmp4")}))
