@@ -20,8 +20,8 @@ from classifiers.config import OptimConfig
 from classifiers.data import ImageSet, augment
 from classifiers.methods import Method, StepBatch
 from classifiers.models import to_input
-from erasure.errors import NonFiniteLossError
 from erasure.io import RunDir, load_checkpoint, save_checkpoint
+from erasure.training import ensure_finite, masked_step
 
 FORGET_STREAM, RETAIN_STREAM, LABEL_STREAM, AUGMENT_STREAM = 1, 2, 3, 4
 
@@ -177,18 +177,7 @@ class Loop:
             group["lr"] = learning_rate(self.config, step, self.total_steps)
         with self.accelerator.autocast():
             loss = self.method.loss(self.model, self.batch(step))
-        if not torch.isfinite(loss):
-            where = (f"the last good checkpoint (step {self.last_checkpoint}) is kept in {self.run.checkpoints}"
-                     if self.last_checkpoint is not None else "no checkpoint was written yet")
-            message = (f"the '{self.method.name}' loss became {loss.item()} at step {step}; {where}. "
-                       "Lower --lr (or raise --checkpoint-every frequency) and rerun with --resume or --overwrite")
-            self.run.fail(message)
-            raise NonFiniteLossError(message)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
-        if self.mask is not None:
-            self.mask.apply_to_grads(self.unwrapped)
-        if self.config.grad_clip:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
+        ensure_finite(loss, what=f"'{self.method.name}'", step=step, run=self.run, last_checkpoint=self.last_checkpoint)
+        masked_step(loss, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer, mask=self.mask,
+                    grad_clip=self.config.grad_clip)
         return loss.item()

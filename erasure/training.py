@@ -1,0 +1,45 @@
+"""The step every unlearning loop shares: finite-loss guard, backward, mask, clip, optimizer step.
+
+Domains differ in what their loss is and how batches are drawn; what happens between a loss and
+the next weights is the same everywhere, so it lives here once.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from erasure.errors import NonFiniteLossError
+
+if TYPE_CHECKING:
+    from erasure.io import RunDir
+    from erasure.saliency import Mask
+
+
+def ensure_finite(loss: Tensor, *, what: str, step: int, run: RunDir, last_checkpoint: int | None) -> None:
+    """Stop a run whose loss became NaN or infinite, marking it failed; its last checkpoint stays."""
+    if torch.isfinite(loss):
+        return
+    where = (f"the last good checkpoint (step {last_checkpoint}) is kept in {run.checkpoints}"
+             if last_checkpoint is not None else "no checkpoint was written yet")
+    message = (f"the {what} loss became {loss.item()} at step {step}; {where}. "
+               "Lower the learning rate (--lr) and rerun with --resume or --overwrite")
+    run.fail(message)
+    raise NonFiniteLossError(message)
+
+
+def masked_step(loss: Tensor, *, accelerator: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
+                mask: Mask | None = None, grad_clip: float = 0.0) -> None:
+    """zero_grad -> backward -> zero unmasked gradients -> clip the global norm -> optimizer step.
+
+    The mask is applied before clipping so the norm sees only the gradient that will be used;
+    `mask.protect_unmasked` (registered once on the optimizer) keeps unmasked weights bit-identical.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    if mask is not None:
+        mask.apply_to_grads(accelerator.unwrap_model(model, keep_torch_compile=False))
+    if grad_clip:
+        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
