@@ -13,11 +13,11 @@ from accelerate import Accelerator
 from classifiers.config import CompareConfig, MaskConfig, TrainConfig, UnlearnConfig
 from classifiers.data import Dataset, ForgetSplit, forget_split, load_dataset
 from classifiers.loop import Loop, Streams
-from classifiers.methods import FineTune, build_method, forget_loss
+from classifiers.methods import FineTune, Method, build_method, forget_loss, image_batches
 from classifiers.data import ImageSet
 from classifiers.metrics import PROTOCOL, accuracy, average_gap, evaluate, predict_proba
-from classifiers.models import Classifier, build_model, load_model, save_model, spec_for, to_input
-from classifiers.report import write_comparison
+from classifiers.models import Classifier, build_model, load_model, save_model, spec_for
+from classifiers.report import mean_and_std, write_comparison
 from erasure.accel import make_accelerator
 from erasure.config import from_dict, to_dict
 from erasure.errors import RunDirError
@@ -73,19 +73,15 @@ def _accuracy(model: torch.nn.Module, subset: ImageSet) -> float:
     return accuracy(predict_proba(model, subset), subset.labels)
 
 
-def _forget_batches(split: ForgetSplit, data: Dataset, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    forget = split.forget(data)
-    return [(to_input(forget.images[i:i + batch_size]), forget.labels[i:i + batch_size])
-            for i in range(0, len(forget), batch_size)]
-
-
 def _saliency_mask(model: Classifier, split: ForgetSplit, data: Dataset, ratio: float | None,
-                   threshold: float | None, params: str | None, batch_size: int, accelerator: Accelerator) -> Mask:
+                   threshold: float | None, params: str | None, batch_size: int, accelerator: Accelerator,
+                   soft_temperature: float | None = None) -> Mask:
     """The SalUn mask: top |gradient| of the forget cross-entropy (model in eval mode, so BN stats stay)."""
     was_training = model.training
     model.eval()
-    mask = compute_mask(model, _forget_batches(split, data, batch_size), forget_loss, ratio=ratio,
-                        threshold=threshold, params=params, accelerator=accelerator, loss_name="cross_entropy")
+    mask = compute_mask(model, image_batches(split.forget(data), batch_size), forget_loss, ratio=ratio,
+                        threshold=threshold, params=params, accelerator=accelerator, loss_name="cross_entropy",
+                        soft_temperature=soft_temperature)
     model.train(was_training)
     return mask
 
@@ -109,10 +105,12 @@ def unlearn(config: UnlearnConfig, accelerator: Accelerator | None = None) -> di
     model.to(accelerator.device)
     started = time.perf_counter()
     forget, retain = split.forget(data), split.retain(data)
-    method.edit(model, forget, retain)
+    edited = method.edit(model, forget, retain)
+    if edited is not None and accelerator.is_main_process:
+        edited.save(run.path / MASK_FILE)
     stats: dict[str, Any] = {"steps": 0}
     if method.trains:
-        mask = _method_mask(config, method.uses_mask, model, split, data, run, accelerator)
+        mask = _method_mask(config, method, edited, model, split, data, run, accelerator)
         loop = Loop(model, method, Streams(forget, retain), optim, run, num_classes=data.num_classes,
                     augment_images=original_config.augment, accelerator=accelerator, mask=mask,
                     forget_batch_size=config.forget_batch_size)
@@ -137,43 +135,61 @@ def _forget_accuracy_at_most(target: float | None, forget: ImageSet) -> Callable
     return lambda model: _accuracy(model, forget) <= target
 
 
-def _method_mask(config: UnlearnConfig, uses_mask: bool, model: Classifier, split: ForgetSplit, data: Dataset,
-                 run: RunDir, accelerator: Accelerator) -> Mask | None:
-    if not uses_mask:
+def _method_mask(config: UnlearnConfig, method: Method, edited: Mask | None, model: Classifier, split: ForgetSplit,
+                 data: Dataset, run: RunDir, accelerator: Accelerator) -> Mask | None:
+    """The mask training runs under: none, the one the method's edit made, or the saliency mask (saved)."""
+    if not method.uses_mask:
         return None
+    if edited is not None:
+        return edited
     saved = run.path / MASK_FILE
     if run.resumed and saved.is_file():
         return Mask.load(saved, model)
     if config.mask:
         mask = Mask.load(config.mask, model)
     else:
-        mask = _saliency_mask(model, split, data, config.mask_ratio, None, None, config.batch_size, accelerator)
+        temperature = config.mask_temperature if config.mask_type == "soft" else None
+        mask = _saliency_mask(model, split, data, config.mask_ratio, None, None, config.batch_size, accelerator,
+                              temperature)
     if accelerator.is_main_process:
         mask.save(saved)
     return mask
 
 
 def compare(config: CompareConfig) -> dict[str, Any]:
-    """Original, retrain and every method on one forget set; writes report.md, metrics.json, a plot."""
+    """Original, retrain and every method on one forget set; writes report.md, metrics.json, a plot.
+
+    With several `seeds`, everything runs once per seed (in out/seed<k>) and the report gives mean ± std.
+    """
     accelerator = make_accelerator()
     run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume, main_process=accelerator.is_main_process)
     run.start(to_dict(config), seed=config.seed, device=str(accelerator.device), kind="classifier-compare")
-    original = config.original or str(run.path / "original")
-    if config.original is None:
-        _once(run.path / "original", lambda: train(config.train_config(out=original, resume=True), accelerator))
-    retrain = config.retrain or str(run.path / "retrain")
-    results: dict[str, dict[str, Any]] = {"retrain": _retrain_metrics(config, original, retrain, accelerator)}
-    for method in [m for m in config.methods if m != "retrain"]:
-        out = run.path / method
-        settings = config.unlearn_config(method, original=original, out=str(out), retrain=retrain, resume=True)
-        results[method] = _once(out, lambda s=settings: unlearn(s, accelerator))
-    original_metrics = _original_metrics(original, retrain, config, accelerator)
-    summary = {"protocol": PROTOCOL, "forget": config.forget, "original": original_metrics, "methods": results}
+    seeds = config.seeds or [config.seed]
+    if len(seeds) == 1:
+        summary = _compare_seed(replace(config, seed=seeds[0]), run.path, accelerator)
+    else:
+        per_seed = {str(s): _compare_seed(replace(config, seed=s), run.path / f"seed{s}", accelerator) for s in seeds}
+        summary = mean_and_std(per_seed)
     if accelerator.is_main_process:
         table = write_comparison(run.path, summary)
         run.finish(summary)
         print(table)
     return summary
+
+
+def _compare_seed(config: CompareConfig, folder: Path, accelerator: Accelerator) -> dict[str, Any]:
+    """The comparison for `config.seed`, with its runs in `folder`: original, retrain, then each method."""
+    original = config.original or str(folder / "original")
+    if config.original is None:
+        _once(folder / "original", lambda: train(config.train_config(out=original, resume=True), accelerator))
+    retrain = config.retrain or str(folder / "retrain")
+    results: dict[str, dict[str, Any]] = {"retrain": _retrain_metrics(config, original, retrain, accelerator)}
+    for method in [m for m in config.methods if m != "retrain"]:
+        out = folder / method
+        settings = config.unlearn_config(method, original=original, out=str(out), retrain=retrain, resume=True)
+        results[method] = _once(out, lambda s=settings: unlearn(s, accelerator))
+    original_metrics = _original_metrics(original, retrain, config, accelerator)
+    return {"protocol": PROTOCOL, "forget": config.forget, "original": original_metrics, "methods": results}
 
 
 def _once(out: Path, work) -> dict[str, Any]:

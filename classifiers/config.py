@@ -9,7 +9,9 @@ from erasure.errors import ConfigError
 
 DATASETS = ("digits", "cifar10")
 ARCHS = ("mlp", "cnn", "resnet18")
-METHODS = ("ft", "ga", "rl", "l1_sparse", "salun", "iu", "retrain")
+METHODS = ("ft", "ga", "rl", "l1_sparse", "salun", "iu", "retrain", "piggyback_shrink", "kaggle_1st", "kaggle_2nd",
+           "ssd")
+MASK_TYPES = ("hard", "soft")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "linear", "constant")
 FORGET_SPEC = re.compile(r"^(class:.+|random:.+)$")
@@ -70,6 +72,10 @@ class UnlearnConfig(OptimConfig):
     forget_batch_size: int = option(64, "forget examples per step for methods that use both sets", ge=1)
     mask_ratio: float = option(0.5, "share of weights the saliency mask keeps (salun)", gt=0, lt=1)
     mask: str | None = option(None, "a saved mask (.safetensors) to use instead of computing one (salun)")
+    mask_type: str = option("hard", "hard: keep or freeze each weight; soft: scale its gradient by a sigmoid of its "
+                            "saliency around the same cut (salun)", choices=MASK_TYPES)
+    mask_temperature: float = option(0.1, "temperature of the soft mask, in units of the mean |gradient| (salun)",
+                                     gt=0)
     l1_alpha: float = option(5e-4, "L1 penalty weight, decayed linearly to 0 (l1_sparse)", ge=0)
     stop_forget_acc: float | None = option(None, "stop early once forget-set accuracy (%) falls to this value", ge=0,
                                            le=100)
@@ -77,6 +83,25 @@ class UnlearnConfig(OptimConfig):
     iu_alpha: float = option(3.0, "step size of the influence update (iu)", gt=0)
     iu_samples: int = option(64, "retain samples in the WoodFisher estimate of the Fisher (iu)", ge=1)
     iu_damping: float = option(0.1, "damping added to the Fisher before inverting it (iu)", gt=0)
+    piggyback_params: str | None = option(None, "regex of the weights to learn a mask over (default: the last "
+                                          "stage: resnet18's last two blocks, else the trunk's last two layers)")
+    piggyback_lambda: float = option(1e-3, "L1 penalty on the mask scores, per weight (piggyback_shrink)", ge=0)
+    piggyback_threshold: float = option(5e-3, "mask scores above it select a weight (piggyback_shrink)", gt=0)
+    piggyback_init: float = option(1e-2, "initial mask score of every weight (piggyback_shrink)", gt=0)
+    piggyback_lr: float = option(1e-3, "Adam learning rate of the mask scores (piggyback_shrink)", gt=0)
+    piggyback_epochs: int = option(3, "passes over the forget set to learn the mask (piggyback_shrink)", ge=1)
+    piggyback_eta: float = option(0.1, "factor the selected weights are multiplied by (piggyback_shrink)", gt=0, lt=1)
+    kaggle1_kl_epochs: float = option(1.0, "epochs (of the run's steps) pushing forget outputs to uniform (kaggle_1st)",
+                                      gt=0)
+    kaggle1_temperature: float = option(1.15, "temperature of the forget-vs-retain contrast (kaggle_1st)", gt=0)
+    kaggle2_reinit_ratio: float = option(0.3, "share of conv/linear weights with the smallest forget gradient to "
+                                         "re-initialise (kaggle_2nd)", gt=0, lt=1)
+    kaggle2_grad_scale: float = option(0.1, "gradient factor of the weights not re-initialised (kaggle_2nd)", ge=0,
+                                       le=1)
+    ssd_alpha: float = option(10.0, "dampen weights whose forget importance exceeds alpha x the full-data importance "
+                              "(ssd)", gt=0)
+    ssd_lambda: float = option(1.0, "dampening: selected weights scale by min(lambda x full / forget importance, 1) "
+                               "(ssd)", gt=0)
     retrain: str | None = option(None, "a finished retrain run to report the gap to (Avg.Gap)")
 
     def validate(self) -> None:
@@ -100,12 +125,19 @@ class CompareConfig:
     original: str | None = option(None, "reuse the model of a finished train run instead of training one")
     retrain: str | None = option(None, "reuse a finished retrain run (same forget set and seed) instead of training one")
     seed: int = option(0, "seed of every run (overrides train/unlearn seeds)", ge=0)
+    seeds: list[int] = option([], "several seeds: run everything once per seed (in out/seed<k>) and report "
+                              "mean ± std (overrides seed)")
     overwrite: bool = option(False, "replace an existing output directory")
     resume: bool = option(False, "reuse the finished parts of an unfinished comparison")
 
     def validate(self) -> None:
         """Validate the nested sections against the configs they feed."""
         _check_forget_syntax(self.forget)
+        if any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"config key 'seeds' must hold distinct non-negative integers, got {self.seeds}")
+        if len(self.seeds) > 1 and self.retrain is not None:
+            raise ConfigError("config key 'retrain' names one retrain run, but 'seeds' asks for one per seed; "
+                              "leave 'retrain' unset so each seed trains its own")
         self.train_config()
         for method in self.methods:
             self.unlearn_config(method, original="<original>", out="<out>")

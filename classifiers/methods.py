@@ -1,10 +1,14 @@
 """Classifier unlearning methods: each says only what its loss is and which data it reads.
 
-The shared loop (`classifiers.loop.fit`) draws the batches, applies the saliency mask, clips,
-steps and checkpoints. A method that restricts itself to salient weights sets `uses_mask`.
+The shared loop (`classifiers.loop.Loop`) draws the batches, applies the mask, clips, steps and
+checkpoints. A method that trains under a mask sets `uses_mask`: the saliency mask of the config,
+or the mask its one-off `edit` returns (`kaggle_2nd`).
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -12,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from classifiers import fisher, piggyback
 from classifiers.config import OptimConfig, UnlearnConfig
 from classifiers.data import ImageSet
 from classifiers.models import to_input
+from erasure.saliency import Mask, compute_mask
 
 
 @dataclass
@@ -43,8 +49,12 @@ class Method:
     def cross_entropy(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(model(x), y, label_smoothing=self.config.label_smoothing)
 
-    def edit(self, model: nn.Module, forget: ImageSet, retain: ImageSet) -> None:
-        """A one-off change to the weights before training (none by default)."""
+    def edit(self, model: nn.Module, forget: ImageSet, retain: ImageSet) -> Mask | None:
+        """A one-off change to the weights before training (none by default).
+
+        May return a mask it made (saved with the run); a method that `uses_mask` trains under it.
+        """
+        return None
 
     def loss(self, model: nn.Module, batch: StepBatch) -> Tensor:
         """The scalar this method minimises at one step (one-shot methods have none)."""
@@ -140,6 +150,125 @@ class InfluenceUnlearning(Method):
         model.train(was_training)
 
 
+class PiggybackShrink(FineTune):
+    """`piggyback_shrink`: learn a sparse binary mask of the weights the forget set needs (Piggyback,
+    L1 on the scores), multiply those weights by eta, then fine-tune on the retain set."""
+
+    name = "piggyback_shrink"
+
+    def edit(self, model: nn.Module, forget: ImageSet, retain: ImageSet) -> Mask:
+        c = self.config
+        assert isinstance(c, UnlearnConfig)
+        with evaluating(model):
+            mask = piggyback.learn_mask(
+                model, piggyback.last_stage(model, c.piggyback_params), image_batches(forget, c.batch_size),
+                penalty=c.piggyback_lambda, threshold=c.piggyback_threshold, init=c.piggyback_init,
+                lr=c.piggyback_lr, epochs=c.piggyback_epochs, seed=c.seed)
+        piggyback.shrink(model, mask, c.piggyback_eta)
+        mask.metadata["eta"] = c.piggyback_eta
+        return mask
+
+
+class KaggleFirst(Method):
+    """`kaggle_1st` (NeurIPS 2023 unlearning challenge winner): push forget outputs toward the uniform
+    distribution (KL) for the first `kaggle1_kl_epochs`, then contrast forget against retain outputs
+    with a temperature while fitting the retain set (cross-entropy)."""
+
+    name = "kaggle_1st"
+    uses_forget = True
+    uses_retain = True
+
+    def loss(self, model: nn.Module, batch: StepBatch) -> Tensor:
+        c = self.config
+        assert isinstance(c, UnlearnConfig)
+        x_forget, _ = batch.forget
+        forget_logits = model(x_forget)
+        if batch.progress < c.kaggle1_kl_epochs / c.epochs:
+            uniform = torch.full_like(forget_logits, 1.0 / forget_logits.shape[1])
+            return F.kl_div(F.log_softmax(forget_logits, dim=1), uniform, reduction="batchmean")
+        x_retain, y_retain = batch.retain
+        retain_logits = model(x_retain)
+        similarity = F.normalize(forget_logits, dim=1) @ F.normalize(retain_logits, dim=1).T / c.kaggle1_temperature
+        contrast = -F.log_softmax(similarity, dim=1).mean()
+        return contrast + F.cross_entropy(retain_logits, y_retain, label_smoothing=c.label_smoothing)
+
+
+class KaggleSecond(FineTune):
+    """`kaggle_2nd` (runner-up): re-initialise the conv/linear weights with the smallest forget-gradient
+    magnitude (the saliency mask's complement), then fine-tune on retain with the gradients of all
+    other weights scaled by `kaggle2_grad_scale` (a soft mask)."""
+
+    name = "kaggle_2nd"
+    uses_mask = True
+
+    def edit(self, model: nn.Module, forget: ImageSet, retain: ImageSet) -> Mask:
+        c = self.config
+        assert isinstance(c, UnlearnConfig)
+        with evaluating(model):
+            salient = compute_mask(model, image_batches(forget, c.batch_size), forget_loss,
+                                   ratio=1.0 - c.kaggle2_reinit_ratio, params=_layer_weights(model).__contains__,
+                                   loss_name="cross_entropy", progress=False)
+        fresh = {name: ~m for name, m in salient.masks.items()}
+        reinitialise(model, fresh, c.seed)
+        weights = {name: torch.where(fresh[name], 1.0, c.kaggle2_grad_scale) if name in fresh
+                   else torch.full(p.shape, c.kaggle2_grad_scale) for name, p in model.named_parameters()
+                   if p.requires_grad}
+        metadata = {**salient.metadata, "kind": "kaggle_2nd", "reinit_ratio": c.kaggle2_reinit_ratio,
+                    "grad_scale": c.kaggle2_grad_scale}
+        return Mask(weights, metadata, soft=True)
+
+
+class SelectiveSynapticDampening(Method):
+    """`ssd`: dampen the weights whose Fisher importance on the forget set exceeds `ssd_alpha` times
+    their importance on the whole training set (one-shot, no training)."""
+
+    name = "ssd"
+    trains = False
+
+    def edit(self, model: nn.Module, forget: ImageSet, retain: ImageSet) -> Mask:
+        c = self.config
+        assert isinstance(c, UnlearnConfig)
+        everything = ImageSet(torch.cat([forget.images, retain.images]), torch.cat([forget.labels, retain.labels]))
+        shuffled = torch.randperm(len(everything), generator=torch.Generator().manual_seed(c.seed))
+        with evaluating(model):
+            on_forget = fisher.fisher_diagonal(model, image_batches(forget, c.batch_size))
+            on_all = fisher.fisher_diagonal(model, image_batches(everything.subset(shuffled), c.batch_size))
+        return fisher.dampen(model, on_forget, on_all, alpha=c.ssd_alpha, strength=c.ssd_lambda)
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Run a block with `model` in eval mode (batch-norm statistics fixed), restoring its mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def image_batches(data: ImageSet, batch_size: int) -> list[tuple[Tensor, Tensor]]:
+    """`data` in order as (float images in [0, 1], labels) batches."""
+    return [(to_input(data.images[i:i + batch_size]), data.labels[i:i + batch_size])
+            for i in range(0, len(data), batch_size)]
+
+
+def _layer_weights(model: nn.Module) -> set[str]:
+    """Names of the convolution kernels and linear weight matrices (dim > 1) of `model`."""
+    return {name for name, p in model.named_parameters() if p.requires_grad and p.dim() > 1}
+
+
+@torch.no_grad()
+def reinitialise(model: nn.Module, chosen: dict[str, Tensor], seed: int) -> None:
+    """Redraw the `chosen` entries like PyTorch's default conv/linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name in chosen:
+            bound = 1.0 / math.sqrt(p[0].numel())
+            fresh = torch.empty(p.shape).uniform_(-bound, bound, generator=generator).to(p.device, p.dtype)
+            p.copy_(torch.where(chosen[name].to(p.device), fresh, p))
+
+
 def _mean_gradient(model: nn.Module, params: list[nn.Parameter], data: ImageSet, batch_size: int) -> Tensor:
     """The gradient of the mean cross-entropy over `data`, flattened."""
     total = [torch.zeros_like(p) for p in params]
@@ -160,7 +289,8 @@ def woodfisher_solve(per_sample: Tensor, v: Tensor, damping: float) -> Tensor:
 
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (FineTune, GradientAscent, RandomLabel, L1Sparse, SalUn,
-                                                        InfluenceUnlearning, Retrain)}
+                                                        InfluenceUnlearning, Retrain, PiggybackShrink, KaggleFirst,
+                                                        KaggleSecond, SelectiveSynapticDampening)}
 
 
 def build_method(config: OptimConfig, name: str) -> Method:

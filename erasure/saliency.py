@@ -20,6 +20,10 @@ Recommended training loop::
 `apply_to_grads` alone is not enough: weight decay and momentum still move weights
 whose gradient is zero. `protect_unmasked` guarantees that unmasked weights stay
 bit-identical to their values when it was called.
+
+A mask may also be soft (`compute_mask(..., soft_temperature=t)` or `soft_mask`): float32
+weights in [0, 1] that scale each gradient instead of keeping or zeroing it. Only entries
+whose weight is exactly 0 count as unmasked; as t -> 0 a soft mask becomes the hard one.
 """
 from __future__ import annotations
 
@@ -74,13 +78,15 @@ def compute_mask(
     accelerator: accelerate.Accelerator | None = None,
     loss_name: str = "forget_loss",
     progress: bool = True,
+    soft_temperature: float | None = None,
 ) -> Mask:
     """Build a saliency mask from the gradient of `loss_fn(model, batch)` over `forget_batches`.
 
     Give exactly one of `ratio` (keep that fraction of entries with the largest |g|; ties
     at the cut keep the earliest entries in parameter then index order) or `threshold`
-    (keep entries with |g| >= threshold). See `accumulate_gradients` for the other
-    arguments; under a multi-process `accelerator` every rank returns the same mask.
+    (keep entries with |g| >= threshold). With `soft_temperature`, the mask is soft around
+    the same cut (see `soft_mask`). See `accumulate_gradients` for the other arguments;
+    under a multi-process `accelerator` every rank returns the same mask.
     """
     _check_selection(ratio, threshold)
     summed = accumulate_gradients(
@@ -88,7 +94,10 @@ def compute_mask(
         accelerator=accelerator, progress=progress,
     )
     scores = {name: g.abs_() for name, g in summed.grads.items()}
-    masks, used = select_mask(scores, ratio=ratio, threshold=threshold)
+    if soft_temperature is None:
+        masks, used = select_mask(scores, ratio=ratio, threshold=threshold)
+    else:
+        masks, used = soft_mask(scores, temperature=soft_temperature, ratio=ratio, threshold=threshold)
     masks = {name: m.cpu() for name, m in masks.items()}
     kept = sum(int(torch.count_nonzero(m)) for m in masks.values())
     numel = sum(m.numel() for m in masks.values())
@@ -97,7 +106,7 @@ def compute_mask(
         "ratio": ratio,
         "threshold": threshold,
         "threshold_used": used,
-        "density": kept / numel,
+        "density": sum(float(m.sum()) for m in masks.values()) / numel,
         "kept": kept,
         "numel": numel,
         "loss_name": loss_name,
@@ -108,7 +117,9 @@ def compute_mask(
         "model_class": type(_unwrap(model, accelerator)).__name__,
         "world_size": accelerator.num_processes if accelerator is not None else 1,
     }
-    return Mask(masks, metadata)
+    if soft_temperature is not None:
+        metadata["soft_temperature"] = soft_temperature
+    return Mask(masks, metadata, soft=soft_temperature is not None)
 
 
 def accumulate_gradients(
@@ -292,6 +303,24 @@ def select_mask(
     return _keep_top(scores, cut, k), _bits_to_float(cut)
 
 
+def soft_mask(
+    scores: dict[str, Tensor], *, temperature: float, ratio: float | None = None, threshold: float | None = None
+) -> tuple[dict[str, Tensor], float]:
+    """A soft mask: sigmoid((score - cut) / (temperature * mean score)) per entry, and the cut.
+
+    The cut is the one `select_mask` uses for the same ratio or threshold, so as temperature -> 0
+    the weights tend to the hard mask's 0 and 1 (entries equal to the cut get 0.5). Weights are
+    float32 in [0, 1]; the mean score makes `temperature` independent of the gradients' scale.
+    """
+    if not temperature > 0:
+        raise MaskError(f"temperature must be > 0 (got {temperature}); use the hard mask (select_mask) for the limit 0")
+    _, cut = select_mask(scores, ratio=ratio, threshold=threshold)
+    total = sum(float(s.sum(dtype=torch.float64)) for s in scores.values())
+    mean = total / sum(s.numel() for s in scores.values())
+    scale = temperature * (mean if mean > 0 else 1.0)
+    return {name: torch.sigmoid((s - cut) / scale) for name, s in scores.items()}, cut
+
+
 def _check_scores(scores: dict[str, Tensor]) -> None:
     """Scores must be a non-empty dict of float32 tensors."""
     if not scores:
@@ -409,16 +438,26 @@ def _keep_top(scores: dict[str, Tensor], cut: int, k: int) -> dict[str, Tensor]:
 
 
 class Mask:
-    """Per-parameter bool masks (True = the weight may be updated) plus JSON metadata."""
+    """Per-parameter masks plus JSON metadata: bool (True = the weight may be updated) or soft.
 
-    def __init__(self, masks: dict[str, Tensor], metadata: dict[str, Any] | None = None) -> None:
-        """Wrap bool `masks` (kept on CPU) and their `metadata`."""
-        wrong = [name for name, m in masks.items() if not isinstance(m, Tensor) or m.dtype != torch.bool]
+    A soft mask holds float32 weights in [0, 1] that scale each entry's gradient; an entry is
+    unmasked (frozen) only where its weight is exactly 0.
+    """
+
+    def __init__(self, masks: dict[str, Tensor], metadata: dict[str, Any] | None = None, *, soft: bool = False) -> None:
+        """Wrap bool `masks` (or, when `soft`, float32 weights in [0, 1]), kept on CPU, and their `metadata`."""
+        dtype = torch.float32 if soft else torch.bool
+        wrong = [name for name, m in masks.items() if not isinstance(m, Tensor) or m.dtype != dtype]
         if wrong:
-            raise MaskError(f"mask tensors must be torch.bool but {wrong} are not; convert them with .bool()")
+            raise MaskError(f"mask tensors must be {dtype} but {wrong} are not; convert them with "
+                            f"{'.float()' if soft else '.bool() (or pass soft=True for float32 weights in [0, 1])'}")
+        if soft:
+            _check_soft(masks)
+        self.is_soft = soft
         self.masks: dict[str, Tensor] = {name: m.detach().cpu() for name, m in masks.items()}
         self.metadata: dict[str, Any] = dict(metadata or {})
         self._frozen: dict[tuple[str, torch.device], Tensor] = {}
+        self._weights: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
 
     def __getitem__(self, name: str) -> Tensor:
         return self.masks[name]
@@ -437,37 +476,43 @@ class Mask:
 
     @property
     def density(self) -> float:
-        """Fraction of all entries that are selected."""
+        """Fraction of all entries that are selected (for a soft mask: the mean weight)."""
         return self.summary()["density"]
 
     def stats(self) -> list[dict[str, Any]]:
-        """One row per parameter: name, shape, numel, kept, density. Totals are in `summary()`."""
+        """One row per parameter: name, shape, numel, kept (non-zero entries), density (mean weight).
+
+        Totals are in `summary()`.
+        """
         rows = []
         for name, m in self.masks.items():
-            kept = int(torch.count_nonzero(m))
-            rows.append({"name": name, "shape": list(m.shape), "numel": m.numel(), "kept": kept,
-                         "density": kept / m.numel() if m.numel() else 0.0})
+            rows.append({"name": name, "shape": list(m.shape), "numel": m.numel(), "kept": int(torch.count_nonzero(m)),
+                         "density": _weight(m) / m.numel() if m.numel() else 0.0})
         return rows
 
     def summary(self) -> dict[str, Any]:
-        """Totals over all parameters: tensors, numel, kept, density."""
+        """Totals over all parameters: tensors, numel, kept (non-zero entries), density (mean weight)."""
         numel = sum(m.numel() for m in self.masks.values())
         kept = sum(int(torch.count_nonzero(m)) for m in self.masks.values())
-        return {"tensors": len(self), "numel": numel, "kept": kept, "density": kept / numel if numel else 0.0}
+        weight = sum(_weight(m) for m in self.masks.values())
+        return {"tensors": len(self), "numel": numel, "kept": kept, "density": weight / numel if numel else 0.0}
 
     # -------------------------------------------------------------------- files
 
     def save(self, path: str | os.PathLike[str], *, packed: bool = False) -> None:
         """Write a safetensors file atomically: bool tensors, or bits packed 8 per uint8 byte
-        (little bit order, like numpy.packbits(bitorder="little")) when `packed`.
+        (little bit order, like numpy.packbits(bitorder="little")) when `packed`; a soft mask
+        is written as float32 tensors and cannot be packed.
 
-        String metadata: "format", "packing" ("bool" or "bits-le"), "erasure.mask" (the JSON
-        metadata) and "erasure.shapes" (JSON {name: shape} in parameter order).
+        String metadata: "format", "packing" ("bool", "bits-le" or "float"), "erasure.mask" (the
+        JSON metadata) and "erasure.shapes" (JSON {name: shape} in parameter order).
         """
+        if packed and self.is_soft:
+            raise MaskError("a soft mask cannot be bit-packed; save it with packed=False")
         tensors = {name: _pack(m) if packed else m.contiguous() for name, m in self.masks.items()}
         header = {
             "format": FORMAT,
-            "packing": "bits-le" if packed else "bool",
+            "packing": "float" if self.is_soft else "bits-le" if packed else "bool",
             "erasure.mask": _to_json(self.metadata),
             "erasure.shapes": json.dumps({name: list(m.shape) for name, m in self.masks.items()}),
         }
@@ -484,7 +529,8 @@ class Mask:
         shapes = json.loads(header["erasure.shapes"])  # also restores the parameter order
         if header.get("packing") == "bits-le":
             tensors = {name: _unpack(tensors[name], shape) for name, shape in shapes.items()}
-        mask = cls({name: tensors[name] for name in shapes}, json.loads(header["erasure.mask"]))
+        mask = cls({name: tensors[name] for name in shapes}, json.loads(header["erasure.mask"]),
+                   soft=header.get("packing") == "float")
         if model is not None:
             mask.validate(model)
         return mask
@@ -512,20 +558,24 @@ class Mask:
     # -------------------------------------------------------------------- training
 
     def apply_to_grads(self, model: nn.Module) -> None:
-        """Zero, in place, the gradient of every unmasked entry; parameters not in the mask lose all of it."""
+        """Zero, in place, the gradient of every unmasked entry (a soft mask multiplies it by its
+        weight); parameters not in the mask lose all of it."""
         for name, p in model.named_parameters():
             if p.grad is None:
                 continue
             frozen = self._frozen_on(name, p)
             if frozen is None:
                 p.grad.zero_()
+            elif self.is_soft:
+                p.grad.mul_(self._weights_on(name, p))
             else:
                 p.grad.masked_fill_(frozen, 0)
 
     def protect_unmasked(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.utils.hooks.RemovableHandle:
         """Keep every unmasked weight bit-identical to its current value, whatever the optimizer does.
 
-        Saves the unmasked values of the optimizer's parameters now and restores them after
+        Unmasked means weight exactly 0: a soft mask freezes only its zero entries (and the
+        parameters it does not cover), so weight decay still moves its partially masked entries. Saves the unmasked values of the optimizer's parameters now and restores them after
         every `optimizer.step()`. Call once, after moving the model to its device and building
         the optimizer. Remove the protection with the returned handle's `.remove()`.
         """
@@ -553,8 +603,15 @@ class Mask:
                     f"mask for {name} has shape {tuple(self.masks[name].shape)} but the parameter has "
                     f"{tuple(p.shape)}; recompute the mask for this model"
                 )
-            self._frozen[key] = (~self.masks[name]).to(p.device)
+            self._frozen[key] = (self.masks[name] == 0).to(p.device)
         return self._frozen[key]
+
+    def _weights_on(self, name: str, p: Tensor) -> Tensor:
+        """The soft weights of `name` on p's device and in p's gradient dtype, cached."""
+        key = (name, p.device, p.dtype)
+        if key not in self._weights:
+            self._weights[key] = self.masks[name].to(device=p.device, dtype=p.dtype)
+        return self._weights[key]
 
     def _unmasked_values(self, name: str, p: nn.Parameter) -> tuple[Tensor, Tensor | None, Tensor] | None:
         """(param, frozen mask or None for all-frozen, saved values), or None if nothing is frozen."""
@@ -567,7 +624,7 @@ class Mask:
 
 
 def masked_parameters(model: nn.Module, mask: Mask) -> list[nn.Parameter]:
-    """The parameters with at least one selected entry: build the optimizer over these only."""
+    """The parameters with at least one selected (non-zero) entry: build the optimizer over these only."""
     return [p for name, p in model.named_parameters() if name in mask and bool(mask[name].any())]
 
 
@@ -591,6 +648,18 @@ def _mismatch(name: str, mask_shape: tuple[int, ...], model_shape: tuple[int, ..
     if mask_shape != model_shape:
         return f"{name} has shape {mask_shape} in the mask but {model_shape} in the model"
     return None
+
+
+def _weight(m: Tensor) -> float:
+    """The sum of a mask's weights (its count of True entries for a bool mask)."""
+    return float(m.sum(dtype=torch.float64))
+
+
+def _check_soft(masks: dict[str, Tensor]) -> None:
+    """Soft mask weights must lie in [0, 1] (NaN fails too)."""
+    wrong = [name for name, m in masks.items() if not bool(((m >= 0) & (m <= 1)).all())]
+    if wrong:
+        raise MaskError(f"soft mask weights must lie in [0, 1] but {wrong} have others; clamp them with .clamp(0, 1)")
 
 
 def _pack(m: Tensor) -> Tensor:

@@ -517,3 +517,56 @@ def test_masked_parameters_and_stats() -> None:
     total = sum(p.numel() for p in model.parameters())
     assert mask.summary() == {"tensors": 6, "numel": total, "kept": 6, "density": 6 / total}
     assert mask.density == 6 / total and len(mask) == 6 and "conv.bias" in mask
+
+
+# ---------------------------------------------------------------------------- soft masks
+
+
+def test_soft_mask_tends_to_the_hard_mask_as_the_temperature_falls() -> None:
+    model, batches = make_model(), make_batches()
+    hard = compute_mask(model, batches, ce_loss, ratio=0.3, progress=False)
+    cut = hard.metadata["threshold_used"]
+    scores = abs_grads(model, batches)
+    untied = {n: s != cut for n, s in scores.items()}
+    for temperature in (1.0, 1e-3, 1e-6):
+        soft = compute_mask(model, batches, ce_loss, ratio=0.3, progress=False, soft_temperature=temperature)
+        assert soft.is_soft and soft.metadata["soft_temperature"] == temperature
+        assert all(((m >= 0) & (m <= 1)).all() for m in soft.masks.values())
+        gap = max(float((soft[n] - hard[n].float())[untied[n]].abs().max()) for n in soft)
+    assert gap < 1e-3
+    coarse = compute_mask(model, batches, ce_loss, ratio=0.3, progress=False, soft_temperature=1.0)
+    assert 0 < coarse.density < 1 and coarse.summary()["kept"] == coarse.summary()["numel"]
+
+
+def test_a_soft_mask_scales_gradients_saves_as_floats_and_freezes_only_zero_weights(tmp_path) -> None:
+    model = make_model()
+    weights = {n: torch.rand(p.shape) for n, p in model.named_parameters()}
+    weights["fc2.weight"][0] = 0.0
+    mask = Mask(weights, {"kind": "test"}, soft=True)
+    mask.save(tmp_path / "soft.safetensors")
+    loaded = Mask.load(tmp_path / "soft.safetensors", model)
+    assert loaded.is_soft and all(torch.equal(loaded[n], weights[n]) for n in weights)
+    assert loaded.density == pytest.approx(float(torch.cat([w.flatten() for w in weights.values()]).mean()))
+    with pytest.raises(MaskError, match="cannot be bit-packed"):
+        mask.save(tmp_path / "packed.safetensors", packed=True)
+    ce_loss(model, make_batches(1)[0]).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    loaded.apply_to_grads(model)
+    assert all(torch.allclose(p.grad, grads[n] * weights[n]) for n, p in model.named_parameters())
+    frozen, moving = model.fc2.weight.detach()[0].clone(), model.fc2.weight.detach()[1].clone()
+    optimizer = torch.optim.AdamW(masked_parameters(model, loaded), lr=0.1, weight_decay=0.1)
+    loaded.protect_unmasked(model, optimizer)
+    for _ in range(3):
+        optimizer.zero_grad()
+        ce_loss(model, make_batches(1)[0]).backward()
+        loaded.apply_to_grads(model)
+        optimizer.step()
+    assert torch.equal(model.fc2.weight.detach()[0], frozen)
+    assert not torch.equal(model.fc2.weight.detach()[1], moving)
+
+
+def test_soft_masks_refuse_weights_outside_the_unit_interval() -> None:
+    with pytest.raises(MaskError, match=r"\[0, 1\]"):
+        Mask({"w": torch.tensor([0.5, 1.5])}, soft=True)
+    with pytest.raises(MaskError, match="temperature must be > 0"):
+        saliency.soft_mask({"w": torch.rand(4)}, temperature=0.0, ratio=0.5)
