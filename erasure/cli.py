@@ -32,11 +32,11 @@ class Command:
 
 COMMANDS: tuple[Command, ...] = (
     Command(("sd",), "erase a concept from Stable Diffusion (prompt remap + saliency mask)",
-            "pipelines.sd_config:SDEraseConfig", "pipelines.roadmap:erase_sd"),
+            "pipelines.sd_config:SDEraseConfig", "pipelines.sd_commands:erase_sd"),
     Command(("ddpm", "train"), "train a class-conditional DDPM on CIFAR-10",
-            "pipelines.ddpm_config:DDPMTrainConfig", "pipelines.roadmap:ddpm"),
+            "pipelines.ddpm_config:DDPMTrainConfig", "pipelines.ddpm_commands:train"),
     Command(("ddpm", "unlearn"), "unlearn a class from a class-conditional DDPM by remapping",
-            "pipelines.ddpm_config:DDPMUnlearnConfig", "pipelines.roadmap:ddpm"),
+            "pipelines.ddpm_config:DDPMUnlearnConfig", "pipelines.ddpm_commands:unlearn"),
     Command(("classifier", "train"), "train an image classifier (the original model)",
             "classifiers.config:TrainConfig", "classifiers.commands:train"),
     Command(("classifier", "unlearn"), "unlearn a class or samples from a trained classifier",
@@ -51,6 +51,8 @@ COMMANDS: tuple[Command, ...] = (
             "erasure.evaluation.config:NudityEvalConfig", "pipelines.commands:eval_nudity"),
     Command(("eval", "fid"), "FID/KID between two image folders (protocol retain-fid-v1)",
             "erasure.evaluation.config:FIDEvalConfig", "erasure.evaluation.commands:eval_fid"),
+    Command(("eval", "ddpm"), "class UA, retained-class accuracy and feature distance of a DDPM (protocol ddpm-cifar10-v1)",
+            "pipelines.ddpm_config:DDPMEvalConfig", "pipelines.ddpm_commands:evaluate"),
     Command(("sample",), "generate images from a base or erased model for evaluation",
             "pipelines.config:SampleConfig", "pipelines.commands:sample"),
 )

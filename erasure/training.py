@@ -31,15 +31,19 @@ def ensure_finite(loss: Tensor, *, what: str, step: int, run: RunDir, last_check
 
 def masked_step(loss: Tensor, *, accelerator: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
                 mask: Mask | None = None, grad_clip: float = 0.0) -> None:
-    """zero_grad -> backward -> zero unmasked gradients -> clip the global norm -> optimizer step.
+    """backward -> (on the last micro-step) zero unmasked gradients -> clip the global norm -> step -> zero_grad.
 
-    The mask is applied before clipping so the norm sees only the gradient that will be used;
-    `mask.protect_unmasked` (registered once on the optimizer) keeps unmasked weights bit-identical.
+    Call it inside `accelerator.accumulate(model)` for gradient accumulation: gradients add up over the
+    micro-steps and mask, clip and step act once, when `accelerator.sync_gradients`. The mask is applied
+    before clipping so the norm sees only the gradient that will be used; `mask.protect_unmasked`
+    (registered once on the optimizer) keeps unmasked weights bit-identical.
     """
-    optimizer.zero_grad(set_to_none=True)
     accelerator.backward(loss)
+    if not accelerator.sync_gradients:
+        return
     if mask is not None:
         mask.apply_to_grads(accelerator.unwrap_model(model, keep_torch_compile=False))
     if grad_clip:
         accelerator.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

@@ -13,10 +13,20 @@ SAMPLE_KEYS_IGNORED_ON_REUSE = ("resume", "overwrite", "batch_size", "device")
 
 
 def sample(config: SampleConfig) -> None:
-    """`erasure sample`: generate one image per prompt into --out (resumable)."""
-    from pipelines.sampling import run_sampling
+    """`erasure sample`: one image per prompt into --out (resumable), or N images of --class from a DDPM run."""
+    from pipelines.ddpm_commands import is_ddpm_run
 
-    metrics = run_sampling(config)
+    if config.run and is_ddpm_run(config.run):
+        from pipelines.ddpm_commands import sample_class
+
+        metrics = sample_class(config)
+    elif config.class_name is not None:
+        raise ErasureError("--class generates from a class-conditional DDPM: pass --run <dir of a finished "
+                           "`erasure ddpm train` or `erasure ddpm unlearn` run>")
+    else:
+        from pipelines.sampling import run_sampling
+
+        metrics = run_sampling(config)
     rate = f", {metrics['images_per_second']:.3g} images/s" if metrics["images_per_second"] else ""
     print(f"{metrics['images']} images in {config.out} ({metrics['generated']} generated, "
           f"{metrics['skipped_existing']} already there{rate})")

@@ -6,13 +6,19 @@ from dataclasses import dataclass
 from erasure.config import option
 from erasure.errors import ConfigError
 from erasure.evaluation.config import DEFAULT_BASE_MODEL, DTYPES, SCHEDULERS, check_device
+from pipelines.ddpm_config import DEFAULT_GUIDANCE
+
+SD_GUIDANCE = 7.5
 
 
 @dataclass
 class SampleConfig:
-    """Generate one image per prompt from a base or erased Stable Diffusion model."""
+    """Generate one image per prompt from a base or erased Stable Diffusion model, or N images of a class
+    from a class-conditional DDPM run (`--run <ddpm run> --class <name>`)."""
 
     prompts: str = option("", "prompt file: .csv with a 'prompt' column (e.g. I2P) or .txt with one prompt per line")
+    class_name: str | None = option(None, "DDPM runs: the class to generate (name or index)", flag="class")
+    n: int = option(16, "DDPM runs: images to generate of --class (seeds seed, seed + 1, ...)", ge=1)
     out: str = option("outputs/samples", "output directory (PNGs, prompts.jsonl, manifest.json)")
     model: str = option(DEFAULT_BASE_MODEL,
                         "base model: a hub id (cached locally), a local diffusers directory, or 'tiny' "
@@ -24,7 +30,8 @@ class SampleConfig:
     width: int = option(512, "image width in pixels (a multiple of 8)", ge=8)
     steps: int = option(50, "denoising steps", ge=1)
     scheduler: str = option("model", "sampler; 'model' keeps the pipeline's own", choices=SCHEDULERS)
-    guidance: float = option(7.5, "classifier-free guidance for prompts whose file gives none", ge=0)
+    guidance: float | None = option(None, "classifier-free guidance (prompts whose file gives none); default: "
+                                          f"{SD_GUIDANCE} for Stable Diffusion, w = {DEFAULT_GUIDANCE} for a DDPM", ge=0)
     seed: int = option(0, "seed of prompt row i is seed + i when the file gives no seed", ge=0)
     batch_size: int = option(8, "images per forward pass (prompts are batched per guidance value)", ge=1)
     device: str = option("auto", "auto (cuda if available), cpu, cuda, cuda:N or mps")
@@ -34,8 +41,11 @@ class SampleConfig:
 
     def validate(self) -> None:
         """Cross-field checks."""
-        if not self.prompts:
-            raise ConfigError("config key 'prompts' is required: pass --prompts <file.csv|file.txt>")
+        if not self.prompts and self.class_name is None:
+            raise ConfigError("config key 'prompts' is required: pass --prompts <file.csv|file.txt> "
+                              "(or --run <ddpm run> --class <name> for a class-conditional DDPM)")
+        if self.guidance is None:
+            self.guidance = SD_GUIDANCE if self.class_name is None else DEFAULT_GUIDANCE
         if self.height % 8 or self.width % 8:
             raise ConfigError(f"height and width must be multiples of 8, got {self.height}x{self.width}")
         check_device("device", self.device)

@@ -26,11 +26,7 @@ def guided_epsilon(conditional: Tensor, unconditional: Tensor, weight: float) ->
 
 def noised(scheduler: Any, x0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     """Draw timesteps and noise on the CPU generator and return (x_t, noise, t) on x0's device."""
-    batch = x0.shape[0]
-    steps = scheduler.config.num_train_timesteps
-    t = torch.randint(0, steps, (batch,), generator=generator).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
-    return scheduler.add_noise(x0, noise, t), noise, t
+    return noised_rows(scheduler, x0, generator, slice(None), x0.shape[0])
 
 
 def diffusion_loss(predict: Predict, scheduler: Any, x0: Tensor, condition: Any, generator: torch.Generator) -> Tensor:
@@ -60,3 +56,25 @@ def gradient_ascent_loss(predict: Predict, scheduler: Any, x0: Tensor, condition
                          generator: torch.Generator) -> Tensor:
     """The negated diffusion loss on forget data (gradient ascent; diverges without a bound)."""
     return -diffusion_loss(predict, scheduler, x0, condition, generator)
+
+
+# ---------------------------------------------------------------------------- data-parallel shards and targets
+
+
+def noised_rows(scheduler: Any, x0: Tensor, generator: torch.Generator, rows: slice,
+                total: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`noised` for the rows `rows` of a global batch of `total`: the whole batch's timesteps and noise are
+    drawn (in `noised`'s order) and only `rows` kept, so a data-parallel shard gets exactly the noise that
+    its samples get in a one-process run. With rows=slice(None) and total=len(x0) it equals `noised`."""
+    steps = scheduler.config.num_train_timesteps
+    t = torch.randint(0, steps, (total,), generator=generator)[rows].to(x0.device)
+    noise = torch.randn((total, *x0.shape[1:]), generator=generator, dtype=torch.float32)[rows]
+    noise = noise.to(x0.device, x0.dtype)
+    return scheduler.add_noise(x0, noise, t), noise, t
+
+
+def esd_target(predict: Predict, x_t: Tensor, t: Tensor, concept: Any, null: Any, eta: float) -> Tensor:
+    """ESD's negative-guidance target eps(null) - eta (eps(c) - eps(null)) from a frozen `predict` (no grad)."""
+    with torch.no_grad():
+        unconditional = predict(x_t, t, null)
+        return unconditional - eta * (predict(x_t, t, concept) - unconditional)

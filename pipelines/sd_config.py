@@ -1,24 +1,106 @@
-"""Config of `erasure sd` (data only: no torch/diffusers import, so `--help` is fast)."""
+"""Config of `erasure sd` (data only: no torch/diffusers import, so `--help` is fast).
+
+`--concept NAME` fills every prompt/weight option the user left unset from `configs/concepts/NAME.yaml`;
+options given on the command line or in `--config` win over the preset.
+"""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
-from erasure.config import option
+from erasure.config import coerce, field_type, fields, option, read_yaml
+from erasure.errors import ConfigError
+from erasure.evaluation.config import DEFAULT_BASE_MODEL
 
 SD_METHODS = ("salun", "esd", "ga")
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "concepts"
+DEFAULT_ALPHA = 0.1
+DEFAULT_SALUN_RATIO = 0.5
+
+
+def preset_names() -> list[str]:
+    """The concept presets shipped in configs/concepts/."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_name(concept: str) -> str:
+    """'Van Gogh' -> 'van_gogh' (the preset file's stem)."""
+    return re.sub(r"[^a-z0-9]+", "_", concept.lower()).strip("_")
 
 
 @dataclass
 class SDEraseConfig:
     """Erase a concept from Stable Diffusion by remapping its prompt, restricted to salient weights."""
 
-    concept: str | None = option(None, "a preset from configs/concepts/ (e.g. nudity, church, van_gogh)")
-    model: str = option("CompVis/stable-diffusion-v1-4", "base model: a hub id or a local diffusers directory")
+    concept: str | None = option(None, "a preset from configs/concepts/ (nudity, church, van_gogh); "
+                                       "unset options are taken from it")
+    model: str = option(DEFAULT_BASE_MODEL, "base model: a hub id, a local diffusers directory, or 'tiny' "
+                                            "(a seeded random toy pipeline for offline smoke tests)")
     out: str | None = option(None, "output directory (default: outputs/sd-<concept>)")
-    method: str = option("salun", "objective", choices=SD_METHODS)
-    forget_prompt: str | None = option(None, "the prompt to erase (overrides the preset)")
-    remap_prompt: str | None = option(None, "what the forget prompt should produce instead (overrides the preset)")
-    retain_prompts: str | None = option(None, "a .txt/.csv file of prompts whose images the model keeps")
+    method: str = option("salun", "objective: salun (prompt remap), esd (negative guidance), ga (gradient ascent)",
+                         choices=SD_METHODS)
+    forget_prompt: str | None = option(None, "the prompt to erase (e.g. 'a photo of a nude person')")
+    remap_prompt: str | None = option(None, "what the forget prompt should produce instead (salun)")
+    retain_prompts: list[str] | None = option(None, "prompts the model keeps: a .txt/.csv file or a list "
+                                                    "(default: the remap prompt)")
+    forget_images: str | None = option(None, "a folder of forget images to use instead of generating them")
+    retain_images: str | None = option(None, "a folder of retain images to use instead of generating them")
+    num_images: int = option(800, "images generated for each of the forget and retain sets", ge=1)
+    generation_steps: int = option(50, "denoising steps when generating the forget/retain sets", ge=1)
+    generation_guidance: float = option(7.5, "guidance scale when generating the forget/retain sets", ge=0)
+    generation_batch_size: int = option(8, "images per forward pass when generating", ge=1)
+    resolution: int = option(512, "image size of the forget/retain sets in pixels (a multiple of 8)", ge=8)
+    mask: str | None = option(None, "reuse this mask.safetensors instead of computing one")
+    mask_ratio: float | None = option(None, "share of UNet weights to update (default 0.5 for salun, "
+                                            "no mask for esd/ga)", gt=0, lt=1)
+    mask_guidance: float = option(7.5, "w of the guided mask loss (1 + w) eps(c) - w eps(null)", ge=0)
+    alpha: float | None = option(None, f"weight of the retain diffusion loss (default {DEFAULT_ALPHA})", ge=0)
+    esd_guidance: float = option(1.0, "negative guidance eta of the esd target", ge=0)
+    lr: float = option(1e-5, "Adam learning rate", gt=0)
+    weight_decay: float = option(0.0, "AdamW weight decay (never moves unmasked weights)", ge=0)
+    steps: int = option(1000, "optimizer steps", ge=1)
+    batch_size: int = option(8, "forget (and retain) images per optimizer step, over all processes and "
+                                "micro-steps", ge=1)
+    gradient_accumulation_steps: int = option(1, "micro-steps the batch is split into (less memory)", ge=1)
+    gradient_checkpointing: bool = option(False, "recompute UNet activations in backward to save memory")
+    grad_clip: float | None = option(1.0, "clip the (masked) gradient to this L2 norm; null for none", gt=0)
+    checkpoint_every: int = option(100, "optimizer steps between resumable checkpoints (0: only at the end)", ge=0)
+    grid_seeds: int = option(4, "images per prompt in the before/after sample grid (0: no grid)", ge=0)
+    export_delta: bool = option(True, "also write delta.safetensors (the changed UNet tensors)")
     seed: int = option(0, "random seed", ge=0)
     overwrite: bool = option(False, "replace an existing output directory")
     resume: bool = option(False, "continue an unfinished run from its last checkpoint")
+
+    def validate(self) -> None:
+        """Apply the concept preset to unset options, then fill derived defaults and check prompts."""
+        if self.concept:
+            self._apply_preset()
+        if not self.forget_prompt:
+            raise ConfigError("no forget prompt: pass --concept (one of " + ", ".join(preset_names())
+                              + ") or --forget-prompt '...'")
+        if self.method == "salun" and not self.remap_prompt:
+            raise ConfigError("method salun needs a remap prompt: pass --remap-prompt '...' or a --concept preset")
+        if self.resolution % 8:
+            raise ConfigError(f"config key 'resolution' must be a multiple of 8; got {self.resolution}")
+        if self.retain_prompts is None:
+            self.retain_prompts = [self.remap_prompt or ""]
+        if self.alpha is None:
+            self.alpha = DEFAULT_ALPHA
+        if self.mask_ratio is None and self.method == "salun" and self.mask is None:
+            self.mask_ratio = DEFAULT_SALUN_RATIO
+        if self.out is None:
+            self.out = f"outputs/sd-{preset_name(self.concept) if self.concept else 'custom'}".replace("_", "-")
+
+    def _apply_preset(self) -> None:
+        """Copy the preset's values into options that are still unset (None)."""
+        path = PRESET_DIR / f"{preset_name(self.concept)}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown concept '{self.concept}'; use one of {', '.join(preset_names())} "
+                              "or pass --forget-prompt/--remap-prompt/--retain-prompts")
+        known = {f.name: f for f in fields(type(self))}
+        for key, value in read_yaml(path).items():
+            if key not in known:
+                raise ConfigError(f"unknown config key '{key}' in preset '{path}'")
+            if key != "concept" and getattr(self, key) is None:
+                setattr(self, key, coerce(key, value, field_type(type(self), known[key])))

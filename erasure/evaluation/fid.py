@@ -4,7 +4,8 @@ A feature extractor is an `nn.Module` taking uint8 RGB NCHW images of `input_siz
 and returning float features (N, `num_features`); `describe()` says what it is for the report.
 Extractors register by name in `FEATURE_EXTRACTORS` (name -> factory(argument) returning the module);
 a spec is `name` or `name:argument`, e.g. `inception` or `clip:/models/clip-vit-large-patch14`. A
-classifier's penultimate layer (`classifier:<run dir>`) plugs in the same way.
+domain registers its own the same way: the DDPM evaluation (`pipelines.ddpm_eval`) adds `classifier`, the
+penultimate features of a CIFAR-10 classifier run, for its protocol (erasure itself never imports a domain).
 
 Features are extracted once per image and handed to torchmetrics' FID and KID through a pass-through
 module, so both metrics use torchmetrics' own statistics without running the network twice.

@@ -1,0 +1,259 @@
+"""Handlers of `erasure ddpm {train,unlearn}`, `erasure eval ddpm` and the DDPM side of `erasure sample`."""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from classifiers.data import ImageSet, load_cifar10
+from erasure.accel import make_accelerator
+from erasure.config import from_dict, to_dict
+from erasure.errors import ConfigError
+from erasure.evaluation.report import image_grid, save_grid
+from erasure.io import MANIFEST, RunDir, atomic_path, finished_run, read_json
+from erasure.saliency import Mask, compute_mask
+from pipelines.config import SampleConfig
+from pipelines.ddpm import (
+    DATA_STREAM, DROPOUT_STREAM, LABEL_STREAM, NOISE_STREAM, DiffusionLoop, LoopSettings, build_scheduler,
+    build_unet, drop_labels, load_model, other_labels, parameter_count, predictor, sample_batched, save_model,
+    step_generator, take)
+from pipelines.ddpm_config import CIFAR10_CLASSES, DDPMEvalConfig, DDPMTrainConfig, DDPMUnlearnConfig, class_index
+from pipelines.objectives import diffusion_loss, gradient_ascent_loss, remap_loss
+
+MASK_FILE = "mask.safetensors"
+FORGET_STREAM, RETAIN_STREAM, MASK_STREAM, PROBE_STREAM = 11, 12, 13, 14
+DDPM_KINDS = ("ddpm-train", "ddpm-unlearn")
+
+
+def training_images(data_dir: str | None, train_limit: int | None, exclude: int | None = None) -> ImageSet:
+    """All 50,000 CIFAR-10 training images (the classifier's train + validation splits), limited and filtered."""
+    data = load_cifar10(data_dir)
+    images = ImageSet(torch.cat([data.train.images, data.val.images]), torch.cat([data.train.labels, data.val.labels]))
+    if train_limit:
+        images = images.subset(torch.arange(min(train_limit, len(images))))
+    if exclude is not None:
+        images = images.subset(images.labels != exclude)
+    return images
+
+
+def _stream(stream: int, accelerator: Any) -> int:
+    """A per-process stream id, so processes draw different noise for their different images."""
+    return stream + 100 * accelerator.process_index
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def train(config: DDPMTrainConfig, accelerator: Any = None) -> dict[str, Any]:
+    """Train a class-conditional DDPM with EMA; saves the EMA UNet and the scheduler in diffusers format."""
+    accelerator = accelerator or make_accelerator()
+    run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume, main_process=accelerator.is_main_process)
+    exclude = class_index(config.exclude, "exclude") if config.exclude is not None else None
+    data = training_images(config.data_dir, config.train_limit, exclude).to(accelerator.device)
+    run.start(to_dict(config), seed=config.seed, device=str(accelerator.device), kind="ddpm-train")
+    torch.manual_seed(config.seed)
+    unet, scheduler = build_unet(config.preset), build_scheduler()
+    settings = LoopSettings(config.steps, config.lr, config.warmup, config.grad_clip, config.checkpoint_every,
+                            config.ema_decay)
+    loop = DiffusionLoop(unet, settings, run, accelerator)
+
+    def loss_at(model: nn.Module, step: int) -> Tensor:
+        x0, labels = take(data, config.batch_size, step, config.seed, DATA_STREAM, flip=config.flip,
+                          accelerator=accelerator)
+        labels = drop_labels(labels, config.label_dropout, step_generator(config.seed, DROPOUT_STREAM, step))
+        noise = step_generator(config.seed, _stream(NOISE_STREAM, accelerator), step)
+        return diffusion_loss(predictor(model), scheduler, x0, labels, noise)
+
+    stats = loop.run_steps(loss_at)
+    metrics = {"preset": config.preset, "parameters": parameter_count(loop.unwrapped), "images": len(data),
+               "excluded_class": CIFAR10_CLASSES[exclude] if exclude is not None else None,
+               "samples_per_second": round(stats["steps_per_second"] * config.batch_size, 2)
+               if stats["steps_per_second"] else None, **stats}
+    if accelerator.is_main_process:
+        final = loop.unwrapped
+        loop.ema.copy_to(final)
+        save_model(run.path, final, scheduler)
+        run.finish(metrics)
+        print(f"trained DDPM '{config.preset}' ({metrics['parameters'] / 1e6:.1f}M parameters) for {config.steps} "
+              f"steps in {stats['train_seconds']:.1f}s -> {run.path}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics
+
+
+# ---------------------------------------------------------------------------- unlearn
+
+
+Batch = tuple[Tensor, Tensor, int]
+"""(x0 in [-1, 1], labels, index): the index seeds the batch's noise."""
+
+
+def _batches(data: ImageSet, batch_size: int, count: int, seed: int, stream: int) -> Iterator[Batch]:
+    """`count` (x0, labels, index) batches of one stream, without flips (for the mask and the probe)."""
+    for index in range(count):
+        x0, labels = take(data, batch_size, index, seed, stream, flip=False)
+        yield x0, labels, index
+
+
+def forget_objective(config: DDPMUnlearnConfig, scheduler: Any) -> Callable[[nn.Module, Batch], Tensor]:
+    """The method's forget term as `loss(model, (x0, labels, index))`, with noise seeded by (seed, index)."""
+    def loss(model: nn.Module, batch: Batch) -> Tensor:
+        x0, labels, index = batch
+        noise = step_generator(config.seed, NOISE_STREAM, index)
+        if config.method == "salun":
+            return remap_loss(predictor(model), scheduler, x0, labels, torch.full_like(labels, config.remap_class),
+                              noise)
+        if config.method == "rl":
+            shuffled = other_labels(labels, step_generator(config.seed, LABEL_STREAM, index))
+            return diffusion_loss(predictor(model), scheduler, x0, shuffled, noise)
+        return gradient_ascent_loss(predictor(model), scheduler, x0, labels, noise)
+
+    return loss
+
+
+def _saliency_mask(config: DDPMUnlearnConfig, unet: nn.Module, forget: ImageSet, scheduler: Any,
+                   accelerator: Any) -> Mask:
+    """SalUn's DDPM mask: |sum of per-batch gradients (clipped to norm 1) of the diffusion loss on the forget class|."""
+    count = min(config.mask_batches, math.ceil(len(forget) / config.forget_batch_size))
+
+    def loss(model: nn.Module, batch: Batch) -> Tensor:
+        x0, labels, index = batch
+        return diffusion_loss(predictor(model), scheduler, x0, labels,
+                              step_generator(config.seed, MASK_STREAM, index))
+
+    unet.eval()
+    mask = compute_mask(unet, _batches(forget, config.forget_batch_size, count, config.seed, MASK_STREAM), loss,
+                        ratio=config.mask_ratio, grad_clip=1.0, accelerator=accelerator, loss_name="diffusion_loss")
+    unet.train()
+    mask.metadata.update(forget_class=CIFAR10_CLASSES[config.forget_class], source_run=str(config.run))
+    return mask
+
+
+def probe_loss(config: DDPMUnlearnConfig, unet: nn.Module, forget: ImageSet, scheduler: Any) -> float:
+    """The forget term on 4 fixed forget batches (same images and noise before and after unlearning)."""
+    objective = forget_objective(config, scheduler)
+    batches = _batches(forget, config.forget_batch_size, 4, config.seed, PROBE_STREAM)
+    with torch.no_grad():
+        return float(torch.stack([objective(unet, b).float() for b in batches]).mean())
+
+
+def unlearn(config: DDPMUnlearnConfig, accelerator: Any = None) -> dict[str, Any]:
+    """Unlearn a class: forget term (remap / ascent / random labels) + alpha * diffusion loss on the rest."""
+    accelerator = accelerator or make_accelerator()
+    manifest = finished_run(config.run, "`erasure ddpm train`")
+    if manifest.get("kind") != "ddpm-train":
+        raise ConfigError(f"'{config.run}' is a {manifest.get('kind')} run; pass the --out of `erasure ddpm train`")
+    train_config = from_dict(DDPMTrainConfig, manifest["config"], source=f"'{config.run}/{MANIFEST}'")
+    unet, scheduler = load_model(config.run)
+    run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume, main_process=accelerator.is_main_process)
+    data = training_images(train_config.data_dir, train_config.train_limit).to(accelerator.device)
+    forget = data.subset(data.labels == config.forget_class)
+    retain = data.subset(data.labels != config.forget_class)
+    if not len(forget):
+        raise ConfigError(f"the training data of '{config.run}' holds no image of class "
+                          f"'{CIFAR10_CLASSES[config.forget_class]}'; nothing to forget")
+    run.start(to_dict(config), seed=config.seed, device=str(accelerator.device), kind="ddpm-unlearn")
+    unet.to(accelerator.device)
+    started = time.perf_counter()
+    before = probe_loss(config, unet, forget, scheduler)
+    mask = _method_mask(config, unet, forget, scheduler, run, accelerator)
+    mask_seconds = time.perf_counter() - started
+    settings = LoopSettings(config.steps, config.lr, 0, config.grad_clip, config.checkpoint_every)
+    loop = DiffusionLoop(unet, settings, run, accelerator, mask=mask, name=config.method)
+    objective = forget_objective(config, scheduler)
+
+    def loss_at(model: nn.Module, step: int) -> Tensor:
+        x_f, y_f = take(forget, config.forget_batch_size, step, config.seed, FORGET_STREAM, flip=train_config.flip,
+                        accelerator=accelerator)
+        x_r, y_r = take(retain, config.retain_batch_size, step, config.seed, RETAIN_STREAM, flip=train_config.flip,
+                        accelerator=accelerator)
+        retain_noise = step_generator(config.seed, _stream(RETAIN_STREAM, accelerator), step)
+        forget_term = objective(model, (x_f, y_f, step * 1000 + accelerator.process_index))
+        return forget_term + config.alpha * diffusion_loss(predictor(model), scheduler, x_r, y_r, retain_noise)
+
+    stats = loop.run_steps(loss_at)
+    unet = loop.unwrapped
+    metrics = {"method": config.method, "forget_class": CIFAR10_CLASSES[config.forget_class],
+               "remap_class": CIFAR10_CLASSES[config.remap_class] if config.method == "salun" else None,
+               "forget_objective_before": before, "forget_objective_after": probe_loss(config, unet, forget, scheduler),
+               "mask_density": mask.density if mask is not None else None, "mask_seconds": round(mask_seconds, 3),
+               "run_seconds": round(time.perf_counter() - started, 3), **stats}
+    if accelerator.is_main_process:
+        save_model(run.path, unet, scheduler)
+        run.finish(metrics)
+        print(f"unlearned '{metrics['forget_class']}' with {config.method}: forget objective "
+              f"{before:.4g} -> {metrics['forget_objective_after']:.4g} in {metrics['run_seconds']:.1f}s -> {run.path}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics
+
+
+def _method_mask(config: DDPMUnlearnConfig, unet: nn.Module, forget: ImageSet, scheduler: Any, run: RunDir,
+                 accelerator: Any) -> Mask | None:
+    """salun's mask (reloaded from the run directory on resume); ga and rl train every weight."""
+    if config.method != "salun":
+        return None
+    saved = run.path / MASK_FILE
+    if run.resumed and saved.is_file():
+        return Mask.load(saved, unet)
+    mask = _saliency_mask(config, unet, forget, scheduler, accelerator)
+    if accelerator.is_main_process:
+        mask.save(saved)
+    return mask
+
+
+# ---------------------------------------------------------------------------- sample and evaluate
+
+
+def is_ddpm_run(path: str | Path) -> bool:
+    """True when `path` holds a manifest of a DDPM train or unlearn run."""
+    manifest = Path(path) / MANIFEST
+    return manifest.is_file() and read_json(manifest).get("kind") in DDPM_KINDS
+
+
+def sample_class(config: SampleConfig) -> dict[str, Any]:
+    """`erasure sample --run <ddpm run> --class c`: N guided images as PNGs plus grid.png."""
+    from PIL import Image
+
+    from pipelines.loading import resolve_device, resolve_dtype
+
+    if config.class_name is None:
+        raise ConfigError(f"'{config.run}' is a DDPM run: pass --class <name|index> (one of "
+                          f"{', '.join(CIFAR10_CLASSES)}) instead of --prompts")
+    label = class_index(config.class_name)
+    finished_run(config.run, "`erasure ddpm`")
+    device = resolve_device(config.device)
+    unet, scheduler = load_model(config.run)
+    unet.to(device).eval()
+    run = RunDir(config.out, overwrite=config.overwrite, resume=False)
+    run.start(to_dict(config), seed=config.seed, device=str(device), kind="sample")
+    seeds = [config.seed + i for i in range(config.n)]
+    start = time.perf_counter()
+    images = sample_batched(unet, scheduler, [label] * config.n, seeds, guidance=config.guidance, steps=config.steps,
+                            sampler=config.scheduler, batch_size=config.batch_size,
+                            dtype=resolve_dtype(config.dtype, device))
+    seconds = time.perf_counter() - start
+    arrays = list(images.permute(0, 2, 3, 1).numpy())
+    name = CIFAR10_CLASSES[label]
+    for i, array in enumerate(arrays):
+        with atomic_path(run.path / f"{name}_{i:05d}.png") as tmp:
+            Image.fromarray(array).save(tmp, format="PNG")
+    save_grid(run.path / "grid.png", image_grid(arrays, columns=8, cell=64))
+    metrics = {"images": config.n, "generated": config.n, "skipped_existing": 0, "class": name,
+               "guidance": config.guidance, "generation_seconds": round(seconds, 3),
+               "images_per_second": round(config.n / seconds, 4) if seconds > 0 else None,
+               "scheduler": config.scheduler, "device": str(device)}
+    run.finish(metrics)
+    return metrics
+
+
+def evaluate(config: DDPMEvalConfig) -> dict[str, Any]:
+    """`erasure eval ddpm`: protocol ddpm-cifar10-v1 (see pipelines.ddpm_eval)."""
+    from pipelines.ddpm_eval import run_protocol
+
+    return run_protocol(config)

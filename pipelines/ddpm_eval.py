@@ -1,0 +1,215 @@
+"""Protocol ddpm-cifar10-v1: how well a class-conditional DDPM forgot one class and kept the others.
+
+For the forgotten class, UA is the share of its generated images that the CIFAR-10 judge does not
+assign to it. For each retained class, the judge's accuracy on its generations. For all retained
+classes together, the Fréchet distance of their generations to the CIFAR-10 test images of those
+classes: FID with the standard Inception features when they load, otherwise the judge's penultimate
+features, reported as "feature distance" and never under the name FID. The same seeds are used for
+the evaluated model and its baseline (the model it was unlearned from), so the two are paired.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from classifiers.data import ImageSet, load_cifar10
+from classifiers.metrics import predict_proba
+from classifiers.models import load_model as load_classifier
+from classifiers.models import to_input
+from erasure.config import from_dict, to_dict
+from erasure.errors import ConfigError
+from erasure.evaluation.fid import FEATURE_EXTRACTORS, FeatureError, build_extractor, fid_kid
+from erasure.evaluation.report import Protocol, image_grid, markdown_table, save_grid, settings_table, write_report
+from erasure.io import MANIFEST, RunDir, finished_run, read_json
+from pipelines.ddpm import load_model, sample_batched
+from pipelines.ddpm_config import CIFAR10_CLASSES, DDPMEvalConfig, DDPMTrainConfig, class_index
+from pipelines.loading import resolve_device, resolve_dtype
+
+PROTOCOL = Protocol("ddpm-cifar10", 1, "Class forgetting in a class-conditional DDPM: UA, retained-class accuracy "
+                                       "and feature distance")
+CLASSIFIER_MODEL = "model.safetensors"
+SEED_STRIDE = 100_003
+GRID_COLUMNS = 8
+
+
+class ClassifierFeatures(nn.Module):
+    """Penultimate features of a finished `erasure classifier train` run (uint8 NCHW images in)."""
+
+    def __init__(self, run_dir: str | None):
+        super().__init__()
+        if not run_dir:
+            raise FeatureError("the classifier extractor needs a run directory: pass classifier:<run dir>")
+        finished_run(run_dir, "`erasure classifier train`")
+        self.run_dir = str(run_dir)
+        self.model = load_classifier(Path(run_dir) / CLASSIFIER_MODEL).eval()
+        self.input_size = self.model.spec.image_size
+        self.num_features = int(self.model.head.in_features)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Penultimate activations of uint8 NCHW images."""
+        return self.model.features(to_input(images))
+
+    def describe(self) -> dict[str, Any]:
+        """What the report says about this extractor."""
+        return {"name": "classifier", "model": f"CIFAR-10 classifier penultimate features ({self.run_dir}); not FID",
+                "num_features": self.num_features, "input_size": self.input_size}
+
+
+FEATURE_EXTRACTORS["classifier"] = ClassifierFeatures
+
+
+def _features(config: DDPMEvalConfig, device: torch.device) -> tuple[nn.Module, str, str | None]:
+    """The extractor, the metric's name ('fid' or 'feature_distance') and why Inception was not used."""
+    if config.features in ("auto", "inception"):
+        try:
+            return build_extractor("inception", device), "fid", None
+        except FeatureError as error:
+            if config.features == "inception":
+                raise
+            reason = str(error)
+    else:
+        reason = "--features classifier was asked for"
+    return build_extractor(f"classifier:{config.judge}", device), "feature_distance", reason
+
+
+@torch.inference_mode()
+def _embed(extractor: nn.Module, images: Tensor, device: torch.device, batch_size: int = 500) -> Tensor:
+    return torch.cat([extractor(images[i:i + batch_size].to(device)).double().cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def _forget_class(config: DDPMEvalConfig, manifest: dict[str, Any]) -> int:
+    """--forget, else the unlearn run's forgotten class, else a retrain run's excluded class."""
+    value = config.forget or manifest["config"].get("forget") or manifest["config"].get("exclude")
+    if value is None:
+        raise ConfigError(f"'{config.run}' forgot no class; pass --forget <class> to say which class to judge")
+    return class_index(value, "forget")
+
+
+def _baseline(config: DDPMEvalConfig, manifest: dict[str, Any]) -> str | None:
+    """--baseline ('none' for no comparison), else the run an unlearn run started from."""
+    if config.baseline is not None:
+        return None if config.baseline.lower() == "none" else config.baseline
+    return manifest["config"].get("run") if manifest.get("kind") == "ddpm-unlearn" else None
+
+
+def _data_dir(manifest: dict[str, Any]) -> str | None:
+    """The data folder of the training run behind a DDPM run."""
+    if manifest.get("kind") == "ddpm-unlearn":
+        manifest = read_json(Path(manifest["config"]["run"]) / MANIFEST)
+    return from_dict(DDPMTrainConfig, manifest["config"]).data_dir
+
+
+def generate(config: DDPMEvalConfig, run_dir: str, forget: int, device: torch.device) -> dict[int, Tensor]:
+    """uint8 images per class: n_forget of the forgotten class, n_per_class of every other (seeded per image)."""
+    unet, scheduler = load_model(run_dir)
+    unet.to(device).eval()
+    out = {}
+    for label in range(len(CIFAR10_CLASSES)):
+        n = config.n_forget if label == forget else config.n_per_class
+        seeds = [config.seed + SEED_STRIDE * label + i for i in range(n)]
+        out[label] = sample_batched(unet, scheduler, [label] * n, seeds, guidance=config.guidance, steps=config.steps,
+                                    sampler=config.scheduler, batch_size=config.batch_size,
+                                    dtype=resolve_dtype("auto", device))
+    return out
+
+
+def judge_side(images: dict[int, Tensor], forget: int, judge: nn.Module, extractor: nn.Module,
+               reference: Tensor, device: torch.device, seed: int) -> dict[str, Any]:
+    """UA, per-class accuracy and the distance of the retained classes' generations for one model."""
+    accuracy = {}
+    for label, batch in images.items():
+        predicted = predict_proba(judge, ImageSet(batch.to(device), torch.full((len(batch),), label))).argmax(1)
+        accuracy[CIFAR10_CLASSES[label]] = 100.0 * float((predicted == label).float().mean())
+    retained = torch.cat([batch for label, batch in images.items() if label != forget])
+    distance = fid_kid(_embed(extractor, retained, device), reference, seed=seed)
+    kept = [v for k, v in accuracy.items() if k != CIFAR10_CLASSES[forget]]
+    return {"UA": 100.0 - accuracy[CIFAR10_CLASSES[forget]], "retained_accuracy": sum(kept) / len(kept),
+            "class_accuracy": accuracy, "distance": distance["fid"], "kid_mean": distance["kid_mean"],
+            "kid_std": distance["kid_std"], "generated_retained": distance["images"],
+            "reference_images": distance["reference_images"]}
+
+
+def _grid(images: dict[int, Tensor], path: Path) -> str:
+    """One row of the first images per class (rows in class order)."""
+    rows = [images[label][:GRID_COLUMNS] for label in sorted(images)]
+    arrays = [a for row in rows for a in row.permute(0, 2, 3, 1).numpy()]
+    save_grid(path, image_grid(arrays, columns=GRID_COLUMNS, cell=64))
+    return path.name
+
+
+def relative_change(after: float, before: float) -> float | None:
+    """(after - before) / before, or None when before is 0."""
+    return (after - before) / abs(before) if before else None
+
+
+def run_protocol(config: DDPMEvalConfig) -> dict[str, Any]:
+    """Generate, judge and report; writes metrics.json, report.md and one grid per model."""
+    manifest = finished_run(config.run, "`erasure ddpm`")
+    finished_run(config.judge, "`erasure classifier train`")
+    forget = _forget_class(config, manifest)
+    baseline = _baseline(config, manifest)
+    device = resolve_device(config.device)
+    judge = load_classifier(Path(config.judge) / CLASSIFIER_MODEL).to(device).eval()
+    extractor, metric, fallback = _features(config, device)
+    out = Path(config.out) if config.out else Path(config.run) / "eval-ddpm"
+    run = RunDir(out, overwrite=config.overwrite)
+    run.start(to_dict(config), seed=config.seed, device=str(device), kind="eval-ddpm")
+    test = load_cifar10(_data_dir(manifest)).test
+    reference = _embed(extractor, test.images[test.labels != forget], device)
+    sides = {"evaluated": config.run, **({"baseline": baseline} if baseline else {})}
+    results: dict[str, Any] = {}
+    grids = []
+    for side, run_dir in sides.items():
+        start = time.perf_counter()
+        images = generate(config, run_dir, forget, device)
+        seconds = time.perf_counter() - start
+        results[side] = {"run": run_dir, **judge_side(images, forget, judge, extractor, reference, device, config.seed),
+                         "sampling_seconds": round(seconds, 3),
+                         "images_per_second": round(sum(len(b) for b in images.values()) / seconds, 3)}
+        grids.append((side, _grid(images, out / f"grid_{side}.png")))
+    metrics: dict[str, Any] = {
+        "protocol": PROTOCOL.id, "forget_class": CIFAR10_CLASSES[forget], "distance_metric": metric,
+        "features": extractor.describe(), "inception_unavailable": fallback, **results}
+    if "baseline" in results:
+        metrics["change"] = {key: relative_change(results["evaluated"][key], results["baseline"][key])
+                             for key in ("retained_accuracy", "distance")}
+    write_report(out / "report.md", PROTOCOL, _sections(metrics, config, grids))
+    run.finish(metrics)
+    line = ", ".join(f"{side}: UA {r['UA']:.1f}%, retained acc {r['retained_accuracy']:.1f}%, "
+                     f"{metric} {r['distance']:.4g}" for side, r in results.items())
+    print(f"{PROTOCOL.id} ({CIFAR10_CLASSES[forget]}): {line}; report in {out / 'report.md'}")
+    return metrics
+
+
+def _sections(metrics: dict[str, Any], config: DDPMEvalConfig, grids: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """report.md: the summary table, per-class accuracy, what the distance is, settings, grids."""
+    name = "FID" if metrics["distance_metric"] == "fid" else "feature distance (not FID)"
+    sides = [s for s in ("evaluated", "baseline") if s in metrics]
+    rows = [(side, metrics[side]["run"], metrics[side]["UA"], metrics[side]["retained_accuracy"],
+             metrics[side]["distance"], metrics[side]["kid_mean"]) for side in sides]
+    summary = markdown_table(["model", "run", f"UA (% of {metrics['forget_class']} not judged so)",
+                              "retained-class accuracy (%)", name, "KID (same features)"], rows)
+    if "change" in metrics:
+        changes = metrics["change"]
+        summary += "\n\nRelative change vs the baseline: retained accuracy " + _percent(changes["retained_accuracy"]) \
+                   + f", {name} " + _percent(changes["distance"]) + "."
+    features = metrics["features"]
+    notes = f"Distance features: {features['model']} ({features['num_features']} dimensions)."
+    if metrics["inception_unavailable"]:
+        notes += f" The Inception features were not used: {metrics['inception_unavailable']}"
+    classes = markdown_table(["class", *sides], [(c, *(metrics[s]["class_accuracy"][c] for s in sides))
+                                                 for c in CIFAR10_CLASSES])
+    settings = {k: v for k, v in to_dict(config).items() if k not in ("overwrite",)}
+    return [("Result", summary + "\n\n" + notes), ("Judge's accuracy per class (%)", classes),
+            ("Settings", settings_table(settings)),
+            ("Samples (one row per class, in class order)",
+             "\n\n".join(f"{side}:\n\n![{side}]({file})" for side, file in grids))]
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:+.1f}%"

@@ -1,0 +1,184 @@
+"""Class-conditional DDPM: train, save/load, resume, guided sampling, unlearning with a mask, evaluation."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from classifiers.data import CIFAR10_FILE, data_dir
+from erasure.config import from_dict
+from erasure.errors import ConfigError
+
+pytestmark = pytest.mark.skipif(not (data_dir(None) / CIFAR10_FILE).is_file(),
+                                reason="needs the shared CIFAR-10 npz ($ERASURE_DATA_DIR or ../shared/data)")
+
+TINY = {"preset": "tiny", "steps": 6, "batch_size": 8, "train_limit": 64, "warmup": 2, "ema_decay": 0.9,
+        "checkpoint_every": 2}
+UNLEARN = {"forget": "cat", "steps": 4, "forget_batch_size": 8, "retain_batch_size": 8, "mask_batches": 2,
+           "lr": 1e-3}
+
+
+def train_tiny(out: Path, **overrides):
+    from pipelines.ddpm_commands import train
+    from pipelines.ddpm_config import DDPMTrainConfig
+
+    return train(from_dict(DDPMTrainConfig, {**TINY, "out": str(out), **overrides}))
+
+
+def unlearn_tiny(run: Path, out: Path, **overrides):
+    from pipelines.ddpm_commands import unlearn
+    from pipelines.ddpm_config import DDPMUnlearnConfig
+
+    return unlearn(from_dict(DDPMUnlearnConfig, {**UNLEARN, "run": str(run), "out": str(out), **overrides}))
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    from pipelines.ddpm import load_model
+
+    return load_model(run)[0].state_dict()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddpm") / "tiny"
+    train_tiny(out)
+    return out
+
+
+def test_training_writes_a_diffusers_run_that_reloads_exactly(trained: Path, tmp_path: Path) -> None:
+    from diffusers import UNet2DModel
+
+    from pipelines.ddpm import load_model, save_model
+
+    manifest = json.loads((trained / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["kind"] == "ddpm-train"
+    assert manifest["metrics"]["steps"] == 6 and np.isfinite(manifest["metrics"]["final_loss"])
+    assert not (trained / "checkpoints").exists()
+    unet, scheduler = load_model(trained)
+    assert unet.config.num_class_embeds == 11
+    assert UNet2DModel.from_pretrained(trained / "unet").state_dict().keys() == unet.state_dict().keys()
+    save_model(tmp_path, unet, scheduler)
+    again, _ = load_model(tmp_path)
+    for name, value in unet.state_dict().items():
+        assert torch.equal(again.state_dict()[name], value), name
+
+
+def test_resume_after_interruption_is_bit_identical(trained: Path, tmp_path: Path, monkeypatch) -> None:
+    from erasure.errors import ErasureError
+    from pipelines import ddpm
+
+    real_step = ddpm.DiffusionLoop._step
+
+    def crash_at_step_4(self, loss_at, step):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_step(self, loss_at, step)
+
+    monkeypatch.setattr(ddpm.DiffusionLoop, "_step", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_tiny(tmp_path / "resumed")
+    monkeypatch.setattr(ddpm.DiffusionLoop, "_step", real_step)
+    with pytest.raises(ErasureError, match="--resume"):
+        train_tiny(tmp_path / "resumed")
+    metrics = train_tiny(tmp_path / "resumed", resume=True)
+    assert metrics["resumed_from_step"] == 4
+    expected = weights(trained)
+    for name, value in weights(tmp_path / "resumed").items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_guided_sampling_is_deterministic_per_seed_and_depends_on_the_class() -> None:
+    from pipelines.ddpm import build_scheduler, build_unet, sample_batched
+
+    torch.manual_seed(0)
+    unet, scheduler = build_unet("tiny").eval(), build_scheduler()
+
+    def draw(labels, seeds, batch_size=4, sampler="ddim"):
+        return sample_batched(unet, scheduler, labels, seeds, guidance=2.0, steps=3, sampler=sampler,
+                              batch_size=batch_size).int()
+
+    first = draw([3, 3], [10, 11])
+    assert first.dtype == torch.int32 and first.shape == (2, 3, 32, 32)
+    assert torch.equal(first, draw([3, 3], [10, 11]))
+    assert (first - draw([3, 3], [10, 11], batch_size=1)).abs().max() <= 1
+    assert not torch.equal(first, draw([5, 5], [10, 11]))
+    assert not torch.equal(first[0], first[1])
+    assert torch.equal(draw([3], [10], sampler="model"), draw([3], [10], sampler="model"))
+
+
+def test_salun_leaves_unmasked_weights_bit_identical_and_lowers_the_forget_objective(trained: Path,
+                                                                                       tmp_path: Path) -> None:
+    from erasure.saliency import Mask
+    from pipelines.ddpm import load_model
+
+    metrics = unlearn_tiny(trained, tmp_path / "salun")
+    assert metrics["forget_objective_after"] < metrics["forget_objective_before"]
+    assert metrics["remap_class"] == "deer" and 0.49 < metrics["mask_density"] < 0.51
+    before, after = weights(trained), weights(tmp_path / "salun")
+    mask = Mask.load(tmp_path / "salun" / "mask.safetensors", load_model(trained)[0])
+    moved = 0
+    for name, value in after.items():
+        frozen = ~mask[name]
+        assert torch.equal(value[frozen], before[name][frozen]), name
+        moved += int((value != before[name]).sum())
+    assert moved > 0
+    assert "class_embedding.weight" in mask.masks
+
+
+@pytest.mark.parametrize("method", ["ga", "rl"])
+def test_other_methods_run_in_the_same_loop(trained: Path, tmp_path: Path, method: str) -> None:
+    metrics = unlearn_tiny(trained, tmp_path / method, method=method, steps=2)
+    assert metrics["method"] == method and metrics["mask_density"] is None
+    assert not (tmp_path / method / "mask.safetensors").exists()
+    assert any(not torch.equal(v, weights(trained)[k]) for k, v in weights(tmp_path / method).items())
+
+
+def test_class_errors_are_clear(trained: Path, run_cli, tmp_path: Path) -> None:
+    from pipelines.ddpm_config import DDPMUnlearnConfig
+
+    with pytest.raises(ConfigError, match="remap class 'cat' is the forgotten class itself"):
+        from_dict(DDPMUnlearnConfig, {"run": str(trained), "forget": "cat", "remap": "3"})
+    assert from_dict(DDPMUnlearnConfig, {"run": "x", "forget": "9"}).remap_class == 0
+    status, log = run_cli("ddpm", "unlearn", "--run", trained, "--forget", "kat", "--out", tmp_path / "u")
+    assert status == 2 and "unknown class 'kat'" in log and "airplane, automobile" in log
+    status, log = run_cli("sample", "--run", trained, "--class", "zebra", "--out", tmp_path / "s")
+    assert status == 2 and "unknown class 'zebra'" in log
+
+
+def test_sample_command_writes_class_images(trained: Path, run_cli, tmp_path: Path) -> None:
+    out = tmp_path / "samples"
+    status, log = run_cli("sample", "--run", trained, "--class", "ship", "--n", "3", "--steps", "2",
+                          "--scheduler", "ddim", "--out", out)
+    assert status == 0, log
+    files = sorted(p.name for p in out.glob("ship_*.png"))
+    assert files == ["ship_00000.png", "ship_00001.png", "ship_00002.png"]
+    assert np.asarray(Image.open(out / files[0])).shape == (32, 32, 3) and (out / "grid.png").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["guidance"] == 2.0 and manifest["metrics"]["class"] == "ship"
+
+
+def test_eval_reports_ua_accuracy_and_a_labelled_feature_distance(trained: Path, tmp_path: Path) -> None:
+    from classifiers.commands import train as train_classifier
+    from classifiers.config import TrainConfig
+    from pipelines.ddpm_commands import evaluate
+    from pipelines.ddpm_config import DDPMEvalConfig
+
+    judge = tmp_path / "judge"
+    train_classifier(from_dict(TrainConfig, {"dataset": "cifar10", "arch": "cnn", "width": 4, "epochs": 1,
+                                             "train_limit": 128, "out": str(judge)}))
+    unlearn_tiny(trained, tmp_path / "salun", steps=1)
+    config = from_dict(DDPMEvalConfig, {"run": str(tmp_path / "salun"), "judge": str(judge), "n_forget": 4,
+                                        "n_per_class": 2, "steps": 2, "out": str(tmp_path / "eval")})
+    metrics = evaluate(config)
+    assert metrics["protocol"] == "ddpm-cifar10-v1" and metrics["forget_class"] == "cat"
+    assert metrics["baseline"]["run"] == str(trained)
+    for side in ("evaluated", "baseline"):
+        assert 0 <= metrics[side]["UA"] <= 100 and len(metrics[side]["class_accuracy"]) == 10
+    report = (tmp_path / "eval" / "report.md").read_text()
+    if metrics["distance_metric"] == "feature_distance":
+        assert "feature distance (not FID)" in report and "| FID" not in report
+    assert (tmp_path / "eval" / "grid_evaluated.png").is_file() and (tmp_path / "eval" / "grid_baseline.png").is_file()
