@@ -20,8 +20,8 @@ from classifiers.config import OptimConfig
 from classifiers.data import ImageSet, augment
 from classifiers.methods import Method, StepBatch
 from classifiers.models import to_input
-from erasure.io import RunDir, load_checkpoint, save_checkpoint
-from erasure.training import ensure_finite, masked_step
+from erasure.io import RunDir, save_checkpoint
+from erasure.training import ensure_finite, masked_step, restore_checkpoint
 
 FORGET_STREAM, RETAIN_STREAM, LABEL_STREAM, AUGMENT_STREAM = 1, 2, 3, 4
 
@@ -131,12 +131,8 @@ class Loop:
         return StepBatch(forget, random_labels, retain, progress=step / self.total_steps)
 
     def _resume(self) -> int:
-        state = load_checkpoint(self.run.checkpoints) if self.run.resumed else None
-        if state is None:
-            return 0
-        self.unwrapped.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        return int(state["step"])
+        state = restore_checkpoint(self.run, self.unwrapped, self.optimizer)
+        return int(state["step"]) if state else 0
 
     def _checkpoint(self, step: int) -> None:
         self.accelerator.wait_for_everyone()

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from classifiers.data import ImageSet
 from classifiers.loop import batch_index
 from erasure.errors import ConfigError
-from erasure.io import RunDir, load_checkpoint, save_checkpoint
-from erasure.training import ensure_finite, masked_step
+from erasure.io import RunDir, save_checkpoint
+from erasure.training import ensure_finite, masked_step, restore_checkpoint
 from erasure.saliency import Mask, masked_parameters
 from pipelines.ddpm_config import CIFAR10_CLASSES
 from pipelines.objectives import guided_epsilon
@@ -167,11 +167,9 @@ class DiffusionLoop:
         return self.settings.lr * min(1.0, (step + 1) / warmup) if warmup else self.settings.lr
 
     def _resume(self) -> int:
-        state = load_checkpoint(self.run.checkpoints) if self.run.resumed else None
+        state = restore_checkpoint(self.run, self.unwrapped, self.optimizer)
         if state is None:
             return 0
-        self.unwrapped.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:
             self.ema.shadow = state["ema"]
         return int(state["step"])

@@ -46,3 +46,14 @@ def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str]
         return status, captured.out + captured.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def digits_original(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small MLP trained once per session on scikit-learn's digits (the classifier tests' original model)."""
+    from classifiers.commands import train
+    from helpers.digits import train_config
+
+    out = tmp_path_factory.mktemp("digits") / "original"
+    assert train(train_config(out))["test_acc"] > 90
+    return out

@@ -9,7 +9,7 @@ import torch
 
 from classifiers import methods as methods_module
 from classifiers.commands import train, unlearn
-from classifiers.config import METHODS, TrainConfig, UnlearnConfig
+from classifiers.config import METHODS
 from classifiers.data import forget_split, load_digits
 from classifiers.loop import Loop
 from classifiers.metrics import mia_efficacy
@@ -17,25 +17,12 @@ from classifiers.models import load_model
 from erasure.config import from_dict
 from erasure.errors import ConfigError, NonFiniteLossError
 from erasure.saliency import Mask
+from helpers.digits import train_config, unlearn_config
 
 
-def train_config(out: Path, **extra) -> TrainConfig:
-    return from_dict(TrainConfig, {"out": str(out), "dataset": "digits", "arch": "mlp", "width": 64, "epochs": 12,
-                                   "batch_size": 64, "lr": 0.05, "checkpoint_every": 0, **extra})
-
-
-def unlearn_config(original: Path, out: Path, method: str, **extra) -> UnlearnConfig:
-    return from_dict(UnlearnConfig, {"original": str(original), "out": str(out), "method": method,
-                                     "forget": "class:3", "epochs": 5, "lr": 0.05, "schedule": "constant",
-                                     "checkpoint_every": 0, **extra})
-
-
-@pytest.fixture(scope="module")
-def original(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits") / "original"
-    metrics = train(train_config(out))
-    assert metrics["test_acc"] > 90
-    return out
+@pytest.fixture
+def original(digits_original: Path) -> Path:
+    return digits_original
 
 
 def test_method_names_in_config_match_the_registry():

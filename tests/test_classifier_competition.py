@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from classifiers.commands import compare, train, unlearn
-from classifiers.config import CompareConfig, TrainConfig, UnlearnConfig
+from classifiers.commands import compare, unlearn
+from classifiers.config import CompareConfig, UnlearnConfig
 from classifiers.data import forget_split, load_digits
 from classifiers.methods import build_method
 from classifiers.models import load_model
@@ -16,21 +16,12 @@ from classifiers.piggyback import last_stage
 from classifiers.report import comparison_table
 from erasure.config import from_dict
 from erasure.saliency import Mask
+from helpers.digits import unlearn_config
 
 
-def unlearn_config(original: Path, out: Path, method: str, **extra) -> UnlearnConfig:
-    return from_dict(UnlearnConfig, {"original": str(original), "out": str(out), "method": method,
-                                     "forget": "class:3", "epochs": 5, "lr": 0.05, "schedule": "constant",
-                                     "checkpoint_every": 0, **extra})
-
-
-@pytest.fixture(scope="module")
-def original(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits") / "original"
-    metrics = train(from_dict(TrainConfig, {"out": str(out), "dataset": "digits", "arch": "mlp", "width": 64,
-                                            "epochs": 12, "batch_size": 64, "lr": 0.05, "checkpoint_every": 0}))
-    assert metrics["test_acc"] > 90
-    return out
+@pytest.fixture
+def original(digits_original: Path) -> Path:
+    return digits_original
 
 
 def forget_and_retain(config: UnlearnConfig):
