@@ -10,7 +10,6 @@ import math
 import time
 from dataclasses import dataclass
 from collections.abc import Callable
-from functools import lru_cache
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +20,7 @@ from classifiers.data import ImageSet, augment
 from classifiers.methods import Method, StepBatch
 from classifiers.models import to_input
 from erasure.io import RunDir, save_checkpoint
+from erasure.streams import epoch_batch, stream_generator
 from erasure.training import ensure_finite, masked_step, restore_checkpoint
 
 FORGET_STREAM, RETAIN_STREAM, LABEL_STREAM, AUGMENT_STREAM = 1, 2, 3, 4
@@ -32,23 +32,6 @@ class Streams:
 
     forget: ImageSet | None
     retain: ImageSet | None
-
-
-def _stream_seed(seed: int, stream: int, index: int) -> int:
-    return (seed * 1_000_003 + stream * 7_919 + index) % (2**63)
-
-
-@lru_cache(maxsize=4)
-def _permutation(n: int, seed: int) -> Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-
-
-def batch_index(n: int, batch_size: int, step: int, seed: int, stream: int) -> Tensor:
-    """Indices of the `step`-th batch of a stream that reshuffles `n` examples every pass."""
-    per_pass = math.ceil(n / batch_size)
-    epoch, position = divmod(step, per_pass)
-    order = _permutation(n, _stream_seed(seed, stream, epoch))
-    return order[position * batch_size:(position + 1) * batch_size]
 
 
 def learning_rate(config: OptimConfig, step: int, total: int) -> float:
@@ -107,13 +90,13 @@ class Loop:
 
     def _images(self, images: Tensor, step: int) -> Tensor:
         if self.augment_images:
-            generator = torch.Generator().manual_seed(_stream_seed(self.config.seed, AUGMENT_STREAM, step))
+            generator = stream_generator(self.config.seed, AUGMENT_STREAM, step)
             images = augment(images, generator)
         x = to_input(images)
         return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
 
     def _take(self, data: ImageSet, stream: int, batch_size: int, step: int) -> tuple[Tensor, Tensor]:
-        index = batch_index(len(data), batch_size, step, self.config.seed, stream)
+        index = epoch_batch(len(data), batch_size, step, self.config.seed, stream)
         index = index[self.accelerator.process_index::self.accelerator.num_processes].to(data.labels.device)
         return self._images(data.images[index], step * 2 + stream), data.labels[index]
 
@@ -123,7 +106,7 @@ class Loop:
         if self.method.uses_forget:
             size = self.forget_batch_size if self.method.uses_retain else self.config.batch_size
             forget = self._take(self.streams.forget, FORGET_STREAM, size, step)
-            generator = torch.Generator().manual_seed(_stream_seed(self.config.seed, LABEL_STREAM, step))
+            generator = stream_generator(self.config.seed, LABEL_STREAM, step)
             shift = torch.randint(1, self.num_classes, (len(forget[1]),), generator=generator).to(forget[1].device)
             random_labels = (forget[1] + shift) % self.num_classes
         if self.method.uses_retain:

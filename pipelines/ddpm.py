@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from classifiers.data import ImageSet
-from classifiers.loop import batch_index
 from erasure.errors import ConfigError
 from erasure.io import RunDir, save_checkpoint
+from erasure.streams import epoch_batch, stream_generator
 from erasure.training import ensure_finite, masked_step, restore_checkpoint
 from erasure.saliency import Mask, masked_parameters
 from pipelines.ddpm_config import CIFAR10_CLASSES
@@ -64,11 +64,6 @@ def predictor(unet: nn.Module) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     return lambda x_t, t, labels: unet(x_t, t, class_labels=labels).sample
 
 
-def step_generator(seed: int, stream: int, step: int) -> torch.Generator:
-    """The CPU generator of one (seed, stream, step): the only source of randomness of a step."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + stream * 7_919 + step * 104_729) % (2**63))
-
-
 # ---------------------------------------------------------------------------- data
 
 
@@ -85,13 +80,13 @@ def to_uint8(x: Tensor) -> Tensor:
 def take(data: ImageSet, batch_size: int, step: int, seed: int, stream: int, *, flip: bool,
          accelerator: Any = None) -> tuple[Tensor, Tensor]:
     """The `step`-th (x0 in [-1, 1], labels) batch of a stream, this process's share, flipped when asked."""
-    index = batch_index(len(data), batch_size, step, seed, stream)
+    index = epoch_batch(len(data), batch_size, step, seed, stream)
     if accelerator is not None:
         index = index[accelerator.process_index::accelerator.num_processes]
     index = index.to(data.labels.device)
     images, labels = data.images[index], data.labels[index]
     if flip:
-        mirror = torch.rand(len(index), generator=step_generator(seed, FLIP_STREAM + 10 * stream, step)) < 0.5
+        mirror = torch.rand(len(index), generator=stream_generator(seed, FLIP_STREAM + 10 * stream, step)) < 0.5
         images = torch.where(mirror.to(images.device)[:, None, None, None], images.flip(3), images)
     return to_model_range(images), labels
 

@@ -17,11 +17,11 @@ from erasure.errors import ConfigError
 from erasure.evaluation.report import image_grid, save_grid
 from erasure.io import MANIFEST, RunDir, atomic_path, finished_run, read_json
 from erasure.saliency import Mask, compute_mask
+from erasure.streams import stream_generator
 from pipelines.config import SampleConfig
 from pipelines.ddpm import (
     DATA_STREAM, DROPOUT_STREAM, LABEL_STREAM, NOISE_STREAM, DiffusionLoop, LoopSettings, build_scheduler,
-    build_unet, drop_labels, load_model, other_labels, parameter_count, predictor, sample_batched, save_model,
-    step_generator, take)
+    build_unet, drop_labels, load_model, other_labels, parameter_count, predictor, sample_batched, save_model, take)
 from pipelines.ddpm_config import CIFAR10_CLASSES, DDPMEvalConfig, DDPMTrainConfig, DDPMUnlearnConfig, class_index
 from pipelines.objectives import diffusion_loss, gradient_ascent_loss, remap_loss
 
@@ -65,8 +65,8 @@ def train(config: DDPMTrainConfig, accelerator: Any = None) -> dict[str, Any]:
     def loss_at(model: nn.Module, step: int) -> Tensor:
         x0, labels = take(data, config.batch_size, step, config.seed, DATA_STREAM, flip=config.flip,
                           accelerator=accelerator)
-        labels = drop_labels(labels, config.label_dropout, step_generator(config.seed, DROPOUT_STREAM, step))
-        noise = step_generator(config.seed, _stream(NOISE_STREAM, accelerator), step)
+        labels = drop_labels(labels, config.label_dropout, stream_generator(config.seed, DROPOUT_STREAM, step))
+        noise = stream_generator(config.seed, _stream(NOISE_STREAM, accelerator), step)
         return diffusion_loss(predictor(model), scheduler, x0, labels, noise)
 
     stats = loop.run_steps(loss_at)
@@ -104,12 +104,12 @@ def forget_objective(config: DDPMUnlearnConfig, scheduler: Any) -> Callable[[nn.
     """The method's forget term as `loss(model, (x0, labels, index))`, with noise seeded by (seed, index)."""
     def loss(model: nn.Module, batch: Batch) -> Tensor:
         x0, labels, index = batch
-        noise = step_generator(config.seed, NOISE_STREAM, index)
+        noise = stream_generator(config.seed, NOISE_STREAM, index)
         if config.method == "salun":
             return remap_loss(predictor(model), scheduler, x0, labels, torch.full_like(labels, config.remap_class),
                               noise)
         if config.method == "rl":
-            shuffled = other_labels(labels, step_generator(config.seed, LABEL_STREAM, index))
+            shuffled = other_labels(labels, stream_generator(config.seed, LABEL_STREAM, index))
             return diffusion_loss(predictor(model), scheduler, x0, shuffled, noise)
         return gradient_ascent_loss(predictor(model), scheduler, x0, labels, noise)
 
@@ -124,7 +124,7 @@ def _saliency_mask(config: DDPMUnlearnConfig, unet: nn.Module, forget: ImageSet,
     def loss(model: nn.Module, batch: Batch) -> Tensor:
         x0, labels, index = batch
         return diffusion_loss(predictor(model), scheduler, x0, labels,
-                              step_generator(config.seed, MASK_STREAM, index))
+                              stream_generator(config.seed, MASK_STREAM, index))
 
     unet.eval()
     mask = compute_mask(unet, _batches(forget, config.forget_batch_size, count, config.seed, MASK_STREAM), loss,
@@ -172,7 +172,7 @@ def unlearn(config: DDPMUnlearnConfig, accelerator: Any = None) -> dict[str, Any
                         accelerator=accelerator)
         x_r, y_r = take(retain, config.retain_batch_size, step, config.seed, RETAIN_STREAM, flip=train_config.flip,
                         accelerator=accelerator)
-        retain_noise = step_generator(config.seed, _stream(RETAIN_STREAM, accelerator), step)
+        retain_noise = stream_generator(config.seed, _stream(RETAIN_STREAM, accelerator), step)
         forget_term = objective(model, (x_f, y_f, step * 1000 + accelerator.process_index))
         return forget_term + config.alpha * diffusion_loss(predictor(model), scheduler, x_r, y_r, retain_noise)
 

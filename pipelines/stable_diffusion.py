@@ -33,6 +33,7 @@ from erasure.evaluation.prompts import Prompt
 from erasure.evaluation.report import image_grid, save_grid
 from erasure.io import RunDir, read_json, write_json
 from erasure.saliency import Mask, compute_mask, masked_parameters
+from erasure.streams import endless_batch, stream_generator
 from erasure.training import ensure_finite, masked_step
 from pipelines.delta import export_delta
 from pipelines.loading import load_base_pipeline
@@ -47,24 +48,6 @@ DELTA_FILE = "delta.safetensors"
 GRID_FILE = "samples/before_after.png"
 STEP_FILE = "step.json"
 WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def stream_seed(seed: int, stream: int, index: int) -> int:
-    """The seed of item `index` of a random stream."""
-    return (seed * 1_000_003 + stream * 7_919 + index) % (2**63)
-
-
-def generator(seed: int, stream: int, index: int) -> torch.Generator:
-    """A CPU generator for item `index` of a stream."""
-    return torch.Generator().manual_seed(stream_seed(seed, stream, index))
-
-
-def batch_rows(n: int, batch_size: int, step: int, seed: int, stream: int) -> Tensor:
-    """Indices of the `step`-th full batch of an endless stream of per-pass shuffles of `n` examples."""
-    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
-    passes = {int(p): torch.randperm(n, generator=generator(seed, stream, int(p)))
-              for p in torch.unique(positions // n)}
-    return torch.stack([passes[int(p) // n][int(p) % n] for p in positions])
 
 
 @dataclass
@@ -243,18 +226,18 @@ class Eraser:
         world, size, seed = self.accelerator.num_processes, self.config.batch_size, self.config.seed
         shards = world * self.config.gradient_accumulation_steps
         rows = slice(micro * world + self.accelerator.process_index, None, shards)
-        gen = generator(seed, NOISE_STREAM, step)
-        forget_index = batch_rows(len(self.forget), size, step, seed, FORGET_STREAM)[rows]
+        gen = stream_generator(seed, NOISE_STREAM, step)
+        forget_index = endless_batch(len(self.forget), size, step, seed, FORGET_STREAM)[rows]
         chunks = [self.forget_chunk(self.forget.x0[forget_index.to(self.forget.x0.device)], gen, rows, size)]
         if self.config.method == "salun" and self.config.alpha > 0:
-            retain_index = batch_rows(len(self.retain), size, step, seed, RETAIN_STREAM)[rows]
+            retain_index = endless_batch(len(self.retain), size, step, seed, RETAIN_STREAM)[rows]
             chunks.append(self.retain_chunk(retain_index.to(self.retain.x0.device), gen, rows, size))
         with self.accelerator.autocast():
             return self.chunks_loss(self.unet, chunks)
 
     def forget_objective(self) -> float:
         """The method's forget term over the whole forget set with fixed noise (for before/after)."""
-        gen, total, size = generator(self.config.seed, EVAL_STREAM, 0), len(self.forget), self.config.batch_size
+        gen, total, size = stream_generator(self.config.seed, EVAL_STREAM, 0), len(self.forget), self.config.batch_size
         values = []
         for start in range(0, total, size):
             x0 = self.forget.x0[start:start + size]
@@ -288,7 +271,7 @@ class Eraser:
         x0 = batch["x0"]
         forget = self.conditions.forget.expand(x0.shape[0], -1, -1)
         null = self.conditions.null.expand_as(forget)
-        noise = generator(self.config.seed, MASK_STREAM, batch["index"])
+        noise = stream_generator(self.config.seed, MASK_STREAM, batch["index"])
         with self.accelerator.autocast():
             return guided_diffusion_loss(predictor(model), self.scheduler, x0, forget, null, self.config.mask_guidance,
                                          noise)
