@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from erasure.config import class_index
 from erasure.errors import ConfigError
 
 CIFAR10_FILE = "cifar10_jpeg.npz"
@@ -179,7 +180,7 @@ def forget_split(spec: str, data: Dataset, seed: int = 0) -> ForgetSplit:
     kind, _, value = spec.partition(":")
     labels = data.train.labels.cpu()
     if kind == "class":
-        cls = _class_index(value, data.classes)
+        cls = class_index(value, data.classes, "the forget spec")
         mask = labels == cls
         return ForgetSplit(spec, mask.nonzero().flatten(), (~mask).nonzero().flatten(), cls)
     if kind == "random":
@@ -193,15 +194,6 @@ def forget_split(spec: str, data: Dataset, seed: int = 0) -> ForgetSplit:
         n_forget = max(1, round(fraction * len(labels)))
         return ForgetSplit(spec, order[:n_forget].sort().values, order[n_forget:].sort().values, None)
     raise ConfigError(f"forget spec '{spec}' must be 'class:<name|index>' or 'random:<fraction>'")
-
-
-def _class_index(value: str, classes: list[str]) -> int:
-    if value in classes:
-        return classes.index(value)
-    if value.isdigit() and int(value) < len(classes):
-        return int(value)
-    raise ConfigError(f"unknown class '{value}' in the forget spec; choose one of: {', '.join(classes)} "
-                      f"(or an index 0-{len(classes) - 1})")
 
 
 def augment(images: Tensor, generator: torch.Generator) -> Tensor:

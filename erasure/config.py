@@ -183,6 +183,17 @@ def from_dict(cls: type[C], data: typing.Mapping[str, Any], source: str = "confi
     return config
 
 
+def class_index(value: str | int, classes: typing.Sequence[str], what: str) -> int:
+    """A class given by name or index, as its index; anything else is a ConfigError naming `what` and the classes."""
+    text = str(value).strip()
+    if text in classes:
+        return list(classes).index(text)
+    if text.isdigit() and int(text) < len(classes):
+        return int(text)
+    raise ConfigError(f"unknown class '{value}' in {what}; choose one of: {', '.join(classes)} "
+                      f"(or an index 0-{len(classes) - 1})")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with errors that say which file is wrong and how."""
     import yaml

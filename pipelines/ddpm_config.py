@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from erasure.config import option
+from erasure.config import class_index as shared_class_index, option
 from erasure.errors import ConfigError
 from erasure.evaluation.config import SCHEDULERS, check_device
 
@@ -15,13 +15,7 @@ DEFAULT_GUIDANCE = 2.0
 
 def class_index(value: str | int, key: str = "class") -> int:
     """A CIFAR-10 class given by name or index, as its index; anything else is a ConfigError listing the names."""
-    text = str(value).strip()
-    if text in CIFAR10_CLASSES:
-        return CIFAR10_CLASSES.index(text)
-    if text.isdigit() and int(text) < len(CIFAR10_CLASSES):
-        return int(text)
-    raise ConfigError(f"config key '{key}': unknown class '{value}'; choose one of: {', '.join(CIFAR10_CLASSES)} "
-                      f"(or an index 0-{len(CIFAR10_CLASSES) - 1})")
+    return shared_class_index(value, CIFAR10_CLASSES, f"config key '{key}'")
 
 
 @dataclass
