@@ -1,7 +1,12 @@
 """The one place an `Accelerator` is built, so every domain runs multi-process the same way."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
 
 
 def make_accelerator(**kwargs: Any):
@@ -15,3 +20,32 @@ def make_accelerator(**kwargs: Any):
 
     kwargs.setdefault("cpu", not torch.cuda.is_available())
     return Accelerator(**kwargs)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of 'bf16', 'fp16' or 'fp32'."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; other names are checked against the hardware."""
+    import torch
+
+    from erasure.errors import ErasureError
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ErasureError(f"device '{device}' was asked for but CUDA is not available; pass --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bf16 on CUDA, fp32 elsewhere (bf16 on CPU is correct but slow)."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch_dtype(dtype)

@@ -220,7 +220,7 @@ def sample_class(config: SampleConfig) -> dict[str, Any]:
     """`erasure sample --run <ddpm run> --class c`: N guided images as PNGs plus grid.png."""
     from PIL import Image
 
-    from pipelines.loading import resolve_device, resolve_dtype
+    from erasure.accel import resolve_device, resolve_dtype
 
     if config.class_name is None:
         raise ConfigError(f"'{config.run}' is a DDPM run: pass --class <name|index> (one of "

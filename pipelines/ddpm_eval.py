@@ -20,6 +20,7 @@ from classifiers.data import ImageSet, load_cifar10
 from classifiers.metrics import predict_proba
 from classifiers.models import load_model as load_classifier
 from classifiers.models import to_input
+from erasure.accel import resolve_device, resolve_dtype
 from erasure.config import from_dict, to_dict
 from erasure.errors import ConfigError
 from erasure.evaluation.fid import FEATURE_EXTRACTORS, FeatureError, build_extractor, fid_kid
@@ -27,7 +28,6 @@ from erasure.evaluation.report import Protocol, image_grid, markdown_table, save
 from erasure.io import MANIFEST, RunDir, finished_run, read_json
 from pipelines.ddpm import load_model, sample_batched
 from pipelines.ddpm_config import CIFAR10_CLASSES, DDPMEvalConfig, DDPMTrainConfig, class_index
-from pipelines.loading import resolve_device, resolve_dtype
 
 PROTOCOL = Protocol("ddpm-cifar10", 1, "Class forgetting in a class-conditional DDPM: UA, retained-class accuracy "
                                        "and feature distance")

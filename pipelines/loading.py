@@ -31,27 +31,10 @@ SCHEDULER_CLASSES = {
     "euler": EulerDiscreteScheduler,
     "dpmsolver": DPMSolverMultistepScheduler,
 }
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class ModelLoadError(ErasureError):
     """A base model or an erased UNet cannot be loaded."""
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; other names are checked against the hardware."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ErasureError(f"device '{device}' was asked for but CUDA is not available; pass --device cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bf16 on CUDA, fp32 elsewhere (bf16 on CPU is correct but slow)."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[dtype]
 
 
 def load_base_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

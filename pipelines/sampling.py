@@ -26,8 +26,8 @@ from erasure.evaluation.images import UNIT, to_uint8
 from erasure.evaluation.prompts import Prompt, read_prompts, sha256_file
 from erasure.io import MANIFEST, RunDir, atomic_open, atomic_path, read_json
 from pipelines.config import SampleConfig
-from pipelines.loading import (
-    erased_unet_dir, load_base_pipeline, load_erased_pipeline, resolve_device, resolve_dtype, set_scheduler)
+from erasure.accel import resolve_device, resolve_dtype
+from pipelines.loading import erased_unet_dir, load_base_pipeline, load_erased_pipeline, set_scheduler
 
 RECORDS = "prompts.jsonl"
 # Settings that may change when a sample directory is resumed; any other change is refused.

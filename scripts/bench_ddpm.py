@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from pipelines.ddpm import build_scheduler, build_unet, parameter_count, predictor, sample
-from pipelines.loading import DTYPES, resolve_device
+from erasure.accel import DTYPE_NAMES, resolve_device, torch_dtype
 from pipelines.objectives import diffusion_loss
 
 DEFAULT_SAMPLING_STEPS = 100
@@ -77,20 +77,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=DEFAULT_SAMPLING_STEPS, help="DDIM steps")
     parser.add_argument("--train-batch", type=int, default=128, help="images per training step")
     parser.add_argument("--train-repeats", type=int, default=10, help="timed training steps")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = DTYPES[dtype_name]
+    dtype = torch_dtype(dtype_name)
     torch.manual_seed(0)
     unet = build_unet(args.preset).to(device).eval()
     on_gpu = device.type == "cuda"
     base_batch, base_train, base_dtype = ((args.batch, args.train_batch, "fp32") if on_gpu else (1, 1, dtype_name))
     sampling = sampling_rate(unet, args.batch, args.steps, dtype, device)
-    sampling_base = sampling_rate(unet, base_batch, args.steps, DTYPES[base_dtype], device)
+    sampling_base = sampling_rate(unet, base_batch, args.steps, torch_dtype(base_dtype), device)
     training = training_rate(unet, args.train_batch, dtype, device, args.train_repeats)
-    training_base = training_rate(unet, base_train, DTYPES[base_dtype], device, args.train_repeats)
+    training_base = training_rate(unet, base_train, torch_dtype(base_dtype), device, args.train_repeats)
     print(json.dumps({
         "bench": "ddpm", "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
         "threads": torch.get_num_threads(), "preset": args.preset, "parameters": parameter_count(unet),

@@ -12,8 +12,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from erasure.accel import resolve_device
 from erasure.config import to_dict
-from erasure.errors import ErasureError
 from erasure.evaluation.config import FIDEvalConfig, NudityEvalConfig
 from erasure.evaluation.images import list_images, load_rgb
 from erasure.evaluation.prompts import sha256_file
@@ -100,7 +100,7 @@ def eval_fid(config: FIDEvalConfig) -> None:
     from erasure.evaluation.fid import PROTOCOL, build_extractor, extract, fid_kid, report_sections
 
     sets = {"images": list_images(config.images), "reference": list_images(config.reference)}
-    device = _device(config.device)
+    device = resolve_device(config.device)
     extractor = build_extractor(config.features, device)
     out = Path(config.out) if config.out else Path(config.images) / "eval-fid"
     run = RunDir(out, overwrite=config.overwrite)
@@ -128,14 +128,3 @@ def eval_fid(config: FIDEvalConfig) -> None:
     run.finish(metrics)
     print(f"{PROTOCOL.id}: FID {result['fid']:.4g}, KID {result['kid_mean']:.4g} ± {result['kid_std']:.4g} "
           f"({result['images']} vs {result['reference_images']} images); report in {out / 'report.md'}")
-
-
-def _device(name: str) -> Any:
-    """'auto' -> cuda when available, else cpu."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ErasureError(f"device '{name}' was asked for but CUDA is not available; pass --device cpu")
-    return torch.device(name)
