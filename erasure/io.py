@@ -69,6 +69,28 @@ def atomic_path(path: str | Path) -> contextlib.AbstractContextManager[Path]:
     return manager()
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A temp folder beside `path` to write into (e.g. `save_pretrained`); on success it replaces `path`.
+
+    The old folder is moved aside before the new one is renamed in and removed afterwards, so a crash
+    leaves either the old or the new folder at `path`, never a half-written one.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        old = target.with_name(f".{target.name}.{os.getpid()}.old")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically (sorted keys are not forced: insertion order reads better)."""
     with atomic_open(path, "w") as handle:

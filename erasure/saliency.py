@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from erasure.errors import MaskError
+from erasure.io import atomic_path
 
 if TYPE_CHECKING:
     import accelerate
@@ -685,15 +686,9 @@ def _to_json(metadata: dict[str, Any]) -> str:
 
 
 def _atomic_save(tensors: dict[str, Tensor], header: dict[str, str], path: str) -> None:
-    """Write a safetensors file to a temporary name in the same directory, then rename it."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write a safetensors file atomically (temp file beside it, then rename)."""
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
 
 
 def _read_safetensors(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:

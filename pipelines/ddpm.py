@@ -9,8 +9,6 @@ them, so a resumed run ends bit-identical to an uninterrupted one. A run directo
 from __future__ import annotations
 
 import inspect
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +22,7 @@ from tqdm.auto import tqdm
 
 from classifiers.data import ImageSet
 from erasure.errors import ConfigError
-from erasure.io import RunDir, save_checkpoint
+from erasure.io import RunDir, atomic_dir, save_checkpoint
 from erasure.streams import epoch_batch, stream_generator
 from erasure.training import ensure_finite, masked_step, restore_checkpoint
 from erasure.saliency import Mask, masked_parameters
@@ -219,15 +217,8 @@ class DiffusionLoop:
 def save_model(run_dir: str | Path, unet: UNet2DModel, scheduler: Any) -> None:
     """Write `unet/` and `scheduler/` in diffusers format, each atomically (temp dir, then rename)."""
     for name, component in ((UNET_DIR, unet), (SCHEDULER_DIR, scheduler)):
-        target = Path(run_dir) / name
-        tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        component.save_pretrained(tmp)
-        old = target.with_name(f".{name}.{os.getpid()}.old")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_dir(Path(run_dir) / name) as tmp:
+            component.save_pretrained(tmp)
 
 
 def load_model(run_dir: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:

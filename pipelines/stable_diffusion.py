@@ -10,7 +10,6 @@ it, so N processes compute what one process does and a resumed run is bit-identi
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from erasure.errors import ConfigError, RunDirError
 from erasure.evaluation.images import list_images
 from erasure.evaluation.prompts import Prompt
 from erasure.evaluation.report import image_grid, save_grid
-from erasure.io import RunDir, read_json, write_json
+from erasure.io import RunDir, atomic_dir, read_json, write_json
 from erasure.saliency import Mask, compute_mask, masked_parameters
 from erasure.streams import endless_batch, stream_generator
 from erasure.training import ensure_finite, masked_step
@@ -338,16 +337,6 @@ class Eraser:
         return self.last_checkpoint
 
 
-def save_unet(unet: UNet2DConditionModel, folder: Path) -> None:
-    """`save_pretrained` into a temp folder beside `folder`, then swap it in."""
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-
-
 def grid_prompts(config: SDEraseConfig, retain_texts: list[str]) -> list[Prompt]:
     """The forget prompt and up to three retain prompts, `grid_seeds` seeds each."""
     texts = [config.forget_prompt, *dict.fromkeys(retain_texts)][:4]
@@ -421,7 +410,8 @@ def erase(config: SDEraseConfig, accelerator: Accelerator | None = None) -> dict
                "retain_images": len(eraser.retain), "processes": accelerator.num_processes,
                "mixed_precision": accelerator.mixed_precision, **stats}
     if accelerator.is_main_process:
-        save_unet(unet, run.path / "unet")
+        with atomic_dir(run.path / "unet") as tmp:
+            unet.save_pretrained(tmp)
         if eraser.mask is not None:
             eraser.mask.save(run.path / MASK_FILE)
             metrics["mask"] = eraser.mask.summary()

@@ -66,3 +66,18 @@ def test_checkpoints_round_trip(tmp_path):
 def test_finished_run_explains_what_is_missing(tmp_path):
     with pytest.raises(RunDirError, match="not a run directory"):
         finished_run(tmp_path, "train")
+
+
+def test_atomic_dir_swaps_in_a_finished_folder_and_keeps_the_old_one_on_failure(tmp_path):
+    from erasure.io import atomic_dir
+
+    target = tmp_path / "unet"
+    with atomic_dir(target) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert (target / "config.json").is_file()
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "half.bin").write_text("x")
+            raise RuntimeError("crash mid-save")
+    assert sorted(p.name for p in target.iterdir()) == ["config.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["unet"]
