@@ -39,7 +39,7 @@ def _original(path: str) -> tuple[TrainConfig, Classifier]:
 
 def dataset_for(config: TrainConfig, device: torch.device) -> Dataset:
     """The dataset a train config names, on `device` (with its train_limit applied)."""
-    data = load_dataset(config.dataset, config.data_dir, config.split_seed)
+    data = load_dataset(config.dataset, config.data_dir, config.split_seed, config.resolution)
     if config.train_limit:
         data.train = data.train.subset(torch.arange(min(config.train_limit, len(data.train))))
     return data.to(device)

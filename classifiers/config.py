@@ -9,6 +9,7 @@ from erasure.errors import ConfigError
 
 DATASETS = ("digits", "cifar10")
 ARCHS = ("mlp", "cnn", "resnet18")
+CIFAR10_RESOLUTIONS = (32, 16, 8)
 METHODS = ("ft", "ga", "rl", "l1_sparse", "salun", "iu", "retrain", "piggyback_shrink", "kaggle_1st", "kaggle_2nd",
            "ssd")
 MASK_TYPES = ("hard", "soft")
@@ -56,9 +57,18 @@ class TrainConfig(OptimConfig):
     data_dir: str | None = option(None, "folder holding cifar10_jpeg.npz (default: $ERASURE_DATA_DIR, ../shared/data)")
     arch: str = option("mlp", "architecture", choices=ARCHS)
     width: int = option(64, "hidden width of mlp / base channels of cnn", ge=1)
-    augment: bool = option(False, "random crop (pad 4) and horizontal flip on the device")
+    augment: bool = option(False, "random crop (pad an eighth of the size: 4 at 32) and horizontal flip on the device")
+    resolution: int | None = option(None, "cifar10 only: average-pool images to 16 or 8 pixels (quick CPU runs, and "
+                                          "the judge of a DDPM trained at that resolution); default: native 32",
+                                   choices=CIFAR10_RESOLUTIONS)
     split_seed: int = option(0, "seed of the train/validation split", ge=0)
     train_limit: int | None = option(None, "use only the first N images of the training split (quick runs)", ge=1)
+
+    def validate(self) -> None:
+        """Cross-field checks."""
+        if self.resolution is not None and self.dataset != "cifar10":
+            raise ConfigError(f"config key 'resolution' applies to cifar10 only; remove it for dataset "
+                              f"'{self.dataset}'")
 
 
 @dataclass

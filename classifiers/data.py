@@ -14,10 +14,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from classifiers.config import CIFAR10_RESOLUTIONS
 from erasure.config import class_index
 from erasure.errors import ConfigError
 
 CIFAR10_FILE = "cifar10_jpeg.npz"
+CIFAR10_SIZE = 32
 
 
 @dataclass
@@ -157,21 +159,45 @@ def cifar10_arrays(folder: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def load_cifar10(folder: str | None, split_seed: int = 0) -> Dataset:
-    """CIFAR-10 as in SalUn: 45,000 train / 5,000 validation (seeded) and the official 10,000 test."""
+def check_resolution(resolution: int | None, key: str = "resolution") -> None:
+    """Raise ConfigError unless `resolution` is None (native) or one of RESOLUTIONS."""
+    if resolution is not None and resolution not in CIFAR10_RESOLUTIONS:
+        raise ConfigError(f"config key '{key}': CIFAR-10 can be read at {', '.join(map(str, CIFAR10_RESOLUTIONS))} pixels "
+                          f"(average-pooled from 32); got {resolution}")
+
+
+def downsample(images: Tensor, resolution: int) -> Tensor:
+    """uint8 NCHW images average-pooled to `resolution` pixels (a divisor of their size), rounded back to uint8."""
+    factor = images.shape[-1] // resolution
+    if factor == 1:
+        return images
+    pooled = torch.nn.functional.avg_pool2d(images.float(), factor)
+    return pooled.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def load_cifar10(folder: str | None, split_seed: int = 0, resolution: int | None = None) -> Dataset:
+    """CIFAR-10 as in SalUn: 45,000 train / 5,000 validation (seeded) and the official 10,000 test.
+
+    `resolution` (16 or 8) average-pools every image from 32 pixels: a cheaper task for quick CPU runs.
+    """
+    check_resolution(resolution)
     arrays = cifar10_arrays(data_dir(folder))
-    train, val = _split(arrays["train_images"].transpose(0, 3, 1, 2), arrays["train_labels"], 5000, split_seed)
-    test = ImageSet(torch.from_numpy(np.ascontiguousarray(arrays["test_images"].transpose(0, 3, 1, 2))),
-                    torch.from_numpy(arrays["test_labels"].astype(np.int64)))
+    size = resolution or CIFAR10_SIZE
+    train_images = downsample(torch.from_numpy(arrays["train_images"].transpose(0, 3, 1, 2)), size).numpy()
+    train, val = _split(train_images, arrays["train_labels"], 5000, split_seed)
+    test_images = torch.from_numpy(np.ascontiguousarray(arrays["test_images"].transpose(0, 3, 1, 2)))
+    test = ImageSet(downsample(test_images, size).contiguous(), torch.from_numpy(arrays["test_labels"].astype(np.int64)))
     return Dataset("cifar10", train, val, test, [str(c) for c in arrays["classes"]])
 
 
-def load_dataset(name: str, folder: str | None = None, split_seed: int = 0) -> Dataset:
-    """A dataset by config name."""
+def load_dataset(name: str, folder: str | None = None, split_seed: int = 0, resolution: int | None = None) -> Dataset:
+    """A dataset by config name (`resolution`: CIFAR-10 only, see load_cifar10)."""
     if name == "digits":
+        if resolution is not None:
+            raise ConfigError("config key 'resolution' applies to cifar10 only; remove it for dataset 'digits'")
         return load_digits(split_seed)
     if name == "cifar10":
-        return load_cifar10(folder, split_seed)
+        return load_cifar10(folder, split_seed, resolution)
     raise ConfigError(f"unknown dataset '{name}'; choose digits or cifar10")
 
 
@@ -197,12 +223,13 @@ def forget_split(spec: str, data: Dataset, seed: int = 0) -> ForgetSplit:
 
 
 def augment(images: Tensor, generator: torch.Generator) -> Tensor:
-    """Random crop with 4-pixel zero padding and horizontal flip, on a whole uint8 batch at once."""
+    """Random crop with zero padding (an eighth of the size: 4 pixels at 32) and horizontal flip, on a whole batch."""
     n, _, h, w = images.shape
     device = images.device
-    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
-    dx = torch.randint(0, 9, (n,), generator=generator).to(device)
-    dy = torch.randint(0, 9, (n,), generator=generator).to(device)
+    pad = max(1, h // 8)
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(device)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(device)
     flip = (torch.rand(n, generator=generator) < 0.5).to(device)
     rows = (dy[:, None] + torch.arange(h, device=device)[None])  # n x h
     cols = (dx[:, None] + torch.arange(w, device=device)[None])  # n x w

@@ -37,6 +37,8 @@ DATA_STREAM, FLIP_STREAM, DROPOUT_STREAM, NOISE_STREAM, LABEL_STREAM = 1, 2, 3, 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8,
              "down_block_types": ("DownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "UpBlock2D")},
+    "cpu": {"block_out_channels": (32, 64, 128), "layers_per_block": 1, "norm_num_groups": 16,
+            "down_block_types": ("DownBlock2D",) * 3, "up_block_types": ("UpBlock2D",) * 3},
     "fast": {"block_out_channels": (64, 128, 256), "layers_per_block": 2,
              "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
              "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D")},

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -30,12 +31,13 @@ FORGET_STREAM, RETAIN_STREAM, MASK_STREAM, PROBE_STREAM = 11, 12, 13, 14
 DDPM_KINDS = ("ddpm-train", "ddpm-unlearn")
 
 
-def training_images(data_dir: str | None, train_limit: int | None, exclude: int | None = None) -> ImageSet:
-    """All 50,000 CIFAR-10 training images (the classifier's train + validation splits), limited and filtered."""
-    data = load_cifar10(data_dir)
+def training_images(config: DDPMTrainConfig, exclude: int | None = None) -> ImageSet:
+    """All 50,000 CIFAR-10 training images (the classifier's train + validation splits) at the config's
+    resolution, limited to `train_limit` and without class `exclude`."""
+    data = load_cifar10(config.data_dir, resolution=config.resolution)
     images = ImageSet(torch.cat([data.train.images, data.val.images]), torch.cat([data.train.labels, data.val.labels]))
-    if train_limit:
-        images = images.subset(torch.arange(min(train_limit, len(images))))
+    if config.train_limit:
+        images = images.subset(torch.arange(min(config.train_limit, len(images))))
     if exclude is not None:
         images = images.subset(images.labels != exclude)
     return images
@@ -54,10 +56,10 @@ def train(config: DDPMTrainConfig, accelerator: Any = None) -> dict[str, Any]:
     accelerator = accelerator or make_accelerator()
     run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume, main_process=accelerator.is_main_process)
     exclude = class_index(config.exclude, "exclude") if config.exclude is not None else None
-    data = training_images(config.data_dir, config.train_limit, exclude).to(accelerator.device)
+    data = training_images(config, exclude).to(accelerator.device)
     run.start(to_dict(config), seed=config.seed, device=str(accelerator.device), kind="ddpm-train")
     torch.manual_seed(config.seed)
-    unet, scheduler = build_unet(config.preset), build_scheduler()
+    unet, scheduler = build_unet(config.preset, config.resolution), build_scheduler()
     settings = LoopSettings(config.steps, config.lr, config.warmup, config.grad_clip, config.checkpoint_every,
                             config.ema_decay)
     loop = DiffusionLoop(unet, settings, run, accelerator)
@@ -151,7 +153,7 @@ def unlearn(config: DDPMUnlearnConfig, accelerator: Any = None) -> dict[str, Any
     train_config = from_dict(DDPMTrainConfig, manifest["config"], source=f"'{config.run}/{MANIFEST}'")
     unet, scheduler = load_model(config.run)
     run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume, main_process=accelerator.is_main_process)
-    data = training_images(train_config.data_dir, train_config.train_limit).to(accelerator.device)
+    data = training_images(train_config).to(accelerator.device)
     forget = data.subset(data.labels == config.forget_class)
     retain = data.subset(data.labels != config.forget_class)
     if not len(forget):
@@ -217,7 +219,11 @@ def is_ddpm_run(path: str | Path) -> bool:
 
 
 def sample_class(config: SampleConfig) -> dict[str, Any]:
-    """`erasure sample --run <ddpm run> --class c`: N guided images as PNGs plus grid.png."""
+    """`erasure sample --run <ddpm run> --class c`: N guided images as PNGs plus grid.png.
+
+    Image i is seeded with seed + i and written as soon as its batch is done, so `--resume` after an
+    interruption generates only the missing images and ends with the same files.
+    """
     from PIL import Image
 
     from erasure.accel import resolve_device, resolve_dtype
@@ -230,23 +236,25 @@ def sample_class(config: SampleConfig) -> dict[str, Any]:
     device = resolve_device(config.device)
     unet, scheduler = load_model(config.run)
     unet.to(device).eval()
-    run = RunDir(config.out, overwrite=config.overwrite, resume=False)
+    run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume)
     run.start(to_dict(config), seed=config.seed, device=str(device), kind="sample")
-    seeds = [config.seed + i for i in range(config.n)]
-    start = time.perf_counter()
-    images = sample_batched(unet, scheduler, [label] * config.n, seeds, guidance=config.guidance, steps=config.steps,
-                            sampler=config.scheduler, batch_size=config.batch_size,
-                            dtype=resolve_dtype(config.dtype, device))
-    seconds = time.perf_counter() - start
-    arrays = list(images.permute(0, 2, 3, 1).numpy())
     name = CIFAR10_CLASSES[label]
-    for i, array in enumerate(arrays):
-        with atomic_path(run.path / f"{name}_{i:05d}.png") as tmp:
-            Image.fromarray(array).save(tmp, format="PNG")
-    save_grid(run.path / "grid.png", image_grid(arrays, columns=8, cell=64))
-    metrics = {"images": config.n, "generated": config.n, "skipped_existing": 0, "class": name,
-               "guidance": config.guidance, "generation_seconds": round(seconds, 3),
-               "images_per_second": round(config.n / seconds, 4) if seconds > 0 else None,
+    paths = [run.path / f"{name}_{i:05d}.png" for i in range(config.n)]
+    missing = [i for i, path in enumerate(paths) if not path.is_file()]
+    start = time.perf_counter()
+    for first in range(0, len(missing), config.batch_size):
+        chunk = missing[first:first + config.batch_size]
+        images = sample_batched(unet, scheduler, [label] * len(chunk), [config.seed + i for i in chunk],
+                                guidance=config.guidance, steps=config.steps, sampler=config.scheduler,
+                                batch_size=config.batch_size, dtype=resolve_dtype(config.dtype, device))
+        for i, array in zip(chunk, images.permute(0, 2, 3, 1).numpy()):
+            with atomic_path(paths[i]) as tmp:
+                Image.fromarray(array).save(tmp, format="PNG")
+    seconds = time.perf_counter() - start
+    save_grid(run.path / "grid.png", image_grid([np.asarray(Image.open(p)) for p in paths], columns=8, cell=64))
+    metrics = {"images": config.n, "generated": len(missing), "skipped_existing": config.n - len(missing),
+               "class": name, "guidance": config.guidance, "generation_seconds": round(seconds, 3),
+               "images_per_second": round(len(missing) / seconds, 4) if missing and seconds > 0 else None,
                "scheduler": config.scheduler, "device": str(device)}
     run.finish(metrics)
     return metrics

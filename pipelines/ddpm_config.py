@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from classifiers.config import CIFAR10_RESOLUTIONS
 from erasure.config import class_index as shared_class_index, option
 from erasure.errors import ConfigError
 from erasure.evaluation.config import SCHEDULERS, check_device
 
-DDPM_PRESETS = ("tiny", "fast", "paper")
+DDPM_PRESETS = ("tiny", "cpu", "fast", "paper")
 DDPM_METHODS = ("salun", "ga", "rl")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DEFAULT_GUIDANCE = 2.0
@@ -22,8 +23,10 @@ def class_index(value: str | int, key: str = "class") -> int:
 class DDPMTrainConfig:
     """Train a class-conditional DDPM (classifier-free guidance) on CIFAR-10."""
 
-    preset: str = option("fast", "UNet size: tiny (tests), fast (<= 15 min on one H100), paper (ch 128, ~36M)",
-                         choices=DDPM_PRESETS)
+    preset: str = option("fast", "UNet size: tiny (tests), cpu (2.5M, for 16x16 CPU runs), fast (<= 15 min on one "
+                                 "H100), paper (ch 128, ~36M)", choices=DDPM_PRESETS)
+    resolution: int = option(32, "image size: CIFAR-10's 32, or 16 / 8 (average-pooled; quick CPU runs, judged by a "
+                                 "classifier trained at the same resolution)", choices=CIFAR10_RESOLUTIONS)
     out: str = option("outputs/ddpm-cifar10", "output directory")
     data_dir: str | None = option(None, "folder holding cifar10_jpeg.npz (default: $ERASURE_DATA_DIR, ../shared/data)")
     steps: int = option(20000, "optimizer steps", ge=1)

@@ -97,11 +97,19 @@ def _baseline(config: DDPMEvalConfig, manifest: dict[str, Any]) -> str | None:
     return manifest["config"].get("run") if manifest.get("kind") == "ddpm-unlearn" else None
 
 
-def _data_dir(manifest: dict[str, Any]) -> str | None:
-    """The data folder of the training run behind a DDPM run."""
+def _train_config(manifest: dict[str, Any]) -> DDPMTrainConfig:
+    """The config of the training run behind a DDPM run (data folder, resolution)."""
     if manifest.get("kind") == "ddpm-unlearn":
         manifest = read_json(Path(manifest["config"]["run"]) / MANIFEST)
-    return from_dict(DDPMTrainConfig, manifest["config"]).data_dir
+    return from_dict(DDPMTrainConfig, manifest["config"])
+
+
+def check_judge_size(judge: nn.Module, resolution: int, judge_dir: str) -> None:
+    """The judge must have been trained at the DDPM's resolution (it would misjudge resized images)."""
+    if judge.spec.image_size != resolution:
+        raise ConfigError(f"the judge '{judge_dir}' classifies {judge.spec.image_size}x{judge.spec.image_size} images "
+                          f"but the DDPM generates {resolution}x{resolution}; pass --judge <a classifier trained with "
+                          f"`erasure classifier train --dataset cifar10 --resolution {resolution}`>")
 
 
 def generate(config: DDPMEvalConfig, run_dir: str, forget: int, device: torch.device) -> dict[int, Tensor]:
@@ -154,12 +162,14 @@ def run_protocol(config: DDPMEvalConfig) -> dict[str, Any]:
     forget = _forget_class(config, manifest)
     baseline = _baseline(config, manifest)
     device = resolve_device(config.device)
+    train_config = _train_config(manifest)
     judge = load_classifier(Path(config.judge) / CLASSIFIER_MODEL).to(device).eval()
+    check_judge_size(judge, train_config.resolution, config.judge)
     extractor, metric, fallback = _features(config, device)
     out = Path(config.out) if config.out else Path(config.run) / "eval-ddpm"
     run = RunDir(out, overwrite=config.overwrite)
     run.start(to_dict(config), seed=config.seed, device=str(device), kind="eval-ddpm")
-    test = load_cifar10(_data_dir(manifest)).test
+    test = load_cifar10(train_config.data_dir, resolution=train_config.resolution).test
     reference = _embed(extractor, test.images[test.labels != forget], device)
     sides = {"evaluated": config.run, **({"baseline": baseline} if baseline else {})}
     results: dict[str, Any] = {}

@@ -174,3 +174,18 @@ def test_compare_reuses_a_matching_retrain_run_and_refuses_another(original, tmp
     assert (tmp_path / "cmp" / "report.md").read_text().count("| rl |") == 1
     with pytest.raises(RunDirError, match="not a retrain run for forget 'class:4'"):
         compare(from_dict(CompareConfig, {**base, "forget": "class:4", "out": str(tmp_path / "cmp4")}))
+
+
+def test_downsampling_is_the_rounded_block_mean_and_resolution_is_cifar_only():
+    from classifiers.config import TrainConfig
+    from classifiers.data import downsample
+
+    images = torch.randint(0, 256, (3, 3, 32, 32), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    small = downsample(images, 16)
+    block = images[:, :, :2, :2].float().mean(dim=(2, 3)).round().to(torch.uint8)
+    assert small.shape == (3, 3, 16, 16) and small.dtype == torch.uint8 and torch.equal(small[:, :, 0, 0], block)
+    assert downsample(images, 32) is images
+    with pytest.raises(ConfigError, match="'resolution' applies to cifar10 only"):
+        from_dict(TrainConfig, {"dataset": "digits", "resolution": 16})
+    with pytest.raises(ConfigError, match="'resolution' must be one of: 32, 16, 8"):
+        from_dict(TrainConfig, {"dataset": "cifar10", "resolution": 12})

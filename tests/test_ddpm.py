@@ -161,15 +161,48 @@ def test_sample_command_writes_class_images(trained: Path, run_cli, tmp_path: Pa
     assert manifest["config"]["guidance"] == 2.0 and manifest["metrics"]["class"] == "ship"
 
 
-def test_eval_reports_ua_accuracy_and_a_labelled_feature_distance(trained: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def judge(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A barely trained 32x32 CIFAR-10 CNN: enough to exercise the protocol."""
     from classifiers.commands import train as train_classifier
     from classifiers.config import TrainConfig
+
+    out = tmp_path_factory.mktemp("judge") / "cnn"
+    train_classifier(from_dict(TrainConfig, {"dataset": "cifar10", "arch": "cnn", "width": 4, "epochs": 1,
+                                             "train_limit": 128, "out": str(out)}))
+    return out
+
+
+def test_sampling_a_class_resumes_where_it_stopped(trained: Path, run_cli, tmp_path: Path, monkeypatch) -> None:
+    import pipelines.ddpm_commands as commands
+
+    args = ["sample", "--run", trained, "--class", "frog", "--n", "5", "--batch-size", "2", "--steps", "2",
+            "--scheduler", "ddim"]
+    assert run_cli(*args, "--out", tmp_path / "whole")[0] == 0
+    real, calls = commands.sample_batched, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(commands, "sample_batched", interrupted)
+    assert run_cli(*args, "--out", tmp_path / "part")[0] == 130
+    assert len(list((tmp_path / "part").glob("frog_*.png"))) == 2
+    monkeypatch.setattr(commands, "sample_batched", real)
+    status, log = run_cli(*args, "--out", tmp_path / "part", "--resume")
+    assert status == 0 and "3 generated, 2 already there" in log, log
+    for i in range(5):
+        name = f"frog_{i:05d}.png"
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "whole" / name)),
+                              np.asarray(Image.open(tmp_path / "part" / name)))
+
+
+def test_eval_reports_ua_accuracy_and_a_labelled_feature_distance(trained: Path, judge: Path, tmp_path: Path) -> None:
     from pipelines.ddpm_commands import evaluate
     from pipelines.ddpm_config import DDPMEvalConfig
 
-    judge = tmp_path / "judge"
-    train_classifier(from_dict(TrainConfig, {"dataset": "cifar10", "arch": "cnn", "width": 4, "epochs": 1,
-                                             "train_limit": 128, "out": str(judge)}))
     unlearn_tiny(trained, tmp_path / "salun", steps=1)
     config = from_dict(DDPMEvalConfig, {"run": str(tmp_path / "salun"), "judge": str(judge), "n_forget": 4,
                                         "n_per_class": 2, "steps": 2, "out": str(tmp_path / "eval")})
@@ -182,3 +215,21 @@ def test_eval_reports_ua_accuracy_and_a_labelled_feature_distance(trained: Path,
     if metrics["distance_metric"] == "feature_distance":
         assert "feature distance (not FID)" in report and "| FID" not in report
     assert (tmp_path / "eval" / "grid_evaluated.png").is_file() and (tmp_path / "eval" / "grid_baseline.png").is_file()
+
+
+def test_a_reduced_resolution_run_generates_at_its_size_and_needs_a_judge_of_that_size(judge: Path,
+                                                                                        tmp_path: Path) -> None:
+    from pipelines.ddpm import load_model, sample
+    from pipelines.ddpm_commands import evaluate
+    from pipelines.ddpm_config import DDPMEvalConfig
+
+    run = tmp_path / "tiny8"
+    train_tiny(run, resolution=8, steps=2, checkpoint_every=0)
+    unet, scheduler = load_model(run)
+    assert unet.config.sample_size == 8
+    images = sample(unet, scheduler, [1, 2], [0, 1], guidance=2.0, steps=2)
+    assert images.shape == (2, 3, 8, 8)
+    config = from_dict(DDPMEvalConfig, {"run": str(run), "judge": str(judge), "forget": "cat", "n_forget": 2,
+                                        "n_per_class": 2, "steps": 1, "out": str(tmp_path / "eval")})
+    with pytest.raises(ConfigError, match="classifies 32x32 images but the DDPM generates 8x8.*--resolution 8"):
+        evaluate(config)
