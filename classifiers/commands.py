@@ -16,7 +16,7 @@ from classifiers.loop import Loop, Streams
 from classifiers.methods import FineTune, Method, build_method, forget_loss, image_batches
 from classifiers.data import ImageSet
 from classifiers.metrics import PROTOCOL, accuracy, average_gap, evaluate, predict_proba
-from classifiers.models import Classifier, build_model, load_model, save_model, spec_for
+from classifiers.models import MODEL_FILE, Classifier, build_model, load_model, save_model, spec_for
 from classifiers.report import mean_and_std, write_comparison
 from erasure.accel import make_accelerator
 from erasure.config import from_dict, to_dict
@@ -24,7 +24,6 @@ from erasure.errors import RunDirError
 from erasure.io import RunDir, finished_run, read_json, write_json
 from erasure.saliency import Mask, compute_mask
 
-MODEL_FILE = "model.safetensors"
 MASK_FILE = "mask.safetensors"
 
 

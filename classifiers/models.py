@@ -17,7 +17,8 @@ from erasure.errors import ConfigError
 from erasure.io import atomic_path
 
 SPEC_KEY = "erasure.classifier"
-
+MODEL_FILE = "model.safetensors"
+"""The file name of a classifier run's weights and spec."""
 
 @dataclass(frozen=True)
 class ModelSpec:

@@ -17,13 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from classifiers.data import ImageSet, load_cifar10
+from classifiers.features import ClassifierFeatures
 from classifiers.metrics import predict_proba
+from classifiers.models import MODEL_FILE
 from classifiers.models import load_model as load_classifier
-from classifiers.models import to_input
 from erasure.accel import resolve_device, resolve_dtype
 from erasure.config import from_dict, to_dict
 from erasure.errors import ConfigError
-from erasure.evaluation.fid import FEATURE_EXTRACTORS, FeatureError, build_extractor, fid_kid
+from erasure.evaluation.fid import FeatureError, build_extractor, fid_kid
 from erasure.evaluation.report import Protocol, image_grid, markdown_table, save_grid, settings_table, write_report
 from erasure.io import MANIFEST, RunDir, finished_run, read_json
 from pipelines.ddpm import load_model, sample_batched
@@ -31,35 +32,10 @@ from pipelines.ddpm_config import CIFAR10_CLASSES, DDPMEvalConfig, DDPMTrainConf
 
 PROTOCOL = Protocol("ddpm-cifar10", 1, "Class forgetting in a class-conditional DDPM: UA, retained-class accuracy "
                                        "and feature distance")
-CLASSIFIER_MODEL = "model.safetensors"
 SEED_STRIDE = 100_003
 GRID_COLUMNS = 8
 
 
-class ClassifierFeatures(nn.Module):
-    """Penultimate features of a finished `erasure classifier train` run (uint8 NCHW images in)."""
-
-    def __init__(self, run_dir: str | None):
-        super().__init__()
-        if not run_dir:
-            raise FeatureError("the classifier extractor needs a run directory: pass classifier:<run dir>")
-        finished_run(run_dir, "`erasure classifier train`")
-        self.run_dir = str(run_dir)
-        self.model = load_classifier(Path(run_dir) / CLASSIFIER_MODEL).eval()
-        self.input_size = self.model.spec.image_size
-        self.num_features = int(self.model.head.in_features)
-
-    def forward(self, images: Tensor) -> Tensor:
-        """Penultimate activations of uint8 NCHW images."""
-        return self.model.features(to_input(images))
-
-    def describe(self) -> dict[str, Any]:
-        """What the report says about this extractor."""
-        return {"name": "classifier", "model": f"CIFAR-10 classifier penultimate features ({self.run_dir}); not FID",
-                "num_features": self.num_features, "input_size": self.input_size}
-
-
-FEATURE_EXTRACTORS["classifier"] = ClassifierFeatures
 
 
 def _features(config: DDPMEvalConfig, device: torch.device) -> tuple[nn.Module, str, str | None]:
@@ -73,7 +49,7 @@ def _features(config: DDPMEvalConfig, device: torch.device) -> tuple[nn.Module, 
             reason = str(error)
     else:
         reason = "--features classifier was asked for"
-    return build_extractor(f"classifier:{config.judge}", device), "feature_distance", reason
+    return ClassifierFeatures(config.judge).eval().to(device), "feature_distance", reason
 
 
 @torch.inference_mode()
@@ -163,7 +139,7 @@ def run_protocol(config: DDPMEvalConfig) -> dict[str, Any]:
     baseline = _baseline(config, manifest)
     device = resolve_device(config.device)
     train_config = _train_config(manifest)
-    judge = load_classifier(Path(config.judge) / CLASSIFIER_MODEL).to(device).eval()
+    judge = load_classifier(Path(config.judge) / MODEL_FILE).to(device).eval()
     check_judge_size(judge, train_config.resolution, config.judge)
     extractor, metric, fallback = _features(config, device)
     out = Path(config.out) if config.out else Path(config.run) / "eval-ddpm"

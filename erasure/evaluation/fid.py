@@ -2,10 +2,11 @@
 
 A feature extractor is an `nn.Module` taking uint8 RGB NCHW images of `input_size` x `input_size`
 and returning float features (N, `num_features`); `describe()` says what it is for the report.
-Extractors register by name in `FEATURE_EXTRACTORS` (name -> factory(argument) returning the module);
-a spec is `name` or `name:argument`, e.g. `inception` or `clip:/models/clip-vit-large-patch14`. A
-domain registers its own the same way: the DDPM evaluation (`pipelines.ddpm_eval`) adds `classifier`, the
-penultimate features of a CIFAR-10 classifier run, for its protocol (erasure itself never imports a domain).
+Extractors are found by name (a factory(argument) returning the module): the built-in ones in
+`FEATURE_EXTRACTORS`, any other through the `erasure.feature_extractors` entry-point group, which is
+how a domain or a third-party package adds its own without erasure importing it (this project
+registers `classifier`, the penultimate features of an `erasure classifier train` run). A spec is
+`name` or `name:argument`, e.g. `inception`, `clip:/models/clip-vit-large-patch14` or `classifier:<run>`.
 
 Features are extracted once per image and handed to torchmetrics' FID and KID through a pass-through
 module, so both metrics use torchmetrics' own statistics without running the network twice.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable, Sequence
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
@@ -128,16 +130,26 @@ FEATURE_EXTRACTORS: dict[str, FeatureFactory] = {
     "inception": InceptionFeatures,
     "clip": CLIPFeatures,
 }
+ENTRY_POINT_GROUP = "erasure.feature_extractors"
+
+
+def available_extractors() -> dict[str, FeatureFactory | EntryPoint]:
+    """Built-in extractors and those registered under the `erasure.feature_extractors` entry points."""
+    plugins = {p.name: p for p in entry_points(group=ENTRY_POINT_GROUP) if p.name not in FEATURE_EXTRACTORS}
+    return {**FEATURE_EXTRACTORS, **plugins}
 
 
 def build_extractor(spec: str, device: torch.device | str = "cpu") -> nn.Module:
     """The extractor named by `spec` (`name` or `name:argument`), in eval mode on `device`."""
     name, _, argument = spec.partition(":")
-    if name not in FEATURE_EXTRACTORS:
-        raise FeatureError(f"unknown feature extractor '{name}'; choose one of: "
-                           + ", ".join(f"{n}" for n in FEATURE_EXTRACTORS) + " (e.g. --features clip:<dir>)")
-    extractor = FEATURE_EXTRACTORS[name](argument or None)
-    return extractor.eval().to(device)
+    extractors = available_extractors()
+    if name not in extractors:
+        raise FeatureError(f"unknown feature extractor '{name}'; choose one of: " + ", ".join(extractors)
+                           + " (e.g. --features clip:<dir>)")
+    factory = extractors[name]
+    if isinstance(factory, EntryPoint):
+        factory = factory.load()
+    return factory(argument or None).eval().to(device)
 
 
 @torch.inference_mode()
@@ -194,7 +206,8 @@ def fid_kid(images: torch.Tensor, reference: torch.Tensor, *, kid_subsets: int =
 def report_sections(metrics: dict[str, Any], extractor: dict[str, Any], grids: Sequence[tuple[str, str]],
                     redact: bool) -> list[tuple[str, str]]:
     """report.md sections: FID/KID with a small-N warning, every setting, sample grids."""
-    rows = [("FID", metrics["fid"]), ("KID (mean)", metrics["kid_mean"]),
+    name = "FID" if extractor["name"] == "inception" else f"Fréchet distance ({extractor['name']} features)"
+    rows = [(name, metrics["fid"]), ("KID (mean)", metrics["kid_mean"]),
             ("KID (std over subsets)", metrics["kid_std"]), ("images", metrics["images"]),
             ("reference images", metrics["reference_images"])]
     notes = f"Features: {extractor['model']} ({extractor['num_features']} dimensions)."
