@@ -28,6 +28,7 @@ from erasure.training import ensure_finite, masked_step, restore_checkpoint
 from erasure.saliency import Mask, masked_parameters
 from pipelines.ddpm_config import CIFAR10_CLASSES
 from pipelines.objectives import guided_epsilon
+from pipelines.schedulers import scheduler_from
 
 NUM_CLASSES = len(CIFAR10_CLASSES)
 NULL_CLASS = NUM_CLASSES
@@ -272,9 +273,7 @@ def make_sampler(scheduler: DDPMScheduler, name: str) -> Any:
     """A fresh scheduler for sampling: 'model' is the run's own DDPM, others are built from its config."""
     if name == "model":
         return DDPMScheduler.from_config(scheduler.config)
-    from pipelines.loading import SCHEDULER_CLASSES
-
-    return SCHEDULER_CLASSES[name].from_config(scheduler.config)
+    return scheduler_from(name, scheduler.config)
 
 
 def sample_batched(unet: UNet2DModel, scheduler: DDPMScheduler, labels: Sequence[int], seeds: Sequence[int], *,

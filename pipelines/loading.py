@@ -11,27 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from erasure.errors import ErasureError
+from pipelines.schedulers import scheduler_from
 from pipelines.tiny import TINY_NAME, build_tiny_pipeline
-
-SCHEDULER_CLASSES = {
-    "ddim": DDIMScheduler,
-    "pndm": PNDMScheduler,
-    "lms": LMSDiscreteScheduler,
-    "euler": EulerDiscreteScheduler,
-    "dpmsolver": DPMSolverMultistepScheduler,
-}
-
 
 class ModelLoadError(ErasureError):
     """A base model or an erased UNet cannot be loaded."""
@@ -96,7 +80,7 @@ def load_erased_pipeline(base: str, run_dir: str | Path, device: torch.device | 
 def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> str:
     """Swap the pipeline's scheduler for `name` ('model' keeps it); returns the class name in use."""
     if name != "model":
-        pipe.scheduler = SCHEDULER_CLASSES[name].from_config(pipe.scheduler.config)
+        pipe.scheduler = scheduler_from(name, pipe.scheduler.config)
     return type(pipe.scheduler).__name__
 
 
