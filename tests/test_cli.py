@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from erasure.cli import COMMANDS, build_parser, main
+from helpers.launch import accelerate_launch, log_of
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -115,25 +116,14 @@ def test_a_mask_for_another_model_is_refused(tmp_path):
 def test_two_cpu_processes_under_accelerate_launch_train_like_one(tmp_path):
     from classifiers.models import load_model
 
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-              str(ROOT / "erase.py"), "classifier", "train", "--epochs", "3", "--batch-size", "64"]
-    result = subprocess.run([*launch, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=ENV,
-                            cwd=ROOT, timeout=300)
-    assert (tmp_path / "two" / "model.safetensors").is_file(), result.stderr
+    result = accelerate_launch(ROOT / "erase.py", "classifier", "train", "--epochs", "3", "--batch-size", "64",
+                               "--out", tmp_path / "two")
+    assert (tmp_path / "two" / "model.safetensors").is_file(), log_of(result)
     assert result.stdout.count("trained mlp") == 1, result.stdout
     assert run_cli("classifier", "train", "--epochs", "3", "--out", str(tmp_path / "one")).returncode == 0
     two = load_model(tmp_path / "two" / "model.safetensors").state_dict()
     one = load_model(tmp_path / "one" / "model.safetensors").state_dict()
     assert all(torch_allclose(two[k], one[k]) for k in one)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def torch_allclose(a, b) -> bool:

@@ -1,10 +1,6 @@
 """`erasure sd` on a tiny offline Stable Diffusion: sets -> mask -> masked training -> save -> load -> generate."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +10,7 @@ from erasure.cli import main
 from erasure.config import load_config
 from erasure.errors import ConfigError
 from erasure.io import read_json
+from helpers.launch import accelerate_launch, log_of
 from pipelines.sd_config import SDEraseConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,23 +112,13 @@ def test_resume_after_interruption_is_bit_identical(erased, tiny_sd_dir, tmp_pat
     assert all(torch.equal(expected[name], resumed[name]) for name in expected)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_cpu_processes_give_the_one_process_result(erased, tiny_sd_dir, tmp_path):
     out = tmp_path / "two"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), str(REPO / "erase.py"),
-               *erase_args(tiny_sd_dir, out, *reuse_sets(erased), "--mask", erased / "mask.safetensors",
-                           "--grid-seeds", 0, "--no-export-delta")]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = accelerate_launch(REPO / "erase.py", *erase_args(tiny_sd_dir, out, *reuse_sets(erased), "--mask",
+                                                              erased / "mask.safetensors", "--grid-seeds", 0,
+                                                              "--no-export-delta"))
     metrics_file = out / "metrics.json"
-    assert metrics_file.is_file(), result.stderr[-3000:]
+    assert metrics_file.is_file(), log_of(result)
     assert read_json(metrics_file)["processes"] == 2
     base, expected, got = unet_state(tiny_sd_dir / "unet"), unet_state(erased / "unet"), unet_state(out / "unet")
     # Summation order differs (two shard means averaged by DDP vs one mean); Adam divides each gradient by its

@@ -29,7 +29,7 @@ def accelerate_launch(script: Path, *args: object, timeout: int = 300) -> subpro
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def log_of(result: subprocess.CompletedProcess) -> str:
