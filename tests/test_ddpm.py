@@ -22,11 +22,11 @@ UNLEARN = {"forget": "cat", "steps": 4, "forget_batch_size": 8, "retain_batch_si
            "lr": 1e-3}
 
 
-def train_tiny(out: Path, **overrides):
+def train_tiny(out: Path, accelerator=None, **overrides):
     from pipelines.ddpm_commands import train
     from pipelines.ddpm_config import DDPMTrainConfig
 
-    return train(from_dict(DDPMTrainConfig, {**TINY, "out": str(out), **overrides}))
+    return train(from_dict(DDPMTrainConfig, {**TINY, "out": str(out), **overrides}), accelerator)
 
 
 def unlearn_tiny(run: Path, out: Path, **overrides):
@@ -233,3 +233,22 @@ def test_a_reduced_resolution_run_generates_at_its_size_and_needs_a_judge_of_tha
                                         "n_per_class": 2, "steps": 1, "out": str(tmp_path / "eval")})
     with pytest.raises(ConfigError, match="classifies 32x32 images but the DDPM generates 8x8.*--resolution 8"):
         evaluate(config)
+
+
+def test_bf16_mixed_precision_trains_and_saves_float32_weights(tmp_path: Path, monkeypatch) -> None:
+    import pipelines.ddpm_commands as commands
+    from erasure.accel import make_accelerator
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(*args, **kwargs)
+
+    real = commands.diffusion_loss
+    monkeypatch.setattr(commands, "diffusion_loss", recording)
+    metrics = train_tiny(tmp_path / "bf16", accelerator=make_accelerator(mixed_precision="bf16"), resolution=8,
+                         steps=3, checkpoint_every=0)
+    assert np.isfinite(metrics["final_loss"]) and seen == [True] * 3
+    state = weights(tmp_path / "bf16")
+    assert all(v.dtype == torch.float32 for v in state.values())
