@@ -31,7 +31,7 @@ STORIES = {
     "fast": {"judge": "configs/classifier_cifar10_train.yaml", "train": "configs/ddpm_fast.yaml",
              "unlearn": "configs/ddpm_unlearn.yaml", "eval": "configs/ddpm_eval.yaml"},
 }
-EVAL_KEYS = ("UA", "retained_accuracy", "distance")
+EVAL_KEYS = ("UA", "retained_accuracy", "distance", "sampling_seconds", "images_per_second")
 
 
 def _finished(out: str) -> dict[str, Any] | None:
