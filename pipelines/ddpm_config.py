@@ -103,8 +103,8 @@ class DDPMEvalConfig:
     run: str = option("", "a finished `erasure ddpm train` or `erasure ddpm unlearn` run")
     judge: str = option("outputs/cifar10-cnn", "a finished `erasure classifier train` run on CIFAR-10 (the judge)")
     forget: str | None = option(None, "the forgotten class (default: the unlearn run's, or a retrain run's exclude)")
-    baseline: str | None = option(None, "a run to compare with (default: the model an unlearn run started from; "
-                                        "'none' for no comparison)")
+    baseline: str = option("auto", "a run to compare with; 'auto': the model an unlearn run started from (none for "
+                                   "a trained run); 'none': no comparison")
     n_forget: int = option(500, "images generated of the forgotten class", ge=1)
     n_per_class: int = option(100, "images generated of each retained class", ge=2)
     guidance: float = option(DEFAULT_GUIDANCE, "guidance w: (1 + w) eps(x, c) - w eps(x, null)", ge=0)

@@ -67,10 +67,10 @@ def _forget_class(config: DDPMEvalConfig, manifest: dict[str, Any]) -> int:
 
 
 def _baseline(config: DDPMEvalConfig, manifest: dict[str, Any]) -> str | None:
-    """--baseline ('none' for no comparison), else the run an unlearn run started from."""
-    if config.baseline is not None:
-        return None if config.baseline.lower() == "none" else config.baseline
-    return manifest["config"].get("run") if manifest.get("kind") == "ddpm-unlearn" else None
+    """--baseline: a run, 'none' for no comparison, or 'auto' for the run an unlearn run started from."""
+    if config.baseline == "auto":
+        return manifest["config"].get("run") if manifest.get("kind") == "ddpm-unlearn" else None
+    return None if config.baseline.lower() == "none" else config.baseline
 
 
 def _train_config(manifest: dict[str, Any]) -> DDPMTrainConfig:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from classifiers.data import CIFAR10_FILE, data_dir
-from erasure.config import from_dict
+from erasure.config import from_dict, to_dict
 from erasure.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(not (data_dir(None) / CIFAR10_FILE).is_file(),
@@ -215,6 +215,9 @@ def test_eval_reports_ua_accuracy_and_a_labelled_feature_distance(trained: Path,
     if metrics["distance_metric"] == "feature_distance":
         assert "feature distance (not FID)" in report and "| FID" not in report
     assert (tmp_path / "eval" / "grid_evaluated.png").is_file() and (tmp_path / "eval" / "grid_baseline.png").is_file()
+    alone = evaluate(from_dict(DDPMEvalConfig, {**to_dict(config), "baseline": "none", "out": str(tmp_path / "e2")}))
+    assert "baseline" not in alone and "change" not in alone
+    assert alone["evaluated"]["class_accuracy"] == metrics["evaluated"]["class_accuracy"]
 
 
 def test_a_reduced_resolution_run_generates_at_its_size_and_needs_a_judge_of_that_size(judge: Path,
