@@ -238,7 +238,18 @@ def test_a_reduced_resolution_run_generates_at_its_size_and_needs_a_judge_of_tha
         evaluate(config)
 
 
-def test_bf16_mixed_precision_trains_and_saves_float32_weights(tmp_path: Path, monkeypatch) -> None:
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state; a test that asks for another precision must reset it around it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_mixed_precision_trains_and_saves_float32_weights(tmp_path: Path, monkeypatch,
+                                                                fresh_accelerate_state) -> None:
     import pipelines.ddpm_commands as commands
     from erasure.accel import make_accelerator
 
