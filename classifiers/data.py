@@ -160,10 +160,11 @@ def cifar10_arrays(folder: Path) -> dict[str, np.ndarray]:
 
 
 def check_resolution(resolution: int | None, key: str = "resolution") -> None:
-    """Raise ConfigError unless `resolution` is None (native) or one of RESOLUTIONS."""
+    """Raise ConfigError unless `resolution` is None (native) or one of CIFAR10_RESOLUTIONS."""
     if resolution is not None and resolution not in CIFAR10_RESOLUTIONS:
-        raise ConfigError(f"config key '{key}': CIFAR-10 can be read at {', '.join(map(str, CIFAR10_RESOLUTIONS))} pixels "
-                          f"(average-pooled from 32); got {resolution}")
+        sizes = ", ".join(map(str, CIFAR10_RESOLUTIONS))
+        raise ConfigError(f"config key '{key}': CIFAR-10 can be read at {sizes} pixels (average-pooled from 32); "
+                          f"got {resolution}")
 
 
 def downsample(images: Tensor, resolution: int) -> Tensor:
@@ -186,7 +187,8 @@ def load_cifar10(folder: str | None, split_seed: int = 0, resolution: int | None
     train_images = downsample(torch.from_numpy(arrays["train_images"].transpose(0, 3, 1, 2)), size).numpy()
     train, val = _split(train_images, arrays["train_labels"], 5000, split_seed)
     test_images = torch.from_numpy(np.ascontiguousarray(arrays["test_images"].transpose(0, 3, 1, 2)))
-    test = ImageSet(downsample(test_images, size).contiguous(), torch.from_numpy(arrays["test_labels"].astype(np.int64)))
+    test_labels = torch.from_numpy(arrays["test_labels"].astype(np.int64))
+    test = ImageSet(downsample(test_images, size).contiguous(), test_labels)
     return Dataset("cifar10", train, val, test, [str(c) for c in arrays["classes"]])
 
 

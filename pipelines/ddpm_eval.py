@@ -36,8 +36,6 @@ SEED_STRIDE = 100_003
 GRID_COLUMNS = 8
 
 
-
-
 def _features(config: DDPMEvalConfig, device: torch.device) -> tuple[nn.Module, str, str | None]:
     """The extractor, the metric's name ('fid' or 'feature_distance') and why Inception was not used."""
     if config.features in ("auto", "inception"):

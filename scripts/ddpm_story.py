@@ -59,6 +59,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--forget", default=None, help="the class to forget (default: the unlearn config's)")
     parser.add_argument("--methods", nargs="+", default=["salun"], choices=("salun", "ga", "rl"))
     parser.add_argument("--alpha", type=float, default=None, help="override the unlearn config's alpha")
+    parser.add_argument("--steps", type=int, default=None, help="override the unlearn config's steps")
     parser.add_argument("--retrain", action=argparse.BooleanOptionalAction, default=True,
                         help="also train and evaluate the model retrained without the class")
     return parser.parse_args()
@@ -70,7 +71,9 @@ def main() -> None:
     judge_out = read_yaml(Path(configs["judge"]))["out"]
     train_out = read_yaml(Path(configs["train"]))["out"]
     forget = args.forget or read_yaml(Path(configs["unlearn"]))["forget"]
-    suffix = f"-alpha{args.alpha:g}" if args.alpha is not None else ""
+    overrides = {"alpha": args.alpha, "steps": args.steps}
+    suffix = "".join(f"-{key}{value:g}" for key, value in overrides.items() if value is not None)
+    extra = [arg for key, value in overrides.items() if value is not None for arg in (f"--{key}", str(value))]
     stages: dict[str, Any] = {}
     _stage("judge", judge_out, ["classifier", "train", "--config", configs["judge"]], stages)
     trained = _stage("train", train_out, ["ddpm", "train", "--config", configs["train"]], stages)
@@ -81,7 +84,6 @@ def main() -> None:
     unlearned = {}
     for method in args.methods:
         runs[method] = f"{train_out}-{method}-{forget}{suffix}"
-        extra = ["--alpha", str(args.alpha)] if args.alpha is not None else []
         unlearned[method] = _stage(f"unlearn_{method}", runs[method],
                                    ["ddpm", "unlearn", "--config", configs["unlearn"], "--run", train_out,
                                     "--method", method, "--forget", forget, *extra], stages)

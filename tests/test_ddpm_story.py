@@ -54,3 +54,8 @@ def test_the_story_runs_every_stage_then_reuses_them(tmp_path: Path, monkeypatch
     second = run()
     assert all(stage["reused"] and stage["seconds"] is None for stage in second["stages"].values())
     assert second["results"] == first["results"]
+    monkeypatch.setattr("sys.argv", ["ddpm_story.py", "--story", "tiny", "--no-retrain", "--alpha", "0.5",
+                                     "--steps", "1"])
+    story.main()
+    manifest = json.loads((tmp_path / "out" / "ddpm-salun-cat-alpha0.5-steps1" / "manifest.json").read_text())
+    assert manifest["config"]["alpha"] == 0.5 and manifest["config"]["steps"] == 1

@@ -59,8 +59,8 @@ def test_identical_sets_score_zero_and_different_sets_large(run_cli, clip_dir: P
     assert same["settings"]["extractor"] == {"name": "clip", "model": str(clip_dir), "num_features": 32,
                                              "input_size": 32}
     report = (noise / "eval-fid" / "report.md").read_text()
-    for text in ("`retain-fid-v1`", "| Fréchet distance (clip features) |", "KID (mean)", "Small sample", "extractor.name | clip",
-                 "resize | PIL bicubic to 32x32", "grid_reference.png"):
+    for text in ("`retain-fid-v1`", "| Fréchet distance (clip features) |", "KID (mean)", "Small sample",
+                 "extractor.name | clip", "resize | PIL bicubic to 32x32", "grid_reference.png"):
         assert text in report, text
     assert (noise / "eval-fid" / "grid_images.png").is_file()
 
@@ -98,7 +98,8 @@ def test_extractor_receives_uint8_nchw_in_full_range(run_cli, tmp_path: Path, mo
 
 
 def test_extractor_errors_name_the_features_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(FeatureError, match="unknown feature extractor 'vgg'; choose one of: inception, clip, classifier"):
+    with pytest.raises(FeatureError, match="unknown feature extractor 'vgg'; choose one of: inception, clip, "
+                                           "classifier"):
         build_extractor("vgg")
     with pytest.raises(FeatureError, match="clip:<dir>"):
         build_extractor("clip")
@@ -168,7 +169,8 @@ def test_a_classifier_run_is_a_feature_extractor_through_the_entry_point(run_cli
     assert status == 0, log
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["settings"]["extractor"]["name"] == "classifier" and metrics["fid"] > 0
-    assert metrics["settings"]["extractor"]["num_features"] == 16 and metrics["settings"]["extractor"]["input_size"] == 32
+    extractor = metrics["settings"]["extractor"]
+    assert extractor["num_features"] == 16 and extractor["input_size"] == 32
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "Fréchet distance (classifier features)" in report and "| FID" not in report
     status, log = run_cli("eval", "fid", "--images", noise, "--reference", flat, "--features", "classifier")

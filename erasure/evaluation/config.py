@@ -71,9 +71,9 @@ class FIDEvalConfig:
     images: str = option("", "folder of generated images (e.g. the erased model's)")
     reference: str = option("", "folder of reference images (the base model's, or real images)")
     features: str = option("inception", "feature extractor: 'inception' (standard FID; needs torch-fidelity and "
-                                        "downloads weights once), 'clip:<local CLIP model dir>', 'classifier:<classifier "
-                                        "train run>' or any name registered under the erasure.feature_extractors "
-                                        "entry points")
+                                        "downloads weights once), 'clip:<local CLIP model dir>', "
+                                        "'classifier:<classifier train run>' or any name registered under the "
+                                        "erasure.feature_extractors entry points")
     out: str | None = option(None, "output directory (default: <images>/eval-fid)")
     batch_size: int = option(32, "images per feature-extractor forward pass", ge=1)
     kid_subsets: int = option(100, "KID: number of random subsets", ge=1)
