@@ -9,12 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from classifiers.data import CIFAR10_FILE, data_dir
 from erasure.config import from_dict, to_dict
 from erasure.errors import ConfigError
+from helpers.data import needs_cifar10
 
-pytestmark = pytest.mark.skipif(not (data_dir(None) / CIFAR10_FILE).is_file(),
-                                reason="needs the shared CIFAR-10 npz ($ERASURE_DATA_DIR or ../shared/data)")
+pytestmark = needs_cifar10
 
 TINY = {"preset": "tiny", "steps": 6, "batch_size": 8, "train_limit": 64, "warmup": 2, "ema_decay": 0.9,
         "checkpoint_every": 2}

@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
-from classifiers.data import CIFAR10_FILE, data_dir
 from erasure.saliency import Mask
+from helpers.data import needs_cifar10
 from helpers.launch import REPO, accelerate_launch, log_of
 
-pytestmark = pytest.mark.skipif(not (data_dir(None) / CIFAR10_FILE).is_file(),
-                                reason="needs the shared CIFAR-10 npz ($ERASURE_DATA_DIR or ../shared/data)")
+pytestmark = needs_cifar10
 
 ERASE = REPO / "erase.py"
 TRAIN = ["ddpm", "train", "--preset", "tiny", "--resolution", "8", "--steps", "3", "--batch-size", "8",

@@ -5,13 +5,11 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
 import yaml
 
-from classifiers.data import CIFAR10_FILE, data_dir
+from helpers.data import needs_cifar10
 
-pytestmark = pytest.mark.skipif(not (data_dir(None) / CIFAR10_FILE).is_file(),
-                                reason="needs the shared CIFAR-10 npz ($ERASURE_DATA_DIR or ../shared/data)")
+pytestmark = needs_cifar10
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ddpm_story.py"
 

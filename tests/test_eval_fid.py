@@ -12,6 +12,7 @@ from torch import nn
 
 from erasure.evaluation import fid as fid_module
 from erasure.evaluation.fid import FeatureError, build_extractor
+from helpers.data import needs_cifar10
 
 
 @pytest.fixture(scope="module")
@@ -152,11 +153,8 @@ def test_fid_errors(run_cli, clip_dir: Path, tmp_path: Path) -> None:
     assert status == 2 and "--reference" in log
 
 
+@needs_cifar10
 def test_a_classifier_run_is_a_feature_extractor_through_the_entry_point(run_cli, tmp_path: Path) -> None:
-    from classifiers.data import CIFAR10_FILE, data_dir
-
-    if not (data_dir(None) / CIFAR10_FILE).is_file():
-        pytest.skip("needs the shared CIFAR-10 npz ($ERASURE_DATA_DIR or ../shared/data)")
     judge = tmp_path / "judge"
     status, log = run_cli("classifier", "train", "--dataset", "cifar10", "--arch", "cnn", "--width", "4",
                           "--epochs", "1", "--train-limit", "64", "--out", judge)
