@@ -17,6 +17,7 @@ from torch import Tensor
 from classifiers.config import CIFAR10_RESOLUTIONS
 from erasure.config import class_index
 from erasure.errors import ConfigError
+from erasure.io import data_dir
 
 CIFAR10_FILE = "cifar10_jpeg.npz"
 CIFAR10_SIZE = 32
@@ -107,15 +108,6 @@ def load_digits(split_seed: int = 0) -> Dataset:
     train, val = _split(images[rest_idx], labels[rest_idx], n_val=len(labels) // 10, seed=split_seed)
     test = ImageSet(torch.from_numpy(images[test_idx]), torch.from_numpy(labels[test_idx].astype(np.int64)))
     return Dataset("digits", train, val, test, [str(d) for d in range(10)])
-
-
-def data_dir(configured: str | None) -> Path:
-    """The shared data folder: the config value, else $ERASURE_DATA_DIR, else ../shared/data."""
-    candidates = [configured, os.environ.get("ERASURE_DATA_DIR"), "../shared/data"]
-    for candidate in candidates:
-        if candidate:
-            return Path(candidate)
-    raise AssertionError("unreachable")
 
 
 def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:

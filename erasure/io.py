@@ -69,6 +69,15 @@ def atomic_path(path: str | Path) -> contextlib.AbstractContextManager[Path]:
     return manager()
 
 
+DATA_DIR_ENV = "ERASURE_DATA_DIR"
+DEFAULT_DATA_DIR = "../shared/data"
+
+
+def data_dir(configured: str | None = None) -> Path:
+    """The shared data folder (CIFAR-10, prompts): the config value, else $ERASURE_DATA_DIR, else ../shared/data."""
+    return Path(configured or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """A temp folder beside `path` to write into (e.g. `save_pretrained`); on success it replaces `path`.

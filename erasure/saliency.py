@@ -576,7 +576,8 @@ class Mask:
         """Keep every unmasked weight bit-identical to its current value, whatever the optimizer does.
 
         Unmasked means weight exactly 0: a soft mask freezes only its zero entries (and the
-        parameters it does not cover), so weight decay still moves its partially masked entries. Saves the unmasked values of the optimizer's parameters now and restores them after
+        parameters it does not cover), so weight decay still moves its partially masked entries.
+        Saves the unmasked values of the optimizer's parameters now and restores them after
         every `optimizer.step()`. Call once, after moving the model to its device and building
         the optimizer. Remove the protection with the returned handle's `.remove()`.
         """

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from erasure.errors import ErasureError
+from erasure.io import data_dir
 
 SEED_COLUMNS = ("evaluation_seed", "seed")
 GUIDANCE_COLUMNS = ("evaluation_guidance", "guidance")
-DATA_DIR_ENV = "ERASURE_DATA_DIR"
 
 
 class PromptFileError(ErasureError):
@@ -42,7 +41,7 @@ class Prompt:
 
 def default_i2p_file() -> Path:
     """I2P's CSV under $ERASURE_DATA_DIR (default ../shared/data)."""
-    return Path(os.environ.get(DATA_DIR_ENV, "../shared/data")) / "prompts" / "i2p.csv"
+    return data_dir() / "prompts" / "i2p.csv"
 
 
 def sha256_file(path: str | Path) -> str:
