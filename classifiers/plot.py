@@ -6,7 +6,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from erasure.io import atomic_path
+from erasure.evaluation.report import save_png
+
 
 SIZE, MARGIN = (640, 420), 60
 
@@ -39,5 +40,4 @@ def gap_vs_time(points: dict[str, tuple[float, float]], path: Path, title: str) 
     draw.text((5, top), f"{max(gaps):.2f}", fill="black")
     draw.text((5, (top + bottom) // 2), "Avg.Gap", fill="black")
     draw.text((left, 8), title, fill="black")
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+    save_png(path, image)

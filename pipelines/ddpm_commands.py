@@ -15,8 +15,8 @@ from classifiers.data import ImageSet, load_cifar10
 from erasure.accel import make_accelerator
 from erasure.config import from_dict, to_dict
 from erasure.errors import ConfigError
-from erasure.evaluation.report import image_grid, save_grid
-from erasure.io import MANIFEST, RunDir, atomic_path, finished_run, read_json
+from erasure.evaluation.report import image_grid, save_png
+from erasure.io import MANIFEST, RunDir, finished_run, read_json
 from erasure.saliency import Mask, compute_mask
 from erasure.streams import stream_generator
 from pipelines.config import SampleConfig
@@ -248,10 +248,9 @@ def sample_class(config: SampleConfig) -> dict[str, Any]:
                                 guidance=config.guidance, steps=config.steps, sampler=config.scheduler,
                                 batch_size=config.batch_size, dtype=resolve_dtype(config.dtype, device))
         for i, array in zip(chunk, images.permute(0, 2, 3, 1).numpy()):
-            with atomic_path(paths[i]) as tmp:
-                Image.fromarray(array).save(tmp, format="PNG")
+            save_png(paths[i], array)
     seconds = time.perf_counter() - start
-    save_grid(run.path / "grid.png", image_grid([np.asarray(Image.open(p)) for p in paths], columns=8, cell=64))
+    save_png(run.path / "grid.png", image_grid([np.asarray(Image.open(p)) for p in paths], columns=8, cell=64))
     metrics = {"images": config.n, "generated": len(missing), "skipped_existing": config.n - len(missing),
                "class": name, "guidance": config.guidance, "generation_seconds": round(seconds, 3),
                "images_per_second": round(len(missing) / seconds, 4) if missing and seconds > 0 else None,

@@ -25,7 +25,7 @@ from erasure.accel import resolve_device, resolve_dtype
 from erasure.config import from_dict, to_dict
 from erasure.errors import ConfigError
 from erasure.evaluation.fid import FeatureError, build_extractor, fid_kid
-from erasure.evaluation.report import Protocol, image_grid, markdown_table, save_grid, settings_table, write_report
+from erasure.evaluation.report import Protocol, image_grid, markdown_table, save_png, settings_table, write_report
 from erasure.io import MANIFEST, RunDir, finished_run, read_json
 from pipelines.ddpm import load_model, sample_batched
 from pipelines.ddpm_config import CIFAR10_CLASSES, DDPMEvalConfig, DDPMTrainConfig, class_index
@@ -120,7 +120,7 @@ def _grid(images: dict[int, Tensor], path: Path) -> str:
     """One row of the first images per class (rows in class order)."""
     rows = [images[label][:GRID_COLUMNS] for label in sorted(images)]
     arrays = [a for row in rows for a in row.permute(0, 2, 3, 1).numpy()]
-    save_grid(path, image_grid(arrays, columns=GRID_COLUMNS, cell=64))
+    save_png(path, image_grid(arrays, columns=GRID_COLUMNS, cell=64))
     return path.name
 
 

@@ -17,19 +17,18 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
-from PIL import Image
 from tqdm.auto import tqdm
 
+from erasure.accel import resolve_device, resolve_dtype
 from erasure.config import to_dict
 from erasure.errors import ErasureError
 from erasure.evaluation.images import UNIT, to_uint8
-from erasure.evaluation.prompts import Prompt, read_prompts, sha256_file
-from erasure.io import MANIFEST, RunDir, atomic_open, atomic_path, read_json
+from erasure.evaluation.prompts import RECORDS, Prompt, read_prompts, sha256_file
+from erasure.evaluation.report import save_png
+from erasure.io import MANIFEST, RunDir, atomic_open, read_json
 from pipelines.config import SampleConfig
-from erasure.accel import resolve_device, resolve_dtype
 from pipelines.loading import erased_unet_dir, load_base_pipeline, load_erased_pipeline, set_scheduler
 
-RECORDS = "prompts.jsonl"
 # Settings that may change when a sample directory is resumed; any other change is refused.
 RESUMABLE_KEYS = ("resume", "overwrite", "batch_size", "limit", "device")
 
@@ -98,8 +97,7 @@ def run_sampling(config: SampleConfig, *, progress: bool = True) -> dict[str, An
         for batch in batches(todo, config.batch_size):
             images = generate_batch(pipe, batch, height=config.height, width=config.width, steps=config.steps)
             for prompt, image in zip(batch, images):
-                with atomic_path(out / prompt.file) as tmp:
-                    Image.fromarray(image).save(tmp, format="PNG")
+                save_png(out / prompt.file, image)
                 records.write(json.dumps(record(prompt, **shape)) + "\n")
                 records.flush()
             bar.update(len(batch))

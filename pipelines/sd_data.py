@@ -9,12 +9,12 @@ from typing import Any
 
 import numpy as np
 from diffusers import StableDiffusionPipeline
-from PIL import Image
 
 from erasure.evaluation.images import list_images, load_rgb
-from erasure.evaluation.prompts import Prompt, read_prompts
-from erasure.io import atomic_open, atomic_path
-from pipelines.sampling import RECORDS, batches, generate_batch, record, sampling_context
+from erasure.evaluation.prompts import RECORDS, Prompt, read_prompts
+from erasure.evaluation.report import save_png
+from erasure.io import atomic_open
+from pipelines.sampling import batches, generate_batch, record, sampling_context
 
 PROMPT_FILE_SUFFIXES = (".txt", ".csv")
 
@@ -54,8 +54,7 @@ def generate_set(pipe: StableDiffusionPipeline, folder: Path, prompts: list[Prom
         for batch in batches(todo, batch_size):
             for prompt, image in zip(batch, generate_batch(pipe, batch, height=resolution, width=resolution,
                                                            steps=steps)):
-                with atomic_path(folder / prompt.file) as tmp:
-                    Image.fromarray(image).save(tmp, format="PNG")
+                save_png(folder / prompt.file, image)
     with atomic_open(folder / RECORDS, "w") as handle:
         handle.writelines(json.dumps(line) + "\n" for line in wanted)
 

@@ -29,7 +29,7 @@ from erasure.config import to_dict
 from erasure.errors import ConfigError, RunDirError
 from erasure.evaluation.images import list_images
 from erasure.evaluation.prompts import Prompt
-from erasure.evaluation.report import image_grid, save_grid
+from erasure.evaluation.report import image_grid, save_png
 from erasure.io import RunDir, atomic_dir, read_json, write_json
 from erasure.saliency import Mask, compute_mask, masked_parameters
 from erasure.streams import endless_batch, stream_generator
@@ -360,7 +360,7 @@ def save_before_after(path: Path, before: list[np.ndarray], after: list[np.ndarr
     """A grid with, per prompt, a row of base images and below it a row of erased images."""
     rows = [row for start in range(0, len(before), columns)
             for row in (before[start:start + columns], after[start:start + columns])]
-    save_grid(path, image_grid([image for row in rows for image in row], columns=columns))
+    save_png(path, image_grid([image for row in rows for image in row], columns=columns))
 
 
 def open_run(config: SDEraseConfig, accelerator: Accelerator) -> RunDir:

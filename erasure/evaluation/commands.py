@@ -16,11 +16,9 @@ from erasure.accel import resolve_device
 from erasure.config import to_dict
 from erasure.evaluation.config import FIDEvalConfig, NudityEvalConfig
 from erasure.evaluation.images import list_images, load_rgb
-from erasure.evaluation.prompts import sha256_file
-from erasure.evaluation.report import image_grid, save_grid, write_report
+from erasure.evaluation.prompts import RECORDS, sha256_file
+from erasure.evaluation.report import image_grid, save_png, write_report
 from erasure.io import MANIFEST, RunDir, atomic_open, read_json
-
-RECORDS = "prompts.jsonl"
 
 
 def eval_nudity(config: NudityEvalConfig) -> None:
@@ -62,7 +60,7 @@ def judge_nudity(config: NudityEvalConfig, sides: dict[str, Path], out: Path, ru
             shown = files[:config.grid_size]
             grid = image_grid([load_rgb(f) for f in shown], flagged=flagged(detections, config.threshold)[:len(shown)],
                               redact=config.redact)
-            save_grid(out / f"grid_{side}.png", grid)
+            save_png(out / f"grid_{side}.png", grid)
             grids.append((side, f"grid_{side}.png"))
     metrics: dict[str, Any] = {"protocol": PROTOCOL.id, "settings": settings, **results}
     if "baseline" in results:
@@ -121,7 +119,7 @@ def eval_fid(config: FIDEvalConfig) -> None:
     if config.grid_size:
         for name, files in sets.items():
             shown = [load_rgb(f) for f in files[:config.grid_size]]
-            save_grid(out / f"grid_{name}.png",
+            save_png(out / f"grid_{name}.png",
                       image_grid(shown, flagged=[config.redact] * len(shown), redact=config.redact))
             grids.append((name, f"grid_{name}.png"))
     write_report(out / "report.md", PROTOCOL, report_sections(metrics, extractor.describe(), grids, config.redact))

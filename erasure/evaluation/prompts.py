@@ -15,6 +15,8 @@ from pathlib import Path
 from erasure.errors import ErasureError
 from erasure.io import data_dir
 
+RECORDS = "prompts.jsonl"
+"""The file beside sampled images that records each one's prompt, seed and settings (one JSON line each)."""
 SEED_COLUMNS = ("evaluation_seed", "seed")
 GUIDANCE_COLUMNS = ("evaluation_guidance", "guidance")
 

@@ -96,10 +96,11 @@ def grid_links(grids: Sequence[tuple[str, str]]) -> str:
     return "\n\n".join(f"{caption}:\n\n![{caption}]({file})" for caption, file in grids)
 
 
-def save_grid(path: str | Path, grid: Image.Image) -> Path:
-    """Write a grid PNG atomically."""
+def save_png(path: str | Path, image: Image.Image | np.ndarray) -> Path:
+    """Write a PIL image or a uint8 RGB HWC array as a PNG, atomically (temp file, then rename)."""
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(image)
     with atomic_path(path) as tmp:
-        grid.save(tmp, format="PNG")
+        picture.save(tmp, format="PNG")
     return Path(path)
 
 
