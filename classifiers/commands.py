@@ -11,10 +11,9 @@ import torch
 from accelerate import Accelerator
 
 from classifiers.config import CompareConfig, MaskConfig, TrainConfig, UnlearnConfig
-from classifiers.data import Dataset, ForgetSplit, forget_split, load_dataset
+from classifiers.data import Dataset, ForgetSplit, ImageSet, forget_split, load_dataset
 from classifiers.loop import Loop, Streams
 from classifiers.methods import FineTune, Method, build_method, forget_loss, image_batches
-from classifiers.data import ImageSet
 from classifiers.metrics import PROTOCOL, accuracy, average_gap, evaluate, predict_proba
 from classifiers.models import MODEL_FILE, Classifier, build_model, load_model, save_model, spec_for
 from classifiers.report import mean_and_std, write_comparison

@@ -20,3 +20,9 @@ class RunDirError(ErasureError):
 
 class NonFiniteLossError(ErasureError):
     """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (at most `limit` characters), to quote inside a one-line error."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__

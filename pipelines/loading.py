@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from erasure.errors import ErasureError
+from erasure.errors import ErasureError, first_line
 from pipelines.schedulers import scheduler_from
 from pipelines.tiny import TINY_NAME, build_tiny_pipeline
 
@@ -39,11 +39,11 @@ def load_base_pipeline(model: str, device: torch.device | str = "cpu", dtype: to
         except (OSError, ValueError) as exc:
             if Path(model).exists():
                 raise ModelLoadError(
-                    f"'{model}' is not a diffusers Stable Diffusion directory ({_first_line(exc)}); "
+                    f"'{model}' is not a diffusers Stable Diffusion directory ({first_line(exc)}); "
                     "pass a folder written by save_pretrained (with model_index.json) to --model"
                 ) from None
             raise ModelLoadError(
-                f"could not load model '{model}' offline or from the hub ({_first_line(exc)}); "
+                f"could not load model '{model}' offline or from the hub ({first_line(exc)}); "
                 "pass a local diffusers directory with --model"
             ) from None
     _check_unet_fits(pipe, model)
@@ -72,7 +72,7 @@ def load_erased_pipeline(base: str, run_dir: str | Path, device: torch.device | 
             unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
-            f"cannot load the UNet in '{unet_dir}' ({_first_line(exc)}); rerun or resume the erasure run"
+            f"cannot load the UNet in '{unet_dir}' ({first_line(exc)}); rerun or resume the erasure run"
         ) from None
     return load_base_pipeline(base, device, dtype, unet=unet)
 
@@ -101,7 +101,3 @@ def _torch_dtype_accepted() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
         yield
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

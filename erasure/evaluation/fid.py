@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from erasure.errors import ErasureError
+from erasure.errors import ErasureError, first_line
 from erasure.evaluation.images import load_rgb, to_nchw_tensor
 from erasure.evaluation.report import Protocol, grid_links, markdown_table, settings_table
 
@@ -61,7 +61,7 @@ class InceptionFeatures(nn.Module):
             ) from None
         except (OSError, RuntimeError, ValueError) as exc:
             raise FeatureError(
-                f"could not download the FID Inception weights ({_first_line(exc)}); "
+                f"could not download the FID Inception weights ({first_line(exc, 160)}); "
                 f"connect once so torch caches them, or {INCEPTION_HELP}"
             ) from None
 
@@ -91,7 +91,7 @@ class CLIPFeatures(nn.Module):
         try:
             self.model = CLIPVisionModel.from_pretrained(path, local_files_only=True).eval()
         except (OSError, ValueError) as exc:
-            raise FeatureError(f"cannot load a CLIP vision model from '{path}' ({_first_line(exc)}); "
+            raise FeatureError(f"cannot load a CLIP vision model from '{path}' ({first_line(exc, 160)}); "
                                "pass a CLIPModel or CLIPVisionModel directory") from None
         mean, std = _clip_normalisation(path)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -109,11 +109,6 @@ class CLIPFeatures(nn.Module):
         """What the report says about this extractor."""
         return {"name": "clip", "model": self.directory, "num_features": self.num_features,
                 "input_size": self.input_size}
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:160] if lines else type(exc).__name__
 
 
 def _clip_normalisation(path: Path) -> tuple[Sequence[float], Sequence[float]]:
