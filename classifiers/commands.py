@@ -20,7 +20,7 @@ from classifiers.report import mean_and_std, write_comparison
 from erasure.accel import make_accelerator
 from erasure.config import from_dict, to_dict
 from erasure.errors import RunDirError
-from erasure.io import RunDir, finished_run, read_json, write_json
+from erasure.io import RunDir, finished_manifest, finished_run, read_json, write_json
 from erasure.saliency import Mask, compute_mask
 
 MASK_FILE = "mask.safetensors"
@@ -192,10 +192,8 @@ def _compare_seed(config: CompareConfig, folder: Path, accelerator: Accelerator)
 
 def _once(out: Path, work) -> dict[str, Any]:
     """Run `work` unless `out` already holds a finished run (then reuse its metrics)."""
-    try:
-        return finished_run(out, "sub")["metrics"]
-    except RunDirError:
-        return work()
+    manifest = finished_manifest(out)
+    return manifest["metrics"] if manifest is not None else work()
 
 
 def _retrain_metrics(config: CompareConfig, original: str, retrain: str, accelerator: Accelerator) -> dict[str, Any]:

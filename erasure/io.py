@@ -240,6 +240,15 @@ class RunDir:
             write_json(self.path / MANIFEST, self._manifest)
 
 
+def finished_manifest(path: str | Path) -> dict[str, Any] | None:
+    """The manifest of a finished run at `path`, or None when there is none (no manifest, or not finished)."""
+    manifest = Path(path) / MANIFEST
+    if not manifest.is_file():
+        return None
+    data = read_json(manifest)
+    return data if data.get("status") == "finished" else None
+
+
 def finished_run(path: str | Path, what: str) -> dict[str, Any]:
     """The manifest of a finished run at `path`, or a RunDirError saying what to do instead."""
     manifest = Path(path) / MANIFEST

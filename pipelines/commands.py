@@ -6,7 +6,7 @@ from pathlib import Path
 from erasure.config import from_dict, to_dict
 from erasure.errors import ErasureError
 from erasure.evaluation.config import DEFAULT_BASE_MODEL, NudityEvalConfig
-from erasure.io import MANIFEST, RunDir, read_json
+from erasure.io import RunDir, finished_manifest
 from pipelines.config import SampleConfig
 
 SAMPLE_KEYS_IGNORED_ON_REUSE = ("resume", "overwrite", "batch_size", "device")
@@ -74,9 +74,9 @@ def _sampling_plan(config: NudityEvalConfig, out: Path) -> dict[str, SampleConfi
 def _sample(sample_config: SampleConfig) -> Path:
     """Generate one side's images, or reuse them when that folder already holds a finished, equal sampling."""
     folder = Path(sample_config.out)
-    manifest = folder / MANIFEST
-    if manifest.is_file() and read_json(manifest).get("status") == "finished":
-        previous = read_json(manifest).get("config", {})
+    manifest = finished_manifest(folder)
+    if manifest is not None:
+        previous = manifest.get("config", {})
         wanted = to_dict(sample_config)
         changed = [k for k in wanted if k not in SAMPLE_KEYS_IGNORED_ON_REUSE and previous.get(k) != wanted[k]]
         if changed:

@@ -23,7 +23,7 @@ from typing import Any
 
 from erasure.cli import main as erasure
 from erasure.config import read_yaml
-from erasure.io import MANIFEST, read_json
+from erasure.io import MANIFEST, finished_manifest, read_json
 
 STORIES = {
     "cpu": {"judge": "configs/classifier_cifar10_16_train.yaml", "train": "configs/ddpm_cpu.yaml",
@@ -34,18 +34,9 @@ STORIES = {
 EVAL_KEYS = ("UA", "retained_accuracy", "distance", "sampling_seconds", "images_per_second")
 
 
-def _finished(out: str) -> dict[str, Any] | None:
-    """The manifest of a finished run in `out`, else None."""
-    path = Path(out) / MANIFEST
-    if not path.is_file():
-        return None
-    manifest = read_json(path)
-    return manifest if manifest.get("status") == "finished" else None
-
-
 def _stage(name: str, out: str, args: list[str], stages: dict[str, Any]) -> dict[str, Any]:
     """Run `erasure args` unless `out` already holds a finished run; record the wall time; return its metrics."""
-    reused = _finished(out) is not None
+    reused = finished_manifest(out) is not None
     start = time.perf_counter()
     if not reused and erasure([*args, "--out", out]) != 0:
         raise SystemExit(f"ddpm_story: stage '{name}' failed: erasure {' '.join(args)} --out {out}")
