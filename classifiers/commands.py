@@ -22,6 +22,7 @@ from erasure.config import from_dict, to_dict
 from erasure.errors import RunDirError
 from erasure.io import RunDir, finished_manifest, finished_run, read_json, write_json
 from erasure.saliency import Mask, compute_mask
+from erasure.training import evaluating
 
 MASK_FILE = "mask.safetensors"
 
@@ -75,13 +76,10 @@ def _saliency_mask(model: Classifier, split: ForgetSplit, data: Dataset, ratio: 
                    threshold: float | None, params: str | None, batch_size: int, accelerator: Accelerator,
                    soft_temperature: float | None = None) -> Mask:
     """The SalUn mask: top |gradient| of the forget cross-entropy (model in eval mode, so BN stats stay)."""
-    was_training = model.training
-    model.eval()
-    mask = compute_mask(model, image_batches(split.forget(data), batch_size), forget_loss, ratio=ratio,
-                        threshold=threshold, params=params, accelerator=accelerator, loss_name="cross_entropy",
-                        soft_temperature=soft_temperature)
-    model.train(was_training)
-    return mask
+    with evaluating(model):
+        return compute_mask(model, image_batches(split.forget(data), batch_size), forget_loss, ratio=ratio,
+                            threshold=threshold, params=params, accelerator=accelerator, loss_name="cross_entropy",
+                            soft_temperature=soft_temperature)
 
 
 def unlearn(config: UnlearnConfig, accelerator: Accelerator | None = None) -> dict[str, Any]:

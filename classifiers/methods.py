@@ -7,8 +7,6 @@ or the mask its one-off `edit` returns (`kaggle_2nd`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -21,6 +19,7 @@ from classifiers.config import OptimConfig, UnlearnConfig
 from classifiers.data import ImageSet
 from classifiers.models import to_input
 from erasure.saliency import Mask, compute_mask
+from erasure.training import evaluating
 
 
 @dataclass
@@ -134,20 +133,19 @@ class InfluenceUnlearning(Method):
     def edit(self, model: nn.Module, forget: ImageSet, retain: ImageSet) -> None:
         assert isinstance(self.config, UnlearnConfig)
         params = [p for p in model.parameters() if p.requires_grad]
-        was_training = model.training
-        model.eval()
-        total = len(forget) + len(retain)
-        g_forget = _mean_gradient(model, params, forget, self.config.batch_size) * (len(forget) / total)
-        g_retain = _mean_gradient(model, params, retain, self.config.batch_size) * (len(forget) / total)
-        generator = torch.Generator().manual_seed(self.config.seed)
-        chosen = torch.randperm(len(retain), generator=generator)[:self.config.iu_samples]
-        per_sample = torch.stack([_mean_gradient(model, params, retain.subset(chosen[i:i + 1]), 1)
-                                  for i in range(len(chosen))])
-        step = woodfisher_solve(per_sample, g_forget - g_retain, self.config.iu_damping)
-        with torch.no_grad():
-            torch.nn.utils.vector_to_parameters(
-                torch.nn.utils.parameters_to_vector(params) + self.config.iu_alpha * step.to(params[0].dtype), params)
-        model.train(was_training)
+        with evaluating(model):
+            total = len(forget) + len(retain)
+            g_forget = _mean_gradient(model, params, forget, self.config.batch_size) * (len(forget) / total)
+            g_retain = _mean_gradient(model, params, retain, self.config.batch_size) * (len(forget) / total)
+            generator = torch.Generator().manual_seed(self.config.seed)
+            chosen = torch.randperm(len(retain), generator=generator)[:self.config.iu_samples]
+            per_sample = torch.stack([_mean_gradient(model, params, retain.subset(chosen[i:i + 1]), 1)
+                                      for i in range(len(chosen))])
+            step = woodfisher_solve(per_sample, g_forget - g_retain, self.config.iu_damping)
+            with torch.no_grad():
+                torch.nn.utils.vector_to_parameters(
+                    torch.nn.utils.parameters_to_vector(params) + self.config.iu_alpha * step.to(params[0].dtype),
+                    params)
 
 
 class PiggybackShrink(FineTune):
@@ -234,17 +232,6 @@ class SelectiveSynapticDampening(Method):
             on_forget = fisher.fisher_diagonal(model, image_batches(forget, c.batch_size))
             on_all = fisher.fisher_diagonal(model, image_batches(everything.subset(shuffled), c.batch_size))
         return fisher.dampen(model, on_forget, on_all, alpha=c.ssd_alpha, strength=c.ssd_lambda)
-
-
-@contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """Run a block with `model` in eval mode (batch-norm statistics fixed), restoring its mode after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def image_batches(data: ImageSet, batch_size: int) -> list[tuple[Tensor, Tensor]]:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from classifiers.data import Dataset, ForgetSplit, ImageSet
 from classifiers.models import to_input
+from erasure.training import evaluating
 
 PROTOCOL = "classifier-v1"
 GAP_METRICS = ("UA", "RA", "TA", "MIA")
@@ -22,11 +23,9 @@ GAP_METRICS = ("UA", "RA", "TA", "MIA")
 @torch.no_grad()
 def predict_proba(model: nn.Module, data: ImageSet, batch_size: int = 1024) -> Tensor:
     """Softmax outputs of `model` on every image of `data` (eval mode, restored afterwards)."""
-    was_training = model.training
-    model.eval()
-    outputs = [torch.softmax(model(to_input(data.images[i:i + batch_size])).float(), dim=1)
-               for i in range(0, len(data), batch_size)]
-    model.train(was_training)
+    with evaluating(model):
+        outputs = [torch.softmax(model(to_input(data.images[i:i + batch_size])).float(), dim=1)
+                   for i in range(0, len(data), batch_size)]
     if not outputs:
         return torch.empty(0, 0)
     return torch.cat(outputs).cpu()

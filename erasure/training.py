@@ -5,6 +5,8 @@ the next weights is the same everywhere, so it lives here once.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,6 +17,17 @@ from erasure.errors import NonFiniteLossError
 if TYPE_CHECKING:
     from erasure.io import RunDir
     from erasure.saliency import Mask
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Run a block with `model` in eval mode (batch-norm statistics fixed, no dropout), restoring its mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def ensure_finite(loss: Tensor, *, what: str, step: int, run: RunDir, last_checkpoint: int | None) -> None:

@@ -19,6 +19,7 @@ from erasure.evaluation.report import image_grid, save_png
 from erasure.io import MANIFEST, RunDir, finished_run, read_json
 from erasure.saliency import Mask, compute_mask
 from erasure.streams import stream_generator
+from erasure.training import evaluating
 from pipelines.config import SampleConfig
 from pipelines.ddpm import (
     DATA_STREAM, DROPOUT_STREAM, LABEL_STREAM, NOISE_STREAM, DiffusionLoop, LoopSettings, build_scheduler,
@@ -128,10 +129,10 @@ def _saliency_mask(config: DDPMUnlearnConfig, unet: nn.Module, forget: ImageSet,
         return diffusion_loss(predictor(model), scheduler, x0, labels,
                               stream_generator(config.seed, MASK_STREAM, index))
 
-    unet.eval()
-    mask = compute_mask(unet, _batches(forget, config.forget_batch_size, count, config.seed, MASK_STREAM), loss,
-                        ratio=config.mask_ratio, grad_clip=1.0, accelerator=accelerator, loss_name="diffusion_loss")
-    unet.train()
+    with evaluating(unet):
+        mask = compute_mask(unet, _batches(forget, config.forget_batch_size, count, config.seed, MASK_STREAM), loss,
+                            ratio=config.mask_ratio, grad_clip=1.0, accelerator=accelerator,
+                            loss_name="diffusion_loss")
     mask.metadata.update(forget_class=CIFAR10_CLASSES[config.forget_class], source_run=str(config.run))
     return mask
 
