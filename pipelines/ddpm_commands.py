@@ -138,10 +138,11 @@ def _saliency_mask(config: DDPMUnlearnConfig, unet: nn.Module, forget: ImageSet,
 
 
 def probe_loss(config: DDPMUnlearnConfig, unet: nn.Module, forget: ImageSet, scheduler: Any) -> float:
-    """The forget term on 4 fixed forget batches (same images and noise before and after unlearning)."""
+    """The forget term on 4 fixed forget batches (same images and noise before and after unlearning), in eval
+    mode: after training the UNet is in train mode, and a preset with dropout would make the probe random."""
     objective = forget_objective(config, scheduler)
     batches = _batches(forget, config.forget_batch_size, 4, config.seed, PROBE_STREAM)
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(unet):
         return float(torch.stack([objective(unet, b).float() for b in batches]).mean())
 
 

@@ -265,3 +265,21 @@ def test_bf16_mixed_precision_trains_and_saves_float32_weights(tmp_path: Path, m
     assert np.isfinite(metrics["final_loss"]) and seen == [True] * 3
     state = weights(tmp_path / "bf16")
     assert all(v.dtype == torch.float32 for v in state.values())
+
+
+def test_the_forget_probe_ignores_dropout_and_keeps_the_mode() -> None:
+    from diffusers import UNet2DModel
+
+    from classifiers.data import ImageSet
+    from pipelines.ddpm import build_scheduler
+    from pipelines.ddpm_commands import probe_loss
+    from pipelines.ddpm_config import DDPMUnlearnConfig
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, num_class_embeds=11, dropout=0.5,
+                       block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2).train()
+    forget = ImageSet(torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8), torch.full((8,), 3))
+    config = from_dict(DDPMUnlearnConfig, {"run": "x", "forget": "cat", "forget_batch_size": 4})
+    first, second = (probe_loss(config, unet, forget, build_scheduler()) for _ in range(2))
+    assert first == second and unet.training
