@@ -33,7 +33,7 @@ from erasure.evaluation.report import image_grid, save_png
 from erasure.io import RunDir, atomic_dir, read_json, write_json
 from erasure.saliency import Mask, compute_mask, masked_parameters
 from erasure.streams import endless_batch, stream_generator
-from erasure.training import ensure_finite, masked_step
+from erasure.training import ensure_finite, evaluating, masked_step
 from pipelines.delta import export_delta
 from pipelines.loading import load_base_pipeline
 from pipelines.objectives import Predict, esd_target, guided_diffusion_loss, noised_rows
@@ -235,14 +235,16 @@ class Eraser:
             return self.chunks_loss(self.unet, chunks)
 
     def forget_objective(self) -> float:
-        """The method's forget term over the whole forget set with fixed noise (for before/after)."""
+        """The method's forget term over the whole forget set with fixed noise (for before/after), in eval mode
+        (the UNet trains in train mode; a UNet with dropout would otherwise make the two values random)."""
         gen, total, size = stream_generator(self.config.seed, EVAL_STREAM, 0), len(self.forget), self.config.batch_size
         values = []
-        for start in range(0, total, size):
-            x0 = self.forget.x0[start:start + size]
-            chunk = self.forget_chunk(x0, gen, slice(None), x0.shape[0])
-            with torch.no_grad(), self.accelerator.autocast():
-                values.append(float(self.chunks_loss(self.unwrapped, [chunk])) * x0.shape[0])
+        with evaluating(self.unwrapped):
+            for start in range(0, total, size):
+                x0 = self.forget.x0[start:start + size]
+                chunk = self.forget_chunk(x0, gen, slice(None), x0.shape[0])
+                with torch.no_grad(), self.accelerator.autocast():
+                    values.append(float(self.chunks_loss(self.unwrapped, [chunk])) * x0.shape[0])
         return sum(values) / total
 
     # ---------------------------------------------------------------- mask
