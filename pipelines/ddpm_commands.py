@@ -28,6 +28,7 @@ from pipelines.ddpm_config import CIFAR10_CLASSES, DDPMEvalConfig, DDPMTrainConf
 from pipelines.objectives import diffusion_loss, gradient_ascent_loss, remap_loss
 
 MASK_FILE = "mask.safetensors"
+GRID_FILE = "grid/grid.png"
 FORGET_STREAM, RETAIN_STREAM, MASK_STREAM, PROBE_STREAM = 11, 12, 13, 14
 DDPM_KINDS = ("ddpm-train", "ddpm-unlearn")
 
@@ -221,7 +222,8 @@ def is_ddpm_run(path: str | Path) -> bool:
 
 
 def sample_class(config: SampleConfig) -> dict[str, Any]:
-    """`erasure sample --run <ddpm run> --class c`: N guided images as PNGs plus grid.png.
+    """`erasure sample --run <ddpm run> --class c`: N guided images as PNGs plus a grid in grid/grid.png (a
+    subfolder, so the folder holds only samples when `eval fid` or `eval nudity` reads it).
 
     Image i is seeded with seed + i and written as soon as its batch is done, so `--resume` after an
     interruption generates only the missing images and ends with the same files.
@@ -252,7 +254,7 @@ def sample_class(config: SampleConfig) -> dict[str, Any]:
         for i, array in zip(chunk, images.permute(0, 2, 3, 1).numpy()):
             save_png(paths[i], array)
     seconds = time.perf_counter() - start
-    save_png(run.path / "grid.png", image_grid([np.asarray(Image.open(p)) for p in paths], columns=8, cell=64))
+    save_png(run.path / GRID_FILE, image_grid([np.asarray(Image.open(p)) for p in paths], columns=8, cell=64))
     metrics = {"images": config.n, "generated": len(missing), "skipped_existing": config.n - len(missing),
                "class": name, "guidance": config.guidance, "generation_seconds": round(seconds, 3),
                "images_per_second": round(len(missing) / seconds, 4) if missing and seconds > 0 else None,
