@@ -95,7 +95,7 @@ def _write_detections(path: Path, files: list[Path], detections: list[list[dict[
 
 def eval_fid(config: FIDEvalConfig) -> None:
     """Protocol retain-fid-v1: FID and KID between --images and --reference with the chosen features."""
-    from erasure.evaluation.fid import PROTOCOL, build_extractor, extract, fid_kid, report_sections
+    from erasure.evaluation.fid import PROTOCOL, build_extractor, distance_name, extract, fid_kid, report_sections
 
     sets = {"images": list_images(config.images), "reference": list_images(config.reference)}
     device = resolve_device(config.device)
@@ -124,5 +124,6 @@ def eval_fid(config: FIDEvalConfig) -> None:
             grids.append((name, f"grid_{name}.png"))
     write_report(out / "report.md", PROTOCOL, report_sections(metrics, extractor.describe(), grids, config.redact))
     run.finish(metrics)
-    print(f"{PROTOCOL.id}: FID {result['fid']:.4g}, KID {result['kid_mean']:.4g} ± {result['kid_std']:.4g} "
+    print(f"{PROTOCOL.id}: {distance_name(extractor.describe())} {result['fid']:.4g}, "
+          f"KID {result['kid_mean']:.4g} ± {result['kid_std']:.4g} "
           f"({result['images']} vs {result['reference_images']} images); report in {out / 'report.md'}")

@@ -198,11 +198,15 @@ def fid_kid(images: torch.Tensor, reference: torch.Tensor, *, kid_subsets: int =
             "reference_images": n_reference, "small_n": min(n_images, n_reference) < SMALL_N}
 
 
+def distance_name(extractor: dict[str, Any]) -> str:
+    """'FID' for the Inception features only; a Fréchet distance on any other features is named by them."""
+    return "FID" if extractor["name"] == "inception" else f"Fréchet distance ({extractor['name']} features)"
+
+
 def report_sections(metrics: dict[str, Any], extractor: dict[str, Any], grids: Sequence[tuple[str, str]],
                     redact: bool) -> list[tuple[str, str]]:
     """report.md sections: FID/KID with a small-N warning, every setting, sample grids."""
-    name = "FID" if extractor["name"] == "inception" else f"Fréchet distance ({extractor['name']} features)"
-    rows = [(name, metrics["fid"]), ("KID (mean)", metrics["kid_mean"]),
+    rows = [(distance_name(extractor), metrics["fid"]), ("KID (mean)", metrics["kid_mean"]),
             ("KID (std over subsets)", metrics["kid_std"]), ("images", metrics["images"]),
             ("reference images", metrics["reference_images"])]
     notes = f"Features: {extractor['model']} ({extractor['num_features']} dimensions)."
