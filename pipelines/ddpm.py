@@ -136,6 +136,7 @@ class LoopSettings:
     grad_clip: float = 0.0
     checkpoint_every: int = 0
     ema_decay: float | None = None
+    clip_before_mask: bool = False
 
 
 class DiffusionLoop:
@@ -208,7 +209,7 @@ class DiffusionLoop:
             loss = loss_at(self.model, step)
         ensure_finite(loss, what=self.name, step=step, run=self.run, last_checkpoint=self.last_checkpoint)
         masked_step(loss, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer, mask=self.mask,
-                    grad_clip=self.settings.grad_clip)
+                    grad_clip=self.settings.grad_clip, clip_before_mask=self.settings.clip_before_mask)
         if self.ema is not None:
             self.ema.update(self.unwrapped, step)
         return loss.item()
