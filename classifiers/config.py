@@ -94,7 +94,7 @@ class UnlearnConfig(OptimConfig):
                             "saliency around the same cut (salun)", choices=MASK_TYPES)
     mask_temperature: float = option(0.1, "temperature of the soft mask, in units of the mean |gradient| (salun)",
                                      gt=0)
-    l1_alpha: float = option(5e-4, "L1 penalty weight, decayed linearly to 0 (l1_sparse)", ge=0)
+    l1_alpha: float = option(5e-4, "L1 penalty weight, decayed linearly to 0 by epoch (l1_sparse)", ge=0)
     stop_forget_acc: float | None = option(None, "stop early once forget-set accuracy (%) falls to this value", ge=0,
                                            le=100)
     stop_check_every: int = option(5, "steps between the checks of stop_forget_acc", ge=1)

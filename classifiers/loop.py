@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -115,7 +115,8 @@ class Loop:
             random_labels = (forget[1] + shift) % self.num_classes
         if self.method.uses_retain:
             retain = self._take(self.streams.retain, RETAIN_STREAM, self.config.batch_size, step)
-        return StepBatch(forget, random_labels, retain, progress=step / self.total_steps)
+        return StepBatch(forget, random_labels, retain, progress=step / self.total_steps,
+                         epoch=step // self.steps_per_epoch)
 
     def _pass_batch(self, step: int) -> StepBatch:
         """The SalUn reference's epoch: a pass over the forget set with labels drawn uniformly from all classes
@@ -127,11 +128,11 @@ class Loop:
             forget = self._take(self.streams.forget, FORGET_STREAM, size, epoch * self.forget_steps + position)
             generator = stream_generator(self.config.seed, LABEL_STREAM, step)
             labels = torch.randint(0, self.num_classes, (len(forget[1]),), generator=generator).to(forget[1].device)
-            return StepBatch(forget, labels, None, progress)
+            return StepBatch(forget, labels, None, progress, epoch)
         retain_steps = self.steps_per_epoch - self.forget_steps
         index = epoch * retain_steps + position - self.forget_steps
         retain = self._take(self.streams.retain, RETAIN_STREAM, size, index)
-        return StepBatch(None, None, retain, progress)
+        return StepBatch(None, None, retain, progress, epoch)
 
     def _resume(self) -> int:
         state = restore_checkpoint(self.run, self.unwrapped, self.optimizer)

@@ -30,6 +30,7 @@ class StepBatch:
     forget_random_labels: Tensor | None
     retain: tuple[Tensor, Tensor] | None
     progress: float
+    epoch: int = 0
 
 
 class Method:
@@ -127,13 +128,14 @@ class SalUn(RandomLabel):
 
 
 class L1Sparse(FineTune):
-    """`l1_sparse`: fine-tune on retain with an L1 penalty on the weights, decayed linearly to zero."""
+    """`l1_sparse`: fine-tune on retain with an L1 penalty on the weights, decayed linearly to zero by epoch
+    (alpha (1 - epoch / epochs), as the reference's FT_l1)."""
 
     name = "l1_sparse"
 
     def loss(self, model: nn.Module, batch: StepBatch) -> Tensor:
         assert isinstance(self.config, UnlearnConfig)
-        alpha = self.config.l1_alpha * (1.0 - batch.progress)
+        alpha = self.config.l1_alpha * (1.0 - batch.epoch / self.config.epochs)
         penalty = torch.stack([p.abs().sum() for p in model.parameters() if p.requires_grad]).sum()
         return super().loss(model, batch) + alpha * penalty
 
