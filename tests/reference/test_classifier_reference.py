@@ -59,7 +59,8 @@ def _run_ours(tmp_path: Path, config: UnlearnConfig, mask=None) -> tuple[torch.n
 
 
 def _replay(loop: Loop, loss_of, mask=None) -> torch.nn.Module:
-    """The reference's SGD loop over our batches (`loss_of(model, batch, step)`): loss -> backward -> (grad *= mask) -> step -> (restore)."""
+    """The reference's SGD loop over our batches (`loss_of(model, batch, step)`):
+    loss -> backward -> (grad *= mask) -> step -> (restore the unmasked weights, mask the momentum)."""
     model = _model()
     theta0 = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = torch.optim.SGD(model.parameters(), lr=loop.config.lr, momentum=0.9, weight_decay=5e-4)
