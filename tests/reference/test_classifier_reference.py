@@ -22,6 +22,7 @@ from classifiers.config import UnlearnConfig
 from classifiers.data import ImageSet
 from classifiers.loop import Loop, Streams
 from classifiers.methods import build_method, image_batches
+from classifiers.models import to_input
 from erasure.config import from_dict
 from erasure.io import RunDir
 from erasure.saliency import compute_mask
@@ -191,3 +192,67 @@ def test_ssd_dampens_exactly_the_weights_its_rule_selects() -> None:
                              torch.ones_like(p))
         torch.testing.assert_close(p, q * factor, msg=name)
         assert torch.equal(p[~selected], q[~selected])
+
+
+def test_kaggle_1st_is_kl_to_uniform_then_contrast_plus_retain_cross_entropy() -> None:
+    """The challenge winner's write-up: first push forget outputs to the uniform distribution, then contrast
+    forget against retain outputs (temperature T) with the retain cross-entropy."""
+    from classifiers.methods import StepBatch
+
+    forget, retain = _data()
+    config = _config("kaggle_1st", kaggle1_kl_epochs=1.0, kaggle1_temperature=1.15)
+    method, model = build_method(config, "kaggle_1st"), _model()
+    x_f, x_r, y_r = to_input(forget.images[:4]), to_input(retain.images[:4]), retain.labels[:4]
+    kl_phase = method.loss(model, StepBatch((x_f, forget.labels[:4]), None, (x_r, y_r), progress=0.1))
+    log_p = F.log_softmax(model(x_f), dim=1)
+    uniform = torch.full_like(log_p, 1 / CLASSES)
+    torch.testing.assert_close(kl_phase, (uniform * (uniform.log() - log_p)).sum(dim=1).mean())
+    contrast_phase = method.loss(model, StepBatch((x_f, forget.labels[:4]), None, (x_r, y_r), progress=0.9))
+    similarity = F.normalize(model(x_f), dim=1) @ F.normalize(model(x_r), dim=1).T / 1.15
+    expected = -F.log_softmax(similarity, dim=1).mean() + F.cross_entropy(model(x_r), y_r)
+    torch.testing.assert_close(contrast_phase, expected)
+
+
+def test_kaggle_2nd_reinitialises_the_least_salient_layer_weights_and_slows_the_rest() -> None:
+    """The runner-up's write-up: re-initialise the share r of conv/linear weights with the smallest |forget
+    gradient|, then fine-tune with the other gradients scaled by a factor (a soft mask)."""
+    forget, retain = _data()
+    config = _config("kaggle_2nd", kaggle2_reinit_ratio=0.3, kaggle2_grad_scale=0.1, seed=3)
+    model = _model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    mask = build_method(config, "kaggle_2nd").edit(model, forget, retain)
+    model_ref = _model()
+    model_ref.eval()
+    summed = {n: torch.zeros_like(p) for n, p in model_ref.named_parameters() if p.dim() > 1}
+    for x, y in image_batches(forget, config.batch_size):
+        grads = torch.autograd.grad(F.cross_entropy(model_ref(x), y), [p for n, p in model_ref.named_parameters()
+                                                                      if n in summed])
+        for name, g in zip(summed, grads):
+            summed[name] += g
+    scores = torch.cat([g.abs().flatten() for g in summed.values()])
+    kept = torch.argsort(torch.argsort(-scores, stable=True), stable=True) < int(len(scores) * 0.7)
+    offset = 0
+    for name, p in model.named_parameters():
+        if name not in summed:
+            assert torch.equal(p, before[name]) and torch.all(mask.masks[name] == 0.1), name
+            continue
+        fresh = ~kept[offset:offset + p.numel()].view(p.shape)
+        offset += p.numel()
+        assert torch.equal(p[~fresh], before[name][~fresh]), name
+        assert not torch.any(p[fresh] == before[name][fresh]), name
+        assert torch.equal(mask.masks[name], torch.where(fresh, 1.0, 0.1)), name
+
+
+def test_piggyback_shrink_scales_exactly_the_selected_weights() -> None:
+    from classifiers.piggyback import shrink
+    from erasure.saliency import Mask
+
+    model = _model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    selected = {name: torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) < 0.3
+                for name, p in model.named_parameters()}
+    with torch.no_grad():
+        shrink(model, Mask(selected), 0.1)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, torch.where(selected[name], before[name] * 0.1, before[name]))
+        assert torch.equal(p[~selected[name]], before[name][~selected[name]])

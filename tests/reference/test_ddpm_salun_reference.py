@@ -118,3 +118,26 @@ def test_the_update_clips_the_whole_gradient_before_masking() -> None:
                 mask=mask, grad_clip=1.0, clip_before_mask=True)
     for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(ours, theirs, msg=name)
+
+
+def test_gradient_ascent_is_the_negated_summed_loss() -> None:
+    """The reference's `--method ga`: forget_loss = -noise_estimation_loss_conditional (summed per image)."""
+    unet, scheduler, config, forget = _setup(method="ga", label_dropout=0.0)
+    x0, labels = take(forget, BATCH, 0, 0, 1, flip=False)
+    ours = commands.forget_objective(config, scheduler)(unet, (x0, labels, 2))
+    x_t, t, e = _reference_noised(scheduler, x0, stream_generator(config.seed, commands.NOISE_STREAM, 2), True)
+    reference = -(e - unet(x_t, t, class_labels=labels).sample).square().sum(dim=(1, 2, 3)).mean(dim=0)
+    torch.testing.assert_close(ours, reference)
+
+
+def test_label_dropout_replaces_labels_by_the_null_class_in_training_forwards_only() -> None:
+    """The reference model drops labels at cond_drop_prob 0.1 in every train-mode forward; the probe does not."""
+    unet, scheduler, config, forget = _setup(method="ga", label_dropout=0.5)
+    x0, labels = take(forget, BATCH, 0, 0, 1, flip=False)
+    seen = []
+    forward = unet.forward
+    unet.forward = lambda *a, **k: seen.append(k["class_labels"].clone()) or forward(*a, **k)
+    commands.forget_objective(config, scheduler)(unet, (x0, labels, 2))
+    assert (seen[-1] == NULL_CLASS).any() and (seen[-1] != NULL_CLASS).any()
+    commands.forget_objective(config, scheduler, train_mode=False)(unet, (x0, labels, 2))
+    assert not (seen[-1] == NULL_CLASS).any()
