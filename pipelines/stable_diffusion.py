@@ -32,7 +32,7 @@ from erasure.evaluation.prompts import Prompt
 from erasure.evaluation.report import image_grid, save_png
 from erasure.io import RunDir, atomic_dir, read_json, write_json
 from erasure.saliency import Mask, compute_mask, masked_parameters
-from erasure.streams import endless_batch, stream_generator
+from erasure.streams import endless_batch, register_streams, stream_generator
 from erasure.training import ensure_finite, evaluating, masked_step
 from pipelines.delta import export_delta
 from pipelines.loading import load_base_pipeline
@@ -41,7 +41,8 @@ from pipelines.sampling import generate_batch, sampling_context
 from pipelines.sd_config import SDEraseConfig
 from pipelines.sd_data import ImageSet, generate_set, plan, prompt_texts, read_set
 
-FORGET_STREAM, RETAIN_STREAM, NOISE_STREAM, MASK_STREAM, EVAL_STREAM = 1, 2, 3, 4, 5
+FORGET_STREAM, RETAIN_STREAM, NOISE_STREAM, MASK_STREAM, EVAL_STREAM = register_streams(
+    "sd", "forget", "retain", "noise", "mask", "eval")
 MASK_FILE = "mask.safetensors"
 DELTA_FILE = "delta.safetensors"
 GRID_FILE = "samples/before_after.png"
