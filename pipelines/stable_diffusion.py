@@ -397,6 +397,8 @@ def erase(config: SDEraseConfig, accelerator: Accelerator | None = None) -> dict
                           f"gradient_accumulation_steps = {shards} (each micro-step takes an equal share)")
     run = open_run(config, accelerator)
     pipe = load_components(config, accelerator)
+    if config.mask is not None:  # a corrupt or foreign --mask fails now, not after minutes of generation
+        Mask.load(config.mask, pipe.unet)
     run.start(to_dict(config), seed=config.seed, device=str(accelerator.device), kind="sd-erase")
     eraser = Eraser(config, pipe, accelerator, run, *encode_sets(config, retain_texts, pipe, run, accelerator))
     prompts = grid_prompts(config, retain_texts) if config.grid_seeds else []
