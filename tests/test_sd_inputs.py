@@ -32,6 +32,7 @@ def test_a_corrupt_mask_fails_before_any_generation(run_cli, tiny_sd_dir, tmp_pa
     mask.write_bytes(b"not a safetensors file")
     status, output = run_cli("sd", *SMALL_RUN, "--model", tiny_sd_dir, "--out", tmp_path / "run", "--mask", mask)
     assert status == 2 and "is not a readable safetensors file" in output
+    assert not (tmp_path / "run").exists()  # nothing written: the corrected command can run with the same --out
 
 
 def test_a_mask_of_another_model_fails_before_any_generation(run_cli, tiny_sd_dir, tmp_path, no_generation):
