@@ -20,10 +20,11 @@ from classifiers.data import ImageSet, augment
 from classifiers.methods import Method, StepBatch
 from classifiers.models import to_input
 from erasure.io import RunDir, save_checkpoint
-from erasure.streams import epoch_batch, stream_generator
+from erasure.streams import epoch_batch, register_streams, stream_generator
 from erasure.training import ensure_finite, masked_step, restore_checkpoint
 
-FORGET_STREAM, RETAIN_STREAM, LABEL_STREAM, AUGMENT_STREAM = 1, 2, 3, 4
+FORGET_STREAM, RETAIN_STREAM, LABEL_STREAM, AUGMENT_STREAM = register_streams(
+    "classifier", "forget", "retain", "label", "augment")
 
 
 @dataclass

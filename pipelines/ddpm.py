@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from classifiers.data import ImageSet
 from erasure.errors import ConfigError
 from erasure.io import RunDir, atomic_dir, save_checkpoint
-from erasure.streams import epoch_batch, stream_generator
+from erasure.streams import epoch_batch, register_streams, stream_generator
 from erasure.training import ensure_finite, masked_step, restore_checkpoint
 from erasure.saliency import Mask, masked_parameters
 from pipelines.ddpm_config import CIFAR10_CLASSES
@@ -33,7 +33,8 @@ from pipelines.schedulers import scheduler_from
 NUM_CLASSES = len(CIFAR10_CLASSES)
 NULL_CLASS = NUM_CLASSES
 UNET_DIR, SCHEDULER_DIR = "unet", "scheduler"
-DATA_STREAM, FLIP_STREAM, DROPOUT_STREAM, NOISE_STREAM, LABEL_STREAM = 1, 2, 3, 4, 5
+DATA_STREAM, FLIP_STREAM, DROPOUT_STREAM, NOISE_STREAM, LABEL_STREAM = register_streams(
+    "ddpm", "data", "flip", "dropout", "noise", "label")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8,

@@ -18,7 +18,7 @@ from erasure.errors import ConfigError
 from erasure.evaluation.report import image_grid, save_png
 from erasure.io import MANIFEST, RunDir, finished_run, read_json
 from erasure.saliency import Mask, compute_mask
-from erasure.streams import stream_generator
+from erasure.streams import register_streams, stream_generator
 from erasure.training import evaluating
 from pipelines.config import SampleConfig
 from pipelines.ddpm import (
@@ -56,7 +56,8 @@ from pipelines.objectives import (
 
 MASK_FILE = "mask.safetensors"
 GRID_FILE = "grid/grid.png"
-FORGET_STREAM, RETAIN_STREAM, MASK_STREAM, PROBE_STREAM, RETAIN_DROPOUT_STREAM = 11, 12, 13, 14, 15
+FORGET_STREAM, RETAIN_STREAM, MASK_STREAM, PROBE_STREAM, RETAIN_DROPOUT_STREAM = register_streams(
+    "ddpm", "forget", "retain", "mask", "probe", "retain_dropout")
 DDPM_KINDS = ("ddpm-train", "ddpm-unlearn")
 
 

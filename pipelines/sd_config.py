@@ -7,21 +7,21 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources import files
 
 from erasure.config import coerce, field_type, fields, option, read_yaml
 from erasure.errors import ConfigError
 from erasure.evaluation.config import DEFAULT_BASE_MODEL
 
 SD_METHODS = ("salun", "esd", "ga")
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "concepts"
+PRESET_DIR = files("configs") / "concepts"  # package data: found from an installed wheel too
 DEFAULT_ALPHA = 0.1
 DEFAULT_SALUN_RATIO = 0.5
 
 
 def preset_names() -> list[str]:
     """The concept presets shipped in configs/concepts/."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return sorted(p.name.removesuffix(".yaml") for p in PRESET_DIR.iterdir() if p.name.endswith(".yaml"))
 
 
 def preset_name(concept: str) -> str:

@@ -32,7 +32,7 @@ from erasure.evaluation.prompts import Prompt
 from erasure.evaluation.report import image_grid, save_png
 from erasure.io import RunDir, atomic_dir, read_json, write_json
 from erasure.saliency import Mask, compute_mask, masked_parameters
-from erasure.streams import endless_batch, stream_generator
+from erasure.streams import endless_batch, register_streams, stream_generator
 from erasure.training import ensure_finite, evaluating, masked_step
 from pipelines.delta import export_delta
 from pipelines.loading import load_base_pipeline
@@ -41,7 +41,9 @@ from pipelines.sampling import generate_batch, sampling_context
 from pipelines.sd_config import SDEraseConfig
 from pipelines.sd_data import ImageSet, generate_set, plan, prompt_texts, read_set
 
-FORGET_STREAM, RETAIN_STREAM, NOISE_STREAM, MASK_STREAM, EVAL_STREAM, POSTERIOR_STREAM = 1, 2, 3, 4, 5, 6
+(FORGET_STREAM, RETAIN_STREAM, NOISE_STREAM, MASK_STREAM, EVAL_STREAM, POSTERIOR_STREAM,
+ MASK_POSTERIOR_STREAM) = register_streams("sd", "forget", "retain", "noise", "mask", "eval", "posterior",
+                                           "mask_posterior")
 MASK_FILE = "mask.safetensors"
 DELTA_FILE = "delta.safetensors"
 GRID_FILE = "samples/before_after.png"
@@ -283,7 +285,7 @@ class Eraser:
             return None
         size = self.config.batch_size
         batches = [{"index": i, "x0": self.forget.draw(torch.arange(start, min(start + size, len(self.forget))),
-                                                       self._posterior_generator(MASK_STREAM + 100, i))}
+                                                       self._posterior_generator(MASK_POSTERIOR_STREAM, i))}
                    for i, start in enumerate(range(0, len(self.forget), size))]
         mask = compute_mask(self.pipe.unet, batches, self._mask_loss, ratio=self.config.mask_ratio,
                             accelerator=self.accelerator,
@@ -422,6 +424,8 @@ def erase(config: SDEraseConfig, accelerator: Accelerator | None = None) -> dict
                           f"gradient_accumulation_steps = {shards} (each micro-step takes an equal share)")
     run = open_run(config, accelerator)
     pipe = load_components(config, accelerator)
+    if config.mask is not None:  # a corrupt or foreign --mask fails now, not after minutes of generation
+        Mask.load(config.mask, pipe.unet)
     run.start(to_dict(config), seed=config.seed, device=str(accelerator.device), kind="sd-erase")
     eraser = Eraser(config, pipe, accelerator, run, *encode_sets(config, retain_texts, pipe, run, accelerator))
     prompts = grid_prompts(config, retain_texts) if config.grid_seeds else []
