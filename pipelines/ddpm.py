@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 from classifiers.data import ImageSet
 from erasure.errors import ConfigError
 from erasure.io import RunDir, atomic_dir, save_checkpoint
-from erasure.streams import epoch_batch, stream_generator
-from erasure.training import ensure_finite, masked_step, restore_checkpoint
 from erasure.saliency import Mask, masked_parameters
+from erasure.streams import epoch_batch, stream_generator
+from erasure.trainer import EMA
+from erasure.training import ensure_finite, masked_step, restore_checkpoint
 from pipelines.ddpm_config import CIFAR10_CLASSES
 from pipelines.objectives import guided_epsilon
 from pipelines.schedulers import scheduler_from
@@ -105,25 +106,6 @@ def other_labels(labels: Tensor, generator: torch.Generator) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- the loop
-
-
-class EMA:
-    """Exponential moving average of a model's weights (with the usual (1 + s) / (10 + s) warm-up)."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        """Move the average towards the model's weights after optimizer step `step` (0-based)."""
-        decay = min(self.decay, (1 + step) / (10 + step))
-        for name, value in model.state_dict().items():
-            self.shadow[name].lerp_(value.float(), 1.0 - decay)
-
-    def copy_to(self, model: nn.Module) -> None:
-        """Load the averaged weights into `model`."""
-        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
 
 
 @dataclass
