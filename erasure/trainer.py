@@ -77,19 +77,17 @@ def last_checkpoint_dir(folder: Path) -> tuple[int, Path] | None:
 class Trainer:
     """Runs `loss_at(model, step)` for steps [start, steps) with one optimizer, resuming from `run.checkpoints`.
 
-    `lr_at(step)` sets every group's learning rate before each step. `after_step(step)` runs after each
-    optimizer step (e.g. an early stop returns True to end the run). `samples_per_step` feeds the
+    `lr_at(step)` sets every group's learning rate before each step. `samples_per_step` feeds the
     throughput shown and logged.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, accelerator: Any, run: RunDir,
                  steps: int, lr_at: Callable[[int], float], mask: Mask | None = None, grad_clip: float = 0.0,
-                 checkpoint_every: int = 0, ema: EMA | None = None,
-                 after_step: Callable[[int], bool | None] | None = None, samples_per_step: int = 0,
+                 checkpoint_every: int = 0, ema: EMA | None = None, samples_per_step: int = 0,
                  name: str = "train", tracker_config: dict[str, Any] | None = None):
         self.accelerator, self.run, self.steps, self.lr_at = accelerator, run, steps, lr_at
         self.mask, self.grad_clip, self.checkpoint_every, self.ema = mask, grad_clip, checkpoint_every, ema
-        self.after_step, self.samples_per_step, self.name = after_step, samples_per_step, name
+        self.samples_per_step, self.name = samples_per_step, name
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         if mask is not None:
             mask.protect_unmasked(self.unwrapped, getattr(self.optimizer, "optimizer", self.optimizer))
@@ -124,8 +122,13 @@ class Trainer:
                 shutil.rmtree(old)
         self.last_checkpoint = step
 
-    def fit(self, loss_at: Callable[[nn.Module, int], Tensor]) -> dict[str, Any]:
-        """Train to `steps` (from the last checkpoint when resuming); returns steps, timing and the last loss."""
+    def fit(self, loss_at: Callable[[nn.Module, int], Tensor],
+            stop_after: Callable[[int], bool] | None = None) -> dict[str, Any]:
+        """Train to `steps` (from the last checkpoint when resuming); returns steps, timing and the last loss.
+
+        `stop_after(step)`, asked after each optimizer step, ends the run early when it returns True
+        (e.g. the classifier's `stop_when`); it must depend on the weights only, so resume stays exact.
+        """
         start = self.resume()
         self.model.train()
         t0 = time.perf_counter()
@@ -138,7 +141,7 @@ class Trainer:
             rate = (done - start) / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{loss:.4f}", **self._speed(rate))
             self._log(step, loss, rate)
-            if self.after_step is not None and self.after_step(step):
+            if stop_after is not None and stop_after(step):
                 break
             if self.checkpoint_every and done % self.checkpoint_every == 0 and done < self.steps:
                 self.checkpoint(done)

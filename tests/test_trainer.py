@@ -28,8 +28,8 @@ def _train(path, *, resume=False, steps=STEPS, stop_after=None, ema=False, mask=
     average = EMA(model, 0.9) if ema else None
     trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=0.1), accelerator=make_accelerator(), run=run,
                       steps=steps, lr_at=lambda s: 0.1 / (1 + s), checkpoint_every=2, ema=average, mask=mask,
-                      after_step=(lambda s: s + 1 == stop_after) if stop_after else None, samples_per_step=8)
-    result = trainer.fit(loss_at)
+                      samples_per_step=8)
+    result = trainer.fit(loss_at, (lambda s: s + 1 == stop_after) if stop_after else None)
     return trainer.unwrapped, average, result, run
 
 
