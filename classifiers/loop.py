@@ -2,26 +2,24 @@
 
 Batches are pure functions of (seed, stream, step): the data order, augmentation and random labels
 of step s are the same whether or not the run was interrupted, so a resumed run ends bit-identical
-to an uninterrupted one. Each step: method loss -> backward -> mask.apply_to_grads -> clip -> step.
+to an uninterrupted one. The steps themselves (mask, clip, checkpoints, resume) run on erasure's Trainer.
 """
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from classifiers.config import OptimConfig
 from classifiers.data import ImageSet, augment
 from classifiers.methods import Method, StepBatch
 from classifiers.models import to_input
-from erasure.io import RunDir, save_checkpoint
+from erasure.io import RunDir
 from erasure.streams import epoch_batch, register_streams, stream_generator
-from erasure.training import ensure_finite, masked_step, restore_checkpoint
+from erasure.trainer import Trainer
 
 FORGET_STREAM, RETAIN_STREAM, LABEL_STREAM, AUGMENT_STREAM = register_streams(
     "classifier", "forget", "retain", "label", "augment")
@@ -66,7 +64,7 @@ class Loop:
                  num_classes: int, augment_images: bool, accelerator, mask=None, forget_batch_size: int | None = None):
         self.method, self.streams, self.config, self.run = method, streams, config, run
         self.num_classes, self.augment_images = num_classes, augment_images
-        self.accelerator, self.mask = accelerator, mask
+        self.accelerator = accelerator
         self.forget_batch_size = forget_batch_size or config.batch_size
         primary_set = streams.retain if method.uses_retain else streams.forget
         if primary_set is None or len(primary_set) == 0:
@@ -83,13 +81,18 @@ class Loop:
         optimizer = build_optimizer(params, config)
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.model, self.optimizer = accelerator.prepare(torch.compile(model) if config.compile else model, optimizer)
-        if mask is not None:
-            mask.protect_unmasked(self.unwrapped, self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer)
+        self.trainer = Trainer(torch.compile(model) if config.compile else model, optimizer, accelerator=accelerator,
+                               run=run, steps=self.total_steps, lr_at=self.lr_at, mask=mask,
+                               grad_clip=config.grad_clip, checkpoint_every=config.checkpoint_every,
+                               samples_per_step=config.batch_size, name=f"'{method.name}'")
 
     @property
     def unwrapped(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        return self.trainer.unwrapped
+
+    def lr_at(self, step: int) -> float:
+        """The configured schedule at `step`."""
+        return learning_rate(self.config, step, self.total_steps)
 
     def _images(self, images: Tensor, step: int) -> Tensor:
         if self.augment_images:
@@ -135,50 +138,13 @@ class Loop:
         retain = self._take(self.streams.retain, RETAIN_STREAM, size, index)
         return StepBatch(None, None, retain, progress, epoch)
 
-    def _resume(self) -> int:
-        state = restore_checkpoint(self.run, self.unwrapped, self.optimizer)
-        return int(state["step"]) if state else 0
-
-    def _checkpoint(self, step: int) -> None:
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            save_checkpoint(self.run.checkpoints, {"step": step, "model": self.unwrapped.state_dict(),
-                                                   "optimizer": self.optimizer.state_dict()})
-        self.last_checkpoint = step
-
     def run_steps(self, stop_when: Callable[[nn.Module], bool] | None = None, check_every: int = 1) -> dict[str, float]:
         """Train to the end (or from the last checkpoint); returns steps, seconds and the last loss.
 
         `stop_when(model)`, checked every `check_every` steps, ends training early (e.g. once the
         forget accuracy reached a target); it depends on the weights only, so resume stays exact.
         """
-        start = self._resume()
-        self.last_checkpoint = start if start else None
-        self.model.train()
-        t0 = time.perf_counter()
-        loss_value = float("nan")
-        steps_done = self.total_steps
-        bar = tqdm(range(start, self.total_steps), desc=self.method.name, initial=start, total=self.total_steps,
-                   disable=None if self.accelerator.is_main_process else True, leave=False)
-        for step in bar:
-            loss_value = self._step(step)
-            if self.config.checkpoint_every and (step + 1) % self.config.checkpoint_every == 0:
-                self._checkpoint(step + 1)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss_value:.4f}")
-            if stop_when is not None and (step + 1) % check_every == 0 and stop_when(self.unwrapped):
-                steps_done = step + 1
-                break
-        bar.close()
-        return {"steps": steps_done, "resumed_from_step": start, "train_seconds": time.perf_counter() - t0,
-                "final_loss": loss_value}
+        def stop_after(step: int) -> bool:
+            return stop_when is not None and (step + 1) % check_every == 0 and stop_when(self.unwrapped)
 
-    def _step(self, step: int) -> float:
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.config, step, self.total_steps)
-        with self.accelerator.autocast():
-            loss = self.method.loss(self.model, self.batch(step))
-        ensure_finite(loss, what=f"'{self.method.name}'", step=step, run=self.run, last_checkpoint=self.last_checkpoint)
-        masked_step(loss, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer, mask=self.mask,
-                    grad_clip=self.config.grad_clip)
-        return loss.item()
+        return self.trainer.fit(lambda model, step: self.method.loss(model, self.batch(step)), stop_after)

@@ -258,23 +258,3 @@ def finished_run(path: str | Path, what: str) -> dict[str, Any]:
     if data.get("status") != "finished":
         raise RunDirError(f"the {what} run in '{path}' has not finished; resume it with --resume first")
     return data
-
-
-def save_checkpoint(folder: str | Path, state: dict[str, Any]) -> Path:
-    """Write resumable state to `folder/last.pt` atomically (a crash mid-write keeps the previous one)."""
-    import torch
-
-    path = Path(folder) / "last.pt"
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    return path
-
-
-def load_checkpoint(folder: str | Path) -> dict[str, Any] | None:
-    """The state saved by `save_checkpoint`, or None if there is none."""
-    import torch
-
-    path = Path(folder) / "last.pt"
-    if not path.is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=False)

@@ -42,17 +42,6 @@ def ensure_finite(loss: Tensor, *, what: str, step: int, run: RunDir, last_check
     raise NonFiniteLossError(message)
 
 
-def restore_checkpoint(run: RunDir, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
-    """Load a resumed run's last checkpoint into `model` and `optimizer`; the whole state, or None to start fresh."""
-    from erasure.io import load_checkpoint
-
-    state = load_checkpoint(run.checkpoints) if run.resumed else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    return state
-
-
 def masked_step(loss: Tensor, *, accelerator: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
                 mask: Mask | None = None, grad_clip: float = 0.0, clip_before_mask: bool = False) -> None:
     """backward -> (on the last micro-step) zero unmasked gradients -> clip the global norm -> step -> zero_grad.

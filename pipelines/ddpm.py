@@ -9,7 +9,6 @@ them, so a resumed run ends bit-identical to an uninterrupted one. A run directo
 from __future__ import annotations
 
 import inspect
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +17,13 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from classifiers.data import ImageSet
 from erasure.errors import ConfigError
-from erasure.io import RunDir, atomic_dir, save_checkpoint
-from erasure.streams import epoch_batch, register_streams, stream_generator
-from erasure.training import ensure_finite, masked_step, restore_checkpoint
+from erasure.io import RunDir, atomic_dir
 from erasure.saliency import Mask, masked_parameters
+from erasure.streams import epoch_batch, register_streams, stream_generator
+from erasure.trainer import EMA, Trainer
 from pipelines.ddpm_config import CIFAR10_CLASSES
 from pipelines.objectives import guided_epsilon
 from pipelines.schedulers import scheduler_from
@@ -108,25 +106,6 @@ def other_labels(labels: Tensor, generator: torch.Generator) -> Tensor:
 # ---------------------------------------------------------------------------- the loop
 
 
-class EMA:
-    """Exponential moving average of a model's weights (with the usual (1 + s) / (10 + s) warm-up)."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        """Move the average towards the model's weights after optimizer step `step` (0-based)."""
-        decay = min(self.decay, (1 + step) / (10 + step))
-        for name, value in model.state_dict().items():
-            self.shadow[name].lerp_(value.float(), 1.0 - decay)
-
-    def copy_to(self, model: nn.Module) -> None:
-        """Load the averaged weights into `model`."""
-        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
-
-
 @dataclass
 class LoopSettings:
     """What the loop needs besides the model and the loss: schedule, clipping, checkpoints."""
@@ -141,79 +120,31 @@ class LoopSettings:
 
 
 class DiffusionLoop:
-    """One Adam run of `loss_at(model, step)` with optional mask and EMA, checkpointed in `run.checkpoints`."""
+    """One Adam run of `loss_at(model, step)` with optional mask and EMA, on the shared `Trainer`."""
 
     def __init__(self, unet: UNet2DModel, settings: LoopSettings, run: RunDir, accelerator: Any, *,
                  mask: Mask | None = None, name: str = "train"):
-        self.settings, self.run, self.accelerator, self.mask, self.name = settings, run, accelerator, mask, name
+        self.settings = settings
         unet.to(accelerator.device)
         params = masked_parameters(unet, mask) if mask is not None else list(unet.parameters())
-        optimizer = torch.optim.Adam(params, lr=settings.lr)
         self.ema = EMA(unet, settings.ema_decay) if settings.ema_decay is not None else None
-        self.model, self.optimizer = accelerator.prepare(unet, optimizer)
-        if mask is not None:
-            mask.protect_unmasked(self.unwrapped, getattr(self.optimizer, "optimizer", self.optimizer))
-        self.last_checkpoint: int | None = None
+        self.trainer = Trainer(unet, torch.optim.Adam(params, lr=settings.lr), accelerator=accelerator, run=run,
+                               steps=settings.steps, lr_at=self.lr_at, mask=mask, grad_clip=settings.grad_clip,
+                               checkpoint_every=settings.checkpoint_every, ema=self.ema, name=name,
+                               clip_before_mask=settings.clip_before_mask)
 
     @property
     def unwrapped(self) -> UNet2DModel:
-        return self.accelerator.unwrap_model(self.model)
+        return self.trainer.unwrapped
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then constant (a pure function of the step)."""
         warmup = self.settings.warmup
         return self.settings.lr * min(1.0, (step + 1) / warmup) if warmup else self.settings.lr
 
-    def _resume(self) -> int:
-        state = restore_checkpoint(self.run, self.unwrapped, self.optimizer)
-        if state is None:
-            return 0
-        if self.ema is not None:
-            self.ema.shadow = state["ema"]
-        return int(state["step"])
-
-    def _checkpoint(self, step: int) -> None:
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            state = {"step": step, "model": self.unwrapped.state_dict(), "optimizer": self.optimizer.state_dict()}
-            if self.ema is not None:
-                state["ema"] = self.ema.shadow
-            save_checkpoint(self.run.checkpoints, state)
-        self.last_checkpoint = step
-
     def run_steps(self, loss_at: Callable[[nn.Module, int], Tensor]) -> dict[str, float]:
         """Train to `settings.steps` (from the last checkpoint when resuming); returns timing and the last loss."""
-        start = self._resume()
-        self.last_checkpoint = start or None
-        self.model.train()
-        t0 = time.perf_counter()
-        loss = float("nan")
-        bar = tqdm(range(start, self.settings.steps), desc=self.name, initial=start, total=self.settings.steps,
-                   disable=None if self.accelerator.is_main_process else True, leave=False)
-        for step in bar:
-            loss = self._step(loss_at, step)
-            every = self.settings.checkpoint_every
-            if every and (step + 1) % every == 0 and step + 1 < self.settings.steps:
-                self._checkpoint(step + 1)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss:.4f}")
-        bar.close()
-        seconds = time.perf_counter() - t0
-        return {"steps": self.settings.steps, "resumed_from_step": start, "train_seconds": round(seconds, 3),
-                "steps_per_second": round((self.settings.steps - start) / seconds, 3) if seconds > 0 else None,
-                "final_loss": loss}
-
-    def _step(self, loss_at: Callable[[nn.Module, int], Tensor], step: int) -> float:
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(step)
-        with self.accelerator.autocast():
-            loss = loss_at(self.model, step)
-        ensure_finite(loss, what=self.name, step=step, run=self.run, last_checkpoint=self.last_checkpoint)
-        masked_step(loss, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer, mask=self.mask,
-                    grad_clip=self.settings.grad_clip, clip_before_mask=self.settings.clip_before_mask)
-        if self.ema is not None:
-            self.ema.update(self.unwrapped, step)
-        return loss.item()
+        return self.trainer.fit(loss_at)
 
 
 # ---------------------------------------------------------------------------- saving and loading

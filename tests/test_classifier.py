@@ -11,12 +11,12 @@ from classifiers import methods as methods_module
 from classifiers.commands import train, unlearn
 from classifiers.config import METHODS
 from classifiers.data import forget_split, load_digits
-from classifiers.loop import Loop
 from classifiers.metrics import mia_efficacy
 from classifiers.models import load_model
 from erasure.config import from_dict
 from erasure.errors import ConfigError, NonFiniteLossError
 from erasure.saliency import Mask
+from erasure.trainer import Trainer
 from helpers.digits import train_config, unlearn_config
 
 
@@ -77,18 +77,18 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
     reference = tmp_path / "reference"
     train(train_config(reference, epochs=4, checkpoint_every=7))
     interrupted = tmp_path / "interrupted"
-    original_step = Loop._step
+    original_step = Trainer._step
 
-    def crash_at_step_23(self, step):
+    def crash_at_step_23(self, loss_at, step):
         if step == 23:
             raise KeyboardInterrupt
-        return original_step(self, step)
+        return original_step(self, loss_at, step)
 
-    monkeypatch.setattr(Loop, "_step", crash_at_step_23)
+    monkeypatch.setattr(Trainer, "_step", crash_at_step_23)
     with pytest.raises(KeyboardInterrupt):
         train(train_config(interrupted, epochs=4, checkpoint_every=7))
-    monkeypatch.setattr(Loop, "_step", original_step)
-    assert (interrupted / "checkpoints" / "last.pt").is_file()
+    monkeypatch.setattr(Trainer, "_step", original_step)
+    assert (interrupted / "checkpoints" / "step-21").is_dir()
     metrics = train(train_config(interrupted, epochs=4, checkpoint_every=7, resume=True))
     assert metrics["resumed_from_step"] == 21
     a = load_model(reference / "model.safetensors").state_dict()
@@ -109,9 +109,10 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(original, tm
     monkeypatch.setattr(methods_module.FineTune, "loss", nan_after_12)
     with pytest.raises(NonFiniteLossError, match="step 12.*last good checkpoint \\(step 10\\)"):
         unlearn(unlearn_config(original, tmp_path / "nan", "ft", epochs=2, checkpoint_every=5))
-    from erasure.io import load_checkpoint, read_json
+    from erasure.io import read_json
+    from erasure.trainer import last_checkpoint_dir
 
-    assert load_checkpoint(tmp_path / "nan" / "checkpoints")["step"] == 10
+    assert last_checkpoint_dir(tmp_path / "nan" / "checkpoints")[0] == 10
     assert read_json(tmp_path / "nan" / "manifest.json")["status"] == "failed"
 
 

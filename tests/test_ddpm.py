@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.data import needs_cifar10
 from PIL import Image
 
 from erasure.config import from_dict, to_dict
 from erasure.errors import ConfigError
-from helpers.data import needs_cifar10
 
 pytestmark = needs_cifar10
 
@@ -68,19 +68,19 @@ def test_training_writes_a_diffusers_run_that_reloads_exactly(trained: Path, tmp
 
 def test_resume_after_interruption_is_bit_identical(trained: Path, tmp_path: Path, monkeypatch) -> None:
     from erasure.errors import ErasureError
-    from pipelines import ddpm
+    from erasure.trainer import Trainer
 
-    real_step = ddpm.DiffusionLoop._step
+    real_step = Trainer._step
 
     def crash_at_step_4(self, loss_at, step):
         if step == 4:
             raise KeyboardInterrupt
         return real_step(self, loss_at, step)
 
-    monkeypatch.setattr(ddpm.DiffusionLoop, "_step", crash_at_step_4)
+    monkeypatch.setattr(Trainer, "_step", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         train_tiny(tmp_path / "resumed")
-    monkeypatch.setattr(ddpm.DiffusionLoop, "_step", real_step)
+    monkeypatch.setattr(Trainer, "_step", real_step)
     with pytest.raises(ErasureError, match="--resume"):
         train_tiny(tmp_path / "resumed")
     metrics = train_tiny(tmp_path / "resumed", resume=True)

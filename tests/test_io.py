@@ -6,7 +6,7 @@ import json
 import pytest
 
 from erasure.errors import RunDirError
-from erasure.io import RunDir, atomic_open, finished_run, load_checkpoint, save_checkpoint, write_json
+from erasure.io import RunDir, atomic_open, finished_run, write_json
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -55,12 +55,6 @@ def test_a_foreign_non_empty_directory_is_refused(tmp_path):
     with pytest.raises(RunDirError, match="not empty"):
         RunDir(tmp_path)
     assert (tmp_path / "precious.txt").exists()
-
-
-def test_checkpoints_round_trip(tmp_path):
-    assert load_checkpoint(tmp_path) is None
-    save_checkpoint(tmp_path, {"step": 5})
-    assert load_checkpoint(tmp_path) == {"step": 5}
 
 
 def test_finished_run_explains_what_is_missing(tmp_path):
