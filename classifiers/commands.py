@@ -93,7 +93,7 @@ def unlearn(config: UnlearnConfig, accelerator: Accelerator | None = None) -> di
     run.start(to_dict(config), seed=config.seed, device=str(accelerator.device), kind="classifier-unlearn")
     if accelerator.is_main_process:
         write_json(run.path / "forget_indices.json", {"spec": config.forget, "train_index": split.forget_index.tolist()})
-    optim = config
+    optim = method.optim_config(config)
     if method.from_scratch:
         optim = replace(original_config, seed=config.seed, checkpoint_every=config.checkpoint_every)
         torch.manual_seed(config.seed)

@@ -13,6 +13,7 @@ CIFAR10_RESOLUTIONS = (32, 16, 8)
 METHODS = ("ft", "ga", "rl", "l1_sparse", "salun", "iu", "retrain", "piggyback_shrink", "kaggle_1st", "kaggle_2nd",
            "ssd")
 MASK_TYPES = ("hard", "soft")
+RL_SCHEDULES = ("reference", "joint")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "linear", "constant")
 FORGET_SPEC = re.compile(r"^(class:.+|random:.+)$")
@@ -79,13 +80,19 @@ class UnlearnConfig(OptimConfig):
     out: str = option("outputs/classifier-unlearn", "output directory")
     forget: str = option("class:0", "what to forget: 'class:<name|index>' or 'random:<fraction>'")
     method: str = option("salun", "unlearning method", choices=METHODS)
-    forget_batch_size: int = option(64, "forget examples per step for methods that use both sets", ge=1)
+    forget_batch_size: int = option(64, "forget examples per step for methods that read both sets in one step "
+                                   "(rl/salun joint, kaggle_1st)", ge=1)
     mask_ratio: float = option(0.5, "share of weights the saliency mask keeps (salun)", gt=0, lt=1)
     mask: str | None = option(None, "a saved mask (.safetensors) to use instead of computing one (salun)")
     mask_type: str = option("hard", "hard: keep or freeze each weight; soft: scale its gradient by a sigmoid of its "
                             "saliency around the same cut (salun)", choices=MASK_TYPES)
     mask_temperature: float = option(0.1, "temperature of the soft mask, in units of the mean |gradient| (salun)",
                                      gt=0)
+    rl_schedule: str = option(
+        "reference", "rl/salun batches: 'reference' (OPTML-Group/Unlearn-Saliency RL.py: each epoch a forget pass with "
+        "labels drawn from all classes, then a retain pass; plain SGD at a constant lr) or 'joint' (every step sums "
+        "a forget batch with labels other than the true one and a retain batch, under the configured optimizer and "
+        "schedule)", choices=RL_SCHEDULES)
     l1_alpha: float = option(5e-4, "L1 penalty weight, decayed linearly to 0 (l1_sparse)", ge=0)
     stop_forget_acc: float | None = option(None, "stop early once forget-set accuracy (%) falls to this value", ge=0,
                                            le=100)

@@ -71,6 +71,10 @@ class Loop:
         if primary_set is None or len(primary_set) == 0:
             raise ValueError(f"method '{method.name}' needs a non-empty {'retain' if method.uses_retain else 'forget'} set")
         self.steps_per_epoch = math.ceil(len(primary_set) / config.batch_size)
+        self.forget_steps = 0
+        if method.sequential_passes:
+            self.forget_steps = math.ceil(len(streams.forget) / config.batch_size)
+            self.steps_per_epoch += self.forget_steps
         self.total_steps = self.steps_per_epoch * config.epochs
         params = [p for p in model.parameters() if p.requires_grad]
         if mask is not None:
@@ -102,6 +106,8 @@ class Loop:
 
     def batch(self, step: int) -> StepBatch:
         """The batch of global step `step` (a pure function of the seed and the step)."""
+        if self.method.sequential_passes:
+            return self._pass_batch(step)
         forget = retain = random_labels = None
         if self.method.uses_forget:
             size = self.forget_batch_size if self.method.uses_retain else self.config.batch_size
@@ -112,6 +118,22 @@ class Loop:
         if self.method.uses_retain:
             retain = self._take(self.streams.retain, RETAIN_STREAM, self.config.batch_size, step)
         return StepBatch(forget, random_labels, retain, progress=step / self.total_steps)
+
+    def _pass_batch(self, step: int) -> StepBatch:
+        """Sequential passes: steps 0..F-1 of an epoch take forget batches (labels uniform over all classes),
+        the rest retain batches; both of `batch_size` examples, as in the reference."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        progress = step / self.total_steps
+        if position < self.forget_steps:
+            forget = self._take(self.streams.forget, FORGET_STREAM, self.config.batch_size,
+                                epoch * self.forget_steps + position)
+            generator = stream_generator(self.config.seed, LABEL_STREAM, step)
+            labels = torch.randint(0, self.num_classes, (len(forget[1]),), generator=generator).to(forget[1].device)
+            return StepBatch(forget, labels, None, progress)
+        retain_steps = self.steps_per_epoch - self.forget_steps
+        retain = self._take(self.streams.retain, RETAIN_STREAM, self.config.batch_size,
+                            epoch * retain_steps + position - self.forget_steps)
+        return StepBatch(None, None, retain, progress)
 
     def _resume(self) -> int:
         state = restore_checkpoint(self.run, self.unwrapped, self.optimizer)

@@ -7,7 +7,7 @@ or the mask its one-off `edit` returns (`kaggle_2nd`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -24,7 +24,10 @@ from erasure.training import evaluating
 
 @dataclass
 class StepBatch:
-    """What one optimisation step sees. Images are floats in [0, 1]."""
+    """What one optimisation step sees. Images are floats in [0, 1].
+
+    Under sequential passes a step sees either a forget batch or a retain batch, never both.
+    """
 
     forget: tuple[Tensor, Tensor] | None
     forget_random_labels: Tensor | None
@@ -44,6 +47,15 @@ class Method:
 
     def __init__(self, config: OptimConfig):
         self.config = config
+
+    @property
+    def sequential_passes(self) -> bool:
+        """Whether an epoch is a full forget pass then a full retain pass (else every step reads both sets)."""
+        return False
+
+    def optim_config(self, config: OptimConfig) -> OptimConfig:
+        """The optimiser settings this method trains with (the configured ones by default)."""
+        return config
 
     def cross_entropy(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(model(x), y, label_smoothing=self.config.label_smoothing)
@@ -88,16 +100,35 @@ class GradientAscent(Method):
 
 
 class RandomLabel(Method):
-    """`rl`: fit the forget set to random wrong labels while fitting the retain set to its own."""
+    """`rl`: fit the forget set to random labels while fitting the retain set to its own.
+
+    `rl_schedule: reference` follows OPTML-Group/Unlearn-Saliency (Classification/unlearn/RL.py): each
+    epoch a forget pass with labels drawn uniformly from all classes (the true one included), then a
+    retain pass, with plain SGD (no Nesterov) at a constant learning rate. `joint` sums a forget batch
+    (labels other than the true one) and a retain batch at every step, under the configured optimiser.
+    """
 
     name = "rl"
     uses_forget = True
     uses_retain = True
 
+    @property
+    def sequential_passes(self) -> bool:
+        assert isinstance(self.config, UnlearnConfig)
+        return self.config.rl_schedule == "reference"
+
+    def optim_config(self, config: OptimConfig) -> OptimConfig:
+        if self.sequential_passes:
+            return replace(config, nesterov=False, schedule="constant")
+        return config
+
     def loss(self, model: nn.Module, batch: StepBatch) -> Tensor:
-        x_forget, _ = batch.forget
-        forget_loss = self.cross_entropy(model, x_forget, batch.forget_random_labels)
-        return forget_loss + self.cross_entropy(model, *batch.retain)
+        terms = []
+        if batch.forget is not None:
+            terms.append(self.cross_entropy(model, batch.forget[0], batch.forget_random_labels))
+        if batch.retain is not None:
+            terms.append(self.cross_entropy(model, *batch.retain))
+        return sum(terms[1:], terms[0])
 
 
 class SalUn(RandomLabel):

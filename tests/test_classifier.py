@@ -33,6 +33,7 @@ def test_method_names_in_config_match_the_registry():
     ("ft", {"lr": 0.1, "epochs": 10}),
     ("ga", {"lr": 0.005, "epochs": 4}),
     ("rl", {}),
+    ("rl", {"rl_schedule": "joint"}),
     ("l1_sparse", {"l1_alpha": 1e-3, "epochs": 10}),
     ("salun", {}),
     ("iu", {"iu_alpha": 3.0}),
@@ -43,6 +44,47 @@ def test_each_method_raises_unlearning_accuracy(original, tmp_path, method, extr
     assert metrics["UA"] > 5.0, f"{method} did not forget: {metrics}"
     assert metrics["RA"] > 50.0, f"{method} destroyed the retain set: {metrics}"
     assert (tmp_path / method / "manifest.json").is_file() and (tmp_path / method / "model.safetensors").is_file()
+
+
+def test_rl_reference_schedule_is_a_forget_pass_then_a_retain_pass(original, tmp_path, monkeypatch):
+    seen = []
+    real_loss = methods_module.RandomLabel.loss
+
+    def record(self, model, batch):
+        if batch.forget is not None:
+            seen.append(("forget", len(batch.forget[1]), int((batch.forget_random_labels == batch.forget[1]).sum())))
+        seen.append(("retain", len(batch.retain[1]), 0) if batch.retain is not None else None)
+        return real_loss(self, model, batch)
+
+    monkeypatch.setattr(methods_module.RandomLabel, "loss", record)
+    config = unlearn_config(original, tmp_path / "rl", "rl", epochs=2, schedule="cosine", nesterov=True)
+    metrics = unlearn(config)
+    split = forget_split("class:3", load_digits(), seed=config.seed)
+    n_forget, n_retain = len(split.forget_index), len(load_digits().train) - len(split.forget_index)
+    kinds = [s for s in seen if s is not None]
+    forget_steps, retain_steps = -(-n_forget // 64), -(-n_retain // 64)
+    epoch = ["forget"] * forget_steps + ["retain"] * retain_steps
+    assert [k for k, _, _ in kinds] == epoch * 2 and metrics["steps"] == len(kinds)
+    assert sum(n for k, n, _ in kinds[:forget_steps]) == n_forget
+    assert sum(n for k, n, _ in kinds[forget_steps:len(epoch)]) == n_retain
+    assert sum(same for _, _, same in kinds) > 0, "reference labels are drawn from all classes, the true one included"
+    optim = methods_module.build_method(config, "rl").optim_config(config)
+    assert (optim.nesterov, optim.schedule) == (False, "constant")
+    joint = from_dict(type(config), {**vars(config), "rl_schedule": "joint"})
+    assert methods_module.build_method(joint, "rl").optim_config(joint) is joint
+
+
+def test_rl_joint_schedule_sums_both_sets_with_wrong_labels(original, tmp_path, monkeypatch):
+    seen = []
+    real_loss = methods_module.RandomLabel.loss
+
+    def record(self, model, batch):
+        seen.append((batch.retain is not None, bool((batch.forget_random_labels == batch.forget[1]).any())))
+        return real_loss(self, model, batch)
+
+    monkeypatch.setattr(methods_module.RandomLabel, "loss", record)
+    unlearn(unlearn_config(original, tmp_path / "rl", "rl", epochs=1, rl_schedule="joint"))
+    assert seen and all(both and not same for both, same in seen)
 
 
 def test_salun_leaves_unmasked_weights_bit_identical(original, tmp_path):
