@@ -89,11 +89,11 @@ def unlearn(config: UnlearnConfig, accelerator: Accelerator | None = None) -> di
     run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume, main_process=accelerator.is_main_process)
     data = dataset_for(original_config, accelerator.device)
     split = forget_split(config.forget, data, seed=config.seed)
-    method = build_method(config, config.method)
+    method = build_method(config)
     run.start(to_dict(config), seed=config.seed, device=str(accelerator.device), kind="classifier-unlearn")
     if accelerator.is_main_process:
         write_json(run.path / "forget_indices.json", {"spec": config.forget, "train_index": split.forget_index.tolist()})
-    optim = config
+    optim = method.optim_config(config)
     if method.from_scratch:
         optim = replace(original_config, seed=config.seed, checkpoint_every=config.checkpoint_every)
         torch.manual_seed(config.seed)
@@ -141,11 +141,12 @@ def _method_mask(config: UnlearnConfig, method: Method, edited: Mask | None, mod
     saved = run.path / MASK_FILE
     if run.resumed and saved.is_file():
         return Mask.load(saved, model)
-    if config.mask:
-        mask = Mask.load(config.mask, model)
+    settings = config.settings
+    if settings.mask:
+        mask = Mask.load(settings.mask, model)
     else:
-        temperature = config.mask_temperature if config.mask_type == "soft" else None
-        mask = _saliency_mask(model, split, data, config.mask_ratio, None, None, config.batch_size, accelerator,
+        temperature = settings.mask_temperature if settings.mask_type == "soft" else None
+        mask = _saliency_mask(model, split, data, settings.mask_ratio, None, None, config.batch_size, accelerator,
                               temperature)
     if accelerator.is_main_process:
         mask.save(saved)

@@ -1,19 +1,18 @@
 """Configs of the classifier commands (data only: no torch import, so `--help` is fast)."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
+from typing import Any
 
-from erasure.config import from_dict, option, read_yaml
+from classifiers.method_settings import METHOD_SETTINGS, METHODS, MethodSettings
+from erasure.config import from_dict, option, read_yaml, section
 from erasure.errors import ConfigError
 
 DATASETS = ("digits", "cifar10")
 ARCHS = ("mlp", "cnn", "resnet18")
 CIFAR10_RESOLUTIONS = (32, 16, 8)
-METHODS = ("ft", "ga", "rl", "l1_sparse", "salun", "iu", "retrain", "piggyback_shrink", "kaggle_1st", "kaggle_2nd",
-           "ssd")
-MASK_TYPES = ("hard", "soft")
-RL_SCHEDULES = ("reference", "joint")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "linear", "constant")
 FORGET_SPEC = re.compile(r"^(class:.+|random:.+)$")
@@ -73,60 +72,48 @@ class TrainConfig(OptimConfig):
 
 
 @dataclass
-class UnlearnConfig(OptimConfig):
-    """Unlearn a forget set from the model of a finished `classifier train` run."""
+class UnlearnSharedConfig(OptimConfig):
+    """The settings every unlearning method shares; `UnlearnConfig` adds one section per method."""
 
     original: str = option("", "the --out directory of a finished `erasure classifier train` run")
     out: str = option("outputs/classifier-unlearn", "output directory")
     forget: str = option("class:0", "what to forget: 'class:<name|index>' or 'random:<fraction>'")
-    method: str = option("salun", "unlearning method", choices=METHODS)
-    schedule: str = option("constant", "learning-rate schedule over all steps (unlearning: constant, as the SalUn "
-                                       "reference)", choices=SCHEDULES)
+    method: str = option("salun", "unlearning method (its own settings: the section of its name)", choices=METHODS)
+    lr: float | None = option(None, "peak learning rate (default: the method's own: " + ", ".join(
+        f"{name} {settings.default_lr}" for name, settings in METHOD_SETTINGS.items()) + ")", gt=0)
+    schedule: str = option("constant", "learning-rate schedule over all steps (unlearning: constant, the SalUn "
+                                       "reference's optimizer for every method)", choices=SCHEDULES)
     nesterov: bool = option(False, "Nesterov momentum for SGD (unlearning: off, as the SalUn reference)")
-    forget_batch_size: int = option(64, "forget examples per step for methods that use both sets in one step", ge=1)
-    rl_schedule: str = option("reference", "rl, salun: 'reference' (each epoch one pass over the forget set with "
-                                           "labels drawn from all classes, then one pass over the retain set, as "
-                                           "the SalUn code) or 'joint' (every step adds a forget batch with wrong "
-                                           "labels and a retain batch)", choices=RL_SCHEDULES)
-    mask_ratio: float = option(0.5, "share of weights the saliency mask keeps (salun)", gt=0, lt=1)
-    mask: str | None = option(None, "a saved mask (.safetensors) to use instead of computing one (salun)")
-    mask_type: str = option("hard", "hard: keep or freeze each weight; soft: scale its gradient by a sigmoid of its "
-                            "saliency around the same cut (salun)", choices=MASK_TYPES)
-    mask_temperature: float = option(0.1, "temperature of the soft mask, in units of the mean |gradient| (salun)",
-                                     gt=0)
-    l1_alpha: float = option(5e-4, "L1 penalty weight, decayed linearly to 0 by epoch (l1_sparse)", ge=0)
+    forget_batch_size: int = option(64, "forget examples per step for methods that read both sets in one step "
+                                    "(rl/salun joint, kaggle_1st)", ge=1)
     stop_forget_acc: float | None = option(None, "stop early once forget-set accuracy (%) falls to this value", ge=0,
                                            le=100)
     stop_check_every: int = option(5, "steps between the checks of stop_forget_acc", ge=1)
-    iu_alpha: float = option(3.0, "step size of the influence update (iu)", gt=0)
-    iu_samples: int = option(64, "retain samples in the WoodFisher estimate of the Fisher (iu)", ge=1)
-    iu_damping: float = option(0.1, "damping added to the Fisher before inverting it (iu)", gt=0)
-    piggyback_params: str | None = option(None, "regex of the weights to learn a mask over (default: the last "
-                                          "stage: resnet18's last two blocks, else the trunk's last two layers)")
-    piggyback_lambda: float = option(1e-3, "L1 penalty on the mask scores, per weight (piggyback_shrink)", ge=0)
-    piggyback_threshold: float = option(5e-3, "mask scores above it select a weight (piggyback_shrink)", gt=0)
-    piggyback_init: float = option(1e-2, "initial mask score of every weight (piggyback_shrink)", gt=0)
-    piggyback_lr: float = option(1e-3, "Adam learning rate of the mask scores (piggyback_shrink)", gt=0)
-    piggyback_epochs: int = option(3, "passes over the forget set to learn the mask (piggyback_shrink)", ge=1)
-    piggyback_eta: float = option(0.1, "factor the selected weights are multiplied by (piggyback_shrink)", gt=0, lt=1)
-    kaggle1_kl_epochs: float = option(1.0, "epochs (of the run's steps) pushing forget outputs to uniform (kaggle_1st)",
-                                      gt=0)
-    kaggle1_temperature: float = option(1.15, "temperature of the forget-vs-retain contrast (kaggle_1st)", gt=0)
-    kaggle2_reinit_ratio: float = option(0.3, "share of conv/linear weights with the smallest forget gradient to "
-                                         "re-initialise (kaggle_2nd)", gt=0, lt=1)
-    kaggle2_grad_scale: float = option(0.1, "gradient factor of the weights not re-initialised (kaggle_2nd)", ge=0,
-                                       le=1)
-    ssd_alpha: float = option(10.0, "dampen weights whose forget importance exceeds alpha x the full-data importance "
-                              "(ssd)", gt=0)
-    ssd_lambda: float = option(1.0, "dampening: selected weights scale by min(lambda x full / forget importance, 1) "
-                               "(ssd)", gt=0)
     retrain: str | None = option(None, "a finished retrain run to report the gap to (Avg.Gap)")
 
+    @property
+    def settings(self) -> MethodSettings:
+        """The settings of the chosen method."""
+        return getattr(self, self.method, None) or METHOD_SETTINGS[self.method]()
+
     def validate(self) -> None:
-        """Cross-field checks."""
+        """Cross-field checks, and the method's own lr when none is given."""
         if not self.original:
             raise ConfigError("config key 'original' is required: pass --original <dir of a finished classifier train run>")
         _check_forget_syntax(self.forget)
+        if self.lr is None:
+            self.lr = METHOD_SETTINGS[self.method].default_lr
+
+
+UnlearnConfig = dataclasses.make_dataclass(
+    "UnlearnConfig",
+    [(name, settings, section(settings, f"settings of method {name} (used when method is {name})"))
+     for name, settings in METHOD_SETTINGS.items() if dataclasses.fields(settings)],
+    bases=(UnlearnSharedConfig,),
+    namespace={"__doc__": "Unlearn a forget set from the model of a finished `classifier train` run: the shared "
+                          "settings plus one section per method (e.g. `iu: {alpha: 3.0}`, flag --iu-alpha).",
+               "__module__": __name__},
+)
 
 
 @dataclass
@@ -139,7 +126,8 @@ class CompareConfig:
     train_file: str | None = option(None, "a `classifier train` YAML with the original model's settings")
     train: dict = option({}, "settings of the original model (keys of `classifier train`; override train_file)")
     unlearn: dict = option({}, "settings shared by every method (keys of `classifier unlearn`)")
-    per_method: dict = option({}, "per-method settings overriding `unlearn`, e.g. {ga: {lr: 0.01}}")
+    per_method: dict = option({}, "per-method settings overriding `unlearn`: shared keys and the method's own, "
+                              "e.g. {ga: {lr: 0.01}, iu: {alpha: 3.0}}")
     original: str | None = option(None, "reuse the model of a finished train run instead of training one")
     retrain: str | None = option(None, "reuse a finished retrain run (same forget set and seed) instead of training one")
     seed: int = option(0, "seed of every run (overrides train/unlearn seeds)", ge=0)
@@ -157,21 +145,27 @@ class CompareConfig:
             raise ConfigError("config key 'retrain' names one retrain run, but 'seeds' asks for one per seed; "
                               "leave 'retrain' unset so each seed trains its own")
         self.train_config()
-        for method in self.methods:
-            self.unlearn_config(method, original="<original>", out="<out>")
         unknown = sorted(set(self.per_method) - set(METHODS))
         if unknown:
             raise ConfigError(f"config key 'per_method' names unknown methods {unknown}; choices: {', '.join(METHODS)}")
+        for method in dict.fromkeys([*self.methods, *self.per_method]):
+            self.unlearn_config(method, original="<original>", out="<out>")
 
     def train_config(self, **fixed: object) -> TrainConfig:
         """The TrainConfig of the original model: train_file, then `train`, then the fixed values."""
         base = read_yaml(self.train_file) if self.train_file else {}
         return from_dict(TrainConfig, {**base, **self.train, "seed": self.seed, **fixed}, source="'train'")
 
-    def unlearn_config(self, method: str, **fixed: object) -> UnlearnConfig:
-        """The UnlearnConfig of one method: shared settings, then its own."""
-        data = {**self.unlearn, **self.per_method.get(method, {}), "method": method, "forget": self.forget,
-                "seed": self.seed, **fixed}
+    def unlearn_config(self, method: str, **fixed: object) -> Any:
+        """The UnlearnConfig of one method: shared settings, then its own (per_method keys of the method's
+        settings go to its section, the others override the shared ones)."""
+        own = {f.name for f in dataclasses.fields(METHOD_SETTINGS[method])}
+        overrides = self.per_method.get(method, {})
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"config key 'per_method.{method}' must be a mapping of settings, got {overrides!r}")
+        data = {**self.unlearn, **{k: v for k, v in overrides.items() if k not in own},
+                **{f"{method}.{k}": v for k, v in overrides.items() if k in own},
+                "method": method, "forget": self.forget, "seed": self.seed, **fixed}
         return from_dict(UnlearnConfig, data, source=f"'per_method.{method}'")
 
 

@@ -69,7 +69,7 @@ class Loop:
         primary_set = streams.retain if method.uses_retain else streams.forget
         if primary_set is None or len(primary_set) == 0:
             raise ValueError(f"method '{method.name}' needs a non-empty {'retain' if method.uses_retain else 'forget'} set")
-        self.alternating = method.alternates_passes
+        self.alternating = method.sequential_passes
         self.forget_steps = math.ceil(len(streams.forget) / config.batch_size) if self.alternating else 0
         self.steps_per_epoch = self.forget_steps + math.ceil(len(primary_set) / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs

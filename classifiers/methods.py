@@ -7,7 +7,7 @@ or the mask its one-off `edit` returns (`kaggle_2nd`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -15,8 +15,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from classifiers import fisher, piggyback
-from classifiers.config import OptimConfig, UnlearnConfig
+from classifiers.config import OptimConfig, UnlearnSharedConfig
 from classifiers.data import ImageSet
+from classifiers.method_settings import METHODS as METHOD_NAMES
+from classifiers.method_settings import (
+    GradientAscentSettings,
+    InfluenceSettings,
+    KaggleFirstSettings,
+    KaggleSecondSettings,
+    L1SparseSettings,
+    MethodSettings,
+    PiggybackSettings,
+    RandomLabelSettings,
+    SalUnSettings,
+    SSDSettings,
+)
 from classifiers.models import to_input
 from erasure.saliency import Mask, compute_mask
 from erasure.training import evaluating
@@ -24,7 +37,10 @@ from erasure.training import evaluating
 
 @dataclass
 class StepBatch:
-    """What one optimisation step sees. Images are floats in [0, 1]."""
+    """What one optimisation step sees. Images are floats in [0, 1].
+
+    Under sequential passes a step sees either a forget batch or a retain batch, never both.
+    """
 
     forget: tuple[Tensor, Tensor] | None
     forget_random_labels: Tensor | None
@@ -43,14 +59,20 @@ class Method:
     from_scratch: ClassVar[bool] = False
     trains: ClassVar[bool] = True
 
-    def __init__(self, config: OptimConfig):
+    settings: MethodSettings
+
+    def __init__(self, config: OptimConfig, settings: MethodSettings | None = None):
         self.config = config
+        self.settings = settings if settings is not None else MethodSettings()
 
     @property
-    def alternates_passes(self) -> bool:
-        """Whether each epoch is a pass over the forget set followed by a pass over the retain set, one set per
-        step (the SalUn reference's rl), instead of steps over one primary set."""
+    def sequential_passes(self) -> bool:
+        """Whether an epoch is a full forget pass then a full retain pass (else every step reads both sets)."""
         return False
+
+    def optim_config(self, config: OptimConfig) -> OptimConfig:
+        """The optimiser settings this method trains with (the configured ones by default)."""
+        return config
 
     def cross_entropy(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(model(x), y, label_smoothing=self.config.label_smoothing)
@@ -89,6 +111,7 @@ class GradientAscent(Method):
 
     name = "ga"
     uses_forget = True
+    settings: GradientAscentSettings
 
     def loss(self, model: nn.Module, batch: StepBatch) -> Tensor:
         return -self.cross_entropy(model, *batch.forget)
@@ -97,19 +120,25 @@ class GradientAscent(Method):
 class RandomLabel(Method):
     """`rl`: fit the forget set to random labels while fitting the retain set to its own.
 
-    `rl_schedule: reference` (default) follows the SalUn code (Classification/unlearn/RL.py): each epoch a pass
-    over the forget set with labels drawn from all classes (the true one included), then a pass over the retain
-    set. `joint` adds, in every step, a forget batch with wrong labels to a retain batch.
+    `plan: reference` follows OPTML-Group/Unlearn-Saliency (Classification/unlearn/RL.py): each
+    epoch a forget pass with labels drawn uniformly from all classes (the true one included), then a
+    retain pass, with plain SGD (no Nesterov) at a constant learning rate. `joint` sums a forget batch
+    (labels other than the true one) and a retain batch at every step, under the configured optimiser.
     """
 
     name = "rl"
     uses_forget = True
     uses_retain = True
+    settings: RandomLabelSettings
 
     @property
-    def alternates_passes(self) -> bool:
-        assert isinstance(self.config, UnlearnConfig)
-        return self.config.rl_schedule == "reference"
+    def sequential_passes(self) -> bool:
+        return self.settings.plan == "reference"
+
+    def optim_config(self, config: OptimConfig) -> OptimConfig:
+        if self.sequential_passes:
+            return replace(config, nesterov=False, schedule="constant")
+        return config
 
     def loss(self, model: nn.Module, batch: StepBatch) -> Tensor:
         terms = []
@@ -125,6 +154,7 @@ class SalUn(RandomLabel):
 
     name = "salun"
     uses_mask = True
+    settings: SalUnSettings
 
 
 class L1Sparse(FineTune):
@@ -132,10 +162,10 @@ class L1Sparse(FineTune):
     (alpha (1 - epoch / epochs), as the reference's FT_l1)."""
 
     name = "l1_sparse"
+    settings: L1SparseSettings
 
     def loss(self, model: nn.Module, batch: StepBatch) -> Tensor:
-        assert isinstance(self.config, UnlearnConfig)
-        alpha = self.config.l1_alpha * (1.0 - batch.epoch / self.config.epochs)
+        alpha = self.settings.alpha * (1.0 - batch.epoch / self.config.epochs)
         penalty = torch.stack([p.abs().sum() for p in model.parameters() if p.requires_grad]).sum()
         return super().loss(model, batch) + alpha * penalty
 
@@ -150,22 +180,22 @@ class InfluenceUnlearning(Method):
 
     name = "iu"
     trains = False
+    settings: InfluenceSettings
 
     def edit(self, model: nn.Module, forget: ImageSet, retain: ImageSet) -> None:
-        assert isinstance(self.config, UnlearnConfig)
         params = [p for p in model.parameters() if p.requires_grad]
         with evaluating(model):
             total = len(forget) + len(retain)
             g_forget = _mean_gradient(model, params, forget, self.config.batch_size) * (len(forget) / total)
             g_retain = _mean_gradient(model, params, retain, self.config.batch_size) * (len(forget) / total)
             generator = torch.Generator().manual_seed(self.config.seed)
-            chosen = torch.randperm(len(retain), generator=generator)[:self.config.iu_samples]
+            chosen = torch.randperm(len(retain), generator=generator)[:self.settings.samples]
             per_sample = torch.stack([_mean_gradient(model, params, retain.subset(chosen[i:i + 1]), 1)
                                       for i in range(len(chosen))])
-            step = woodfisher_solve(per_sample, g_forget - g_retain, self.config.iu_damping)
+            step = woodfisher_solve(per_sample, g_forget - g_retain, self.settings.damping)
             with torch.no_grad():
                 torch.nn.utils.vector_to_parameters(
-                    torch.nn.utils.parameters_to_vector(params) + self.config.iu_alpha * step.to(params[0].dtype),
+                    torch.nn.utils.parameters_to_vector(params) + self.settings.alpha * step.to(params[0].dtype),
                     params)
 
 
@@ -174,40 +204,40 @@ class PiggybackShrink(FineTune):
     L1 on the scores), multiply those weights by eta, then fine-tune on the retain set."""
 
     name = "piggyback_shrink"
+    settings: PiggybackSettings
 
     def edit(self, model: nn.Module, forget: ImageSet, retain: ImageSet) -> Mask:
-        c = self.config
-        assert isinstance(c, UnlearnConfig)
+        s = self.settings
         with evaluating(model):
             mask = piggyback.learn_mask(
-                model, piggyback.last_stage(model, c.piggyback_params), image_batches(forget, c.batch_size),
-                penalty=c.piggyback_lambda, threshold=c.piggyback_threshold, init=c.piggyback_init,
-                lr=c.piggyback_lr, epochs=c.piggyback_epochs, seed=c.seed)
-        piggyback.shrink(model, mask, c.piggyback_eta)
-        mask.metadata["eta"] = c.piggyback_eta
+                model, piggyback.last_stage(model, s.params), image_batches(forget, self.config.batch_size),
+                penalty=s.penalty, threshold=s.threshold, init=s.init, lr=s.mask_lr, epochs=s.mask_epochs,
+                seed=self.config.seed)
+        piggyback.shrink(model, mask, s.eta)
+        mask.metadata["eta"] = s.eta
         return mask
 
 
 class KaggleFirst(Method):
     """`kaggle_1st` (NeurIPS 2023 unlearning challenge winner): push forget outputs toward the uniform
-    distribution (KL) for the first `kaggle1_kl_epochs`, then contrast forget against retain outputs
+    distribution (KL) for the first `kl_epochs`, then contrast forget against retain outputs
     with a temperature while fitting the retain set (cross-entropy)."""
 
     name = "kaggle_1st"
     uses_forget = True
     uses_retain = True
+    settings: KaggleFirstSettings
 
     def loss(self, model: nn.Module, batch: StepBatch) -> Tensor:
         c = self.config
-        assert isinstance(c, UnlearnConfig)
         x_forget, _ = batch.forget
         forget_logits = model(x_forget)
-        if batch.progress < c.kaggle1_kl_epochs / c.epochs:
+        if batch.progress < self.settings.kl_epochs / c.epochs:
             uniform = torch.full_like(forget_logits, 1.0 / forget_logits.shape[1])
             return F.kl_div(F.log_softmax(forget_logits, dim=1), uniform, reduction="batchmean")
         x_retain, y_retain = batch.retain
         retain_logits = model(x_retain)
-        similarity = F.normalize(forget_logits, dim=1) @ F.normalize(retain_logits, dim=1).T / c.kaggle1_temperature
+        similarity = F.normalize(forget_logits, dim=1) @ F.normalize(retain_logits, dim=1).T / self.settings.temperature
         contrast = -F.log_softmax(similarity, dim=1).mean()
         return contrast + F.cross_entropy(retain_logits, y_retain, label_smoothing=c.label_smoothing)
 
@@ -215,44 +245,44 @@ class KaggleFirst(Method):
 class KaggleSecond(FineTune):
     """`kaggle_2nd` (runner-up): re-initialise the conv/linear weights with the smallest forget-gradient
     magnitude (the saliency mask's complement), then fine-tune on retain with the gradients of all
-    other weights scaled by `kaggle2_grad_scale` (a soft mask)."""
+    other weights scaled by `grad_scale` (a soft mask)."""
 
     name = "kaggle_2nd"
     uses_mask = True
+    settings: KaggleSecondSettings
 
     def edit(self, model: nn.Module, forget: ImageSet, retain: ImageSet) -> Mask:
-        c = self.config
-        assert isinstance(c, UnlearnConfig)
+        c, s = self.config, self.settings
         with evaluating(model):
             salient = compute_mask(model, image_batches(forget, c.batch_size), forget_loss,
-                                   ratio=1.0 - c.kaggle2_reinit_ratio, params=_layer_weights(model).__contains__,
+                                   ratio=1.0 - s.reinit_ratio, params=_layer_weights(model).__contains__,
                                    loss_name="cross_entropy", progress=False)
         fresh = {name: ~m for name, m in salient.masks.items()}
         reinitialise(model, fresh, c.seed)
-        weights = {name: torch.where(fresh[name], 1.0, c.kaggle2_grad_scale) if name in fresh
-                   else torch.full(p.shape, c.kaggle2_grad_scale) for name, p in model.named_parameters()
+        weights = {name: torch.where(fresh[name], 1.0, s.grad_scale) if name in fresh
+                   else torch.full(p.shape, s.grad_scale) for name, p in model.named_parameters()
                    if p.requires_grad}
-        metadata = {**salient.metadata, "kind": "kaggle_2nd", "reinit_ratio": c.kaggle2_reinit_ratio,
-                    "grad_scale": c.kaggle2_grad_scale}
+        metadata = {**salient.metadata, "kind": "kaggle_2nd", "reinit_ratio": s.reinit_ratio,
+                    "grad_scale": s.grad_scale}
         return Mask(weights, metadata, soft=True)
 
 
 class SelectiveSynapticDampening(Method):
-    """`ssd`: dampen the weights whose Fisher importance on the forget set exceeds `ssd_alpha` times
+    """`ssd`: dampen the weights whose Fisher importance on the forget set exceeds `alpha` times
     their importance on the whole training set (one-shot, no training)."""
 
     name = "ssd"
     trains = False
+    settings: SSDSettings
 
     def edit(self, model: nn.Module, forget: ImageSet, retain: ImageSet) -> Mask:
         c = self.config
-        assert isinstance(c, UnlearnConfig)
         everything = ImageSet(torch.cat([forget.images, retain.images]), torch.cat([forget.labels, retain.labels]))
         shuffled = torch.randperm(len(everything), generator=torch.Generator().manual_seed(c.seed))
         with evaluating(model):
             on_forget = fisher.fisher_diagonal(model, image_batches(forget, c.batch_size))
             on_all = fisher.fisher_diagonal(model, image_batches(everything.subset(shuffled), c.batch_size))
-        return fisher.dampen(model, on_forget, on_all, alpha=c.ssd_alpha, strength=c.ssd_lambda)
+        return fisher.dampen(model, on_forget, on_all, alpha=self.settings.alpha, strength=self.settings.strength)
 
 
 def image_batches(data: ImageSet, batch_size: int) -> list[tuple[Tensor, Tensor]]:
@@ -296,14 +326,22 @@ def woodfisher_solve(per_sample: Tensor, v: Tensor, damping: float) -> Tensor:
     return (v - per_sample.T @ coefficients) / damping
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FineTune, GradientAscent, RandomLabel, L1Sparse, SalUn,
-                                                        InfluenceUnlearning, Retrain, PiggybackShrink, KaggleFirst,
-                                                        KaggleSecond, SelectiveSynapticDampening)}
+def _implementations() -> dict[str, type[Method]]:
+    """Every Method subclass by name, in the order of the settings registry (a name without one fails here)."""
+    found, pending = {}, list(Method.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        found[cls.name] = cls
+        pending.extend(cls.__subclasses__())
+    return {name: found[name] for name in METHOD_NAMES}
 
 
-def build_method(config: OptimConfig, name: str) -> Method:
-    """The method called `name`, configured by `config`."""
-    return METHODS[name](config)
+METHODS: dict[str, type[Method]] = _implementations()
+
+
+def build_method(config: UnlearnSharedConfig) -> Method:
+    """The method an unlearning config names, with the shared settings and its own section."""
+    return METHODS[config.method](config, config.settings)
 
 
 def forget_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:

@@ -32,7 +32,7 @@ def last_stage(model: nn.Module, pattern: str | None = None) -> list[str]:
     else:
         chosen = [name for name in weights if name.startswith("trunk.")][-2:]
     if not chosen:
-        raise ConfigError(f"no weight of {type(model).__name__} matches piggyback_params={pattern!r}; "
+        raise ConfigError(f"no weight of {type(model).__name__} matches piggyback_shrink.params={pattern!r}; "
                           "pass a regex of names from model.named_parameters()")
     return chosen
 

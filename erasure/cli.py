@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from erasure import __version__
-from erasure.config import field_type, fields, load_config, type_name
+from erasure.config import field_type, fields, is_section, load_config, type_name
 from erasure.errors import ErasureError
 
 
@@ -64,10 +64,11 @@ def _resolve(target: str) -> Any:
     return getattr(importlib.import_module(module), attribute)
 
 
-def _describe(cls: type, f: dataclasses.Field) -> str:
+def _describe(cls: type, f: dataclasses.Field, key: str) -> str:
     meta = f.metadata
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-    parts = [meta.get("help", ""), f"[{type_name(field_type(cls, f))}; default: {default}"]
+    where = f"YAML {key}; " if "." in key else ""
+    parts = [meta.get("help", ""), f"[{where}{type_name(field_type(cls, f))}; default: {default}"]
     if meta.get("choices"):
         parts[-1] += f"; choices: {', '.join(map(str, meta['choices']))}"
     bounds = [f"{sym} {meta[key]}" for key, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
@@ -80,15 +81,24 @@ def _describe(cls: type, f: dataclasses.Field) -> str:
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     parser.add_argument("--config", metavar="FILE.yaml", default=None,
                         help="YAML file with any of the options below; flags override it")
+    _add_field_flags(parser, cls)
+
+
+def _add_field_flags(parser: argparse._ActionsContainer, cls: type, prefix: str = "") -> None:
+    """One flag per field; a nested settings section gets a group of `--<section>-<key>` flags."""
     for f in fields(cls):
-        flag = "--" + (f.metadata.get("flag") or f.name.replace("_", "-"))
-        tp = field_type(cls, f)
-        if tp is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=_describe(cls, f))
+        key = prefix + f.name
+        if is_section(f):
+            group = parser.add_argument_group(f"{f.name} settings", f.metadata.get("help"))
+            _add_field_flags(group, field_type(cls, f), prefix=f"{key}.")
+            continue
+        flag = "--" + (f.metadata.get("flag") or key.replace(".", "-").replace("_", "-"))
+        if field_type(cls, f) is bool:
+            parser.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=_describe(cls, f, key))
         else:
-            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar="VALUE",
-                                help=_describe(cls, f))
+            parser.add_argument(flag, dest=key, default=argparse.SUPPRESS, metavar="VALUE",
+                                help=_describe(cls, f, key))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,6 +38,17 @@ def option(
     return dataclasses.field(default=default, metadata=meta)
 
 
+def section(cls: type, help: str) -> Any:
+    """A config field holding a nested settings dataclass: a mapping under its name in YAML, `name.key` in
+    overrides, `--name-key` flags on the command line."""
+    return dataclasses.field(default_factory=cls, metadata={"help": help, "section": True})
+
+
+def is_section(f: dataclasses.Field) -> bool:
+    """Whether `f` holds a nested settings dataclass (see `section`)."""
+    return bool(f.metadata.get("section"))
+
+
 def fields(cls: type) -> list[dataclasses.Field]:
     """The config fields of a dataclass, in declaration order."""
     return list(dataclasses.fields(cls))
@@ -158,29 +169,55 @@ def check_range(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
                 raise ConfigError(f"config key '{key}' must be {symbol} {bound}; got {v}")
 
 
-def from_dict(cls: type[C], data: typing.Mapping[str, Any], source: str = "config") -> C:
-    """Build and validate a config dataclass from a mapping of raw values."""
+def _nest_dotted(data: typing.Mapping[str, Any]) -> dict[str, Any]:
+    """Fold 'section.key' entries (flag overrides) into the mapping of their section; they win over it."""
+    nested: dict[str, Any] = {key: value for key, value in data.items() if "." not in key}
+    for key, value in data.items():
+        if "." in key:
+            head, _, rest = key.partition(".")
+            inner = nested.get(head)
+            nested[head] = {**(inner if isinstance(inner, dict) else {}), rest: value}
+    return nested
+
+
+def from_dict(cls: type[C], data: typing.Mapping[str, Any], source: str = "config", prefix: str = "") -> C:
+    """Build and validate a config dataclass from a mapping of raw values (`prefix` names a nested section)."""
+    data = _nest_dotted(data)
     known = {f.name: f for f in fields(cls)}
     for key in data:
         if key not in known:
             hint = difflib.get_close_matches(key, known, n=1)
-            did_you_mean = f"; did you mean '{hint[0]}'?" if hint else ""
+            did_you_mean = f"; did you mean '{prefix}{hint[0]}'?" if hint else ""
             raise ConfigError(
-                f"unknown config key '{key}' in {source}{did_you_mean} Allowed keys: {', '.join(known)}"
+                f"unknown config key '{prefix}{key}' in {source}{did_you_mean} Allowed keys: "
+                f"{', '.join(prefix + k for k in known)}"
             )
     values = {}
     for key, value in data.items():
         f = known[key]
-        values[key] = coerce(key, value, field_type(cls, f))
-        check_range(key, values[key], f.metadata)
+        if is_section(f):
+            values[key] = _section_value(cls, f, value, source, prefix)
+            continue
+        values[key] = coerce(prefix + key, value, field_type(cls, f))
+        check_range(prefix + key, values[key], f.metadata)
     config = cls(**values)
     for f in fields(cls):
-        if f.name not in values:
-            check_range(f.name, getattr(config, f.name), f.metadata)
+        if f.name not in values and not is_section(f):
+            check_range(prefix + f.name, getattr(config, f.name), f.metadata)
     validate = getattr(config, "validate", None)
     if validate is not None:
         validate()
     return config
+
+
+def _section_value(cls: type, f: dataclasses.Field, value: Any, source: str, prefix: str) -> Any:
+    tp = field_type(cls, f)
+    if isinstance(value, tp):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key '{prefix}{f.name}' must be a mapping of its settings (e.g. "
+                          f"{{{fields(tp)[0].name if fields(tp) else 'key'}: ...}}), got {value!r}")
+    return from_dict(tp, value, source, prefix=f"{prefix}{f.name}.")
 
 
 def class_index(value: str | int, classes: typing.Sequence[str], what: str) -> int:

@@ -9,7 +9,7 @@ import torch
 
 from classifiers import methods as methods_module
 from classifiers.commands import train, unlearn
-from classifiers.config import METHODS
+from classifiers.config import METHODS, UnlearnConfig
 from classifiers.data import forget_split, load_digits
 from classifiers.metrics import mia_efficacy
 from classifiers.models import load_model
@@ -33,9 +33,10 @@ def test_method_names_in_config_match_the_registry():
     ("ft", {"lr": 0.1, "epochs": 10}),
     ("ga", {"lr": 0.005, "epochs": 4}),
     ("rl", {}),
-    ("l1_sparse", {"l1_alpha": 1e-3, "epochs": 10}),
+    ("rl", {"rl": {"plan": "joint"}}),
+    ("l1_sparse", {"l1_sparse": {"alpha": 1e-3}, "epochs": 10}),
     ("salun", {}),
-    ("iu", {"iu_alpha": 3.0}),
+    ("iu", {"iu": {"alpha": 3.0}}),
     ("retrain", {}),
 ])
 def test_each_method_raises_unlearning_accuracy(original, tmp_path, method, extra):
@@ -45,8 +46,49 @@ def test_each_method_raises_unlearning_accuracy(original, tmp_path, method, extr
     assert (tmp_path / method / "manifest.json").is_file() and (tmp_path / method / "model.safetensors").is_file()
 
 
+def test_rl_reference_schedule_is_a_forget_pass_then_a_retain_pass(original, tmp_path, monkeypatch):
+    seen = []
+    real_loss = methods_module.RandomLabel.loss
+
+    def record(self, model, batch):
+        if batch.forget is not None:
+            seen.append(("forget", len(batch.forget[1]), int((batch.forget_random_labels == batch.forget[1]).sum())))
+        seen.append(("retain", len(batch.retain[1]), 0) if batch.retain is not None else None)
+        return real_loss(self, model, batch)
+
+    monkeypatch.setattr(methods_module.RandomLabel, "loss", record)
+    config = unlearn_config(original, tmp_path / "rl", "rl", epochs=2, schedule="cosine", nesterov=True)
+    metrics = unlearn(config)
+    split = forget_split("class:3", load_digits(), seed=config.seed)
+    n_forget, n_retain = len(split.forget_index), len(load_digits().train) - len(split.forget_index)
+    kinds = [s for s in seen if s is not None]
+    forget_steps, retain_steps = -(-n_forget // 64), -(-n_retain // 64)
+    epoch = ["forget"] * forget_steps + ["retain"] * retain_steps
+    assert [k for k, _, _ in kinds] == epoch * 2 and metrics["steps"] == len(kinds)
+    assert sum(n for k, n, _ in kinds[:forget_steps]) == n_forget
+    assert sum(n for k, n, _ in kinds[forget_steps:len(epoch)]) == n_retain
+    assert sum(same for _, _, same in kinds) > 0, "reference labels are drawn from all classes, the true one included"
+    optim = methods_module.build_method(config).optim_config(config)
+    assert (optim.nesterov, optim.schedule) == (False, "constant")
+    joint = unlearn_config(original, tmp_path / "joint", "rl", rl={"plan": "joint"})
+    assert methods_module.build_method(joint).optim_config(joint) is joint
+
+
+def test_rl_joint_schedule_sums_both_sets_with_wrong_labels(original, tmp_path, monkeypatch):
+    seen = []
+    real_loss = methods_module.RandomLabel.loss
+
+    def record(self, model, batch):
+        seen.append((batch.retain is not None, bool((batch.forget_random_labels == batch.forget[1]).any())))
+        return real_loss(self, model, batch)
+
+    monkeypatch.setattr(methods_module.RandomLabel, "loss", record)
+    unlearn(unlearn_config(original, tmp_path / "rl", "rl", epochs=1, rl={"plan": "joint"}))
+    assert seen and all(both and not same for both, same in seen)
+
+
 def test_salun_leaves_unmasked_weights_bit_identical(original, tmp_path):
-    unlearn(unlearn_config(original, tmp_path / "salun", "salun", mask_ratio=0.3))
+    unlearn(unlearn_config(original, tmp_path / "salun", "salun", salun={"mask_ratio": 0.3}))
     mask = Mask.load(tmp_path / "salun" / "mask.safetensors")
     before = dict(load_model(original / "model.safetensors").named_parameters())
     after = dict(load_model(tmp_path / "salun" / "model.safetensors").named_parameters())
@@ -62,7 +104,8 @@ def test_a_saved_mask_is_reused_and_a_foreign_mask_is_refused(original, tmp_path
     from erasure.errors import MaskError
 
     unlearn(unlearn_config(original, tmp_path / "a", "salun"))
-    reused = unlearn(unlearn_config(original, tmp_path / "b", "salun", mask=str(tmp_path / "a" / "mask.safetensors")))
+    saved = str(tmp_path / "a" / "mask.safetensors")
+    reused = unlearn(unlearn_config(original, tmp_path / "b", "salun", salun={"mask": saved}))
     assert torch.equal(Mask.load(tmp_path / "b" / "mask.safetensors").masks["head.weight"],
                        Mask.load(tmp_path / "a" / "mask.safetensors").masks["head.weight"])
     assert reused["UA"] > 5
@@ -70,7 +113,8 @@ def test_a_saved_mask_is_reused_and_a_foreign_mask_is_refused(original, tmp_path
     train(train_config(cnn, arch="cnn", width=4, epochs=1))
     unlearn(unlearn_config(cnn, tmp_path / "cnn-salun", "salun", epochs=1))
     with pytest.raises(MaskError):
-        unlearn(unlearn_config(original, tmp_path / "c", "salun", mask=str(tmp_path / "cnn-salun" / "mask.safetensors")))
+        unlearn(unlearn_config(original, tmp_path / "c", "salun",
+                               salun={"mask": str(tmp_path / "cnn-salun" / "mask.safetensors")}))
 
 
 def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
@@ -190,3 +234,14 @@ def test_downsampling_is_the_rounded_block_mean_and_resolution_is_cifar_only():
         from_dict(TrainConfig, {"dataset": "digits", "resolution": 16})
     with pytest.raises(ConfigError, match="'resolution' must be one of: 32, 16, 8"):
         from_dict(TrainConfig, {"dataset": "cifar10", "resolution": 12})
+
+
+@pytest.mark.parametrize("forget", ["class:3", "random:0.1"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_with_its_defaults_without_diverging(original, tmp_path, method, forget):
+    config = from_dict(UnlearnConfig, {"original": str(original), "out": str(tmp_path / method), "method": method,
+                                       "forget": forget, "checkpoint_every": 0})
+    metrics = unlearn(config)
+    assert np.isfinite(metrics.get("final_loss", 0.0)), metrics
+    weights = load_model(tmp_path / method / "model.safetensors").state_dict().values()
+    assert all(bool(torch.isfinite(w).all()) for w in weights)

@@ -31,11 +31,11 @@ def forget_and_retain(config: UnlearnConfig):
 
 
 @pytest.mark.parametrize("method, extra", [
-    ("piggyback_shrink", {"epochs": 1, "piggyback_eta": 0.5}),
+    ("piggyback_shrink", {"epochs": 1, "piggyback_shrink": {"eta": 0.5}}),
     ("kaggle_1st", {}),
     ("kaggle_2nd", {"epochs": 2}),
     ("ssd", {}),
-    ("salun", {"mask_type": "soft"}),
+    ("salun", {"salun": {"mask_type": "soft"}}),
 ])
 def test_each_method_lowers_forget_accuracy(original, tmp_path, method, extra):
     metrics = unlearn(unlearn_config(original, tmp_path / method, method, **extra))
@@ -44,16 +44,16 @@ def test_each_method_lowers_forget_accuracy(original, tmp_path, method, extra):
 
 
 def test_soft_salun_saves_a_soft_mask(original, tmp_path):
-    unlearn(unlearn_config(original, tmp_path / "soft", "salun", mask_type="soft", epochs=1))
+    unlearn(unlearn_config(original, tmp_path / "soft", "salun", salun={"mask_type": "soft"}, epochs=1))
     mask = Mask.load(tmp_path / "soft" / "mask.safetensors")
     assert mask.is_soft and 0 < mask.density < 1 and mask.metadata["soft_temperature"] == 0.1
 
 
 def test_piggyback_learns_a_sparse_binary_mask_and_shrinks_only_its_weights(original):
-    config = unlearn_config(original, Path("unused"), "piggyback_shrink", piggyback_eta=0.3)
+    config = unlearn_config(original, Path("unused"), "piggyback_shrink", piggyback_shrink={"eta": 0.3})
     model = load_model(original / "model.safetensors")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    mask = build_method(config, config.method).edit(model, *forget_and_retain(config))
+    mask = build_method(config).edit(model, *forget_and_retain(config))
     assert not mask.is_soft and set(mask) == set(last_stage(model)) == {"trunk.1.weight", "trunk.3.weight"}
     assert 0.005 < mask.density < 0.3
     for name, p in model.named_parameters():
@@ -62,17 +62,17 @@ def test_piggyback_learns_a_sparse_binary_mask_and_shrinks_only_its_weights(orig
             assert torch.equal(p.detach()[~mask[name]], before[name][~mask[name]])
         else:
             assert torch.equal(p.detach(), before[name])
-    unpenalised = replace(config, piggyback_lambda=0.0)
-    denser = build_method(unpenalised, unpenalised.method).edit(load_model(original / "model.safetensors"),
-                                                                *forget_and_retain(config))
+    unpenalised = replace(config, piggyback_shrink=replace(config.piggyback_shrink, penalty=0.0))
+    denser = build_method(unpenalised).edit(load_model(original / "model.safetensors"), *forget_and_retain(config))
     assert denser.density > mask.density
 
 
 def test_kaggle_2nd_reinitialises_exactly_the_least_salient_weights(original):
-    config = unlearn_config(original, Path("unused"), "kaggle_2nd", kaggle2_reinit_ratio=0.3, kaggle2_grad_scale=0.1)
+    config = unlearn_config(original, Path("unused"), "kaggle_2nd",
+                            kaggle_2nd={"reinit_ratio": 0.3, "grad_scale": 0.1})
     model = load_model(original / "model.safetensors")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    mask = build_method(config, config.method).edit(model, *forget_and_retain(config))
+    mask = build_method(config).edit(model, *forget_and_retain(config))
     assert mask.is_soft
     fresh_total = total = 0
     for name, p in model.named_parameters():

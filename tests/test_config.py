@@ -88,3 +88,47 @@ def test_nested_compare_sections_are_validated(tmp_path):
     path.write_text("per_method: {ga: {lr: -1}}\n")
     with pytest.raises(ConfigError, match="'lr' must be > 0"):
         load_config(CompareConfig, path)
+
+
+def test_each_method_has_its_own_section_with_errors_naming_the_key(tmp_path):
+    import dataclasses
+
+    from classifiers.config import CompareConfig, UnlearnConfig, UnlearnSharedConfig
+    from classifiers.method_settings import METHOD_SETTINGS
+
+    config = load_config(UnlearnConfig, None, {"original": "x", "method": "iu", "iu.alpha": "2"})
+    assert config.settings.alpha == 2.0 and config.lr == METHOD_SETTINGS["iu"].default_lr
+    with pytest.raises(ConfigError, match="config key 'iu.alpha' must be > 0"):
+        load_config(UnlearnConfig, None, {"original": "x", "iu": {"alpha": 0}})
+    with pytest.raises(ConfigError, match="unknown config key 'iu.alpah'.*did you mean 'iu.alpha'"):
+        load_config(UnlearnConfig, None, {"original": "x", "iu.alpah": 1})
+    compare = from_dict(CompareConfig, {"per_method": {"iu": {"alpha": 2.5, "lr": 0.3}}})
+    unlearn = compare.unlearn_config("iu", original="o", out="u")
+    assert (unlearn.iu.alpha, unlearn.lr, unlearn.ssd.alpha) == (2.5, 0.3, 10.0)
+    path = tmp_path / "c.yaml"
+    path.write_text("per_method: {ssd: {strength: -1}}\n")
+    with pytest.raises(ConfigError, match="config key 'ssd.strength' must be > 0"):
+        load_config(CompareConfig, path)
+    shared = {f.name for f in dataclasses.fields(UnlearnSharedConfig)}
+    for name, settings in METHOD_SETTINGS.items():
+        assert not shared & {f.name for f in dataclasses.fields(settings)}, f"{name} shadows a shared key"
+
+
+def test_method_flags_and_choices_come_from_the_registry():
+    import dataclasses
+
+    from classifiers.config import CompareConfig, UnlearnConfig
+    from classifiers.method_settings import METHOD_SETTINGS, METHODS
+    from erasure.cli import build_parser
+
+    parser = build_parser()
+    args = vars(parser.parse_args(["classifier", "unlearn", "--iu-alpha", "2", "--kaggle2-grad-scale", "0.2",
+                                   "--mask-ratio", "0.3"]))
+    assert (args["iu.alpha"], args["kaggle_2nd.grad_scale"], args["salun.mask_ratio"]) == ("2", "0.2", "0.3")
+    choices = {f.name: f.metadata["choices"] for cls in (UnlearnConfig, CompareConfig) for f in dataclasses.fields(cls)
+               if f.name in ("method", "methods")}
+    assert choices == {"method": METHODS, "methods": METHODS} and METHODS == tuple(METHOD_SETTINGS)
+    sections = {f.name for f in dataclasses.fields(UnlearnConfig) if f.metadata.get("section")}
+    assert sections == {name for name, cls in METHOD_SETTINGS.items() if dataclasses.fields(cls)}
+    with pytest.raises(ConfigError, match="'method' must be one of"):
+        load_config(UnlearnConfig, None, {"original": "x", "method": "nope"})

@@ -43,16 +43,20 @@ def _model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, CLASSES))
 
 
-def _config(method: str, **settings: object) -> UnlearnConfig:
-    return from_dict(UnlearnConfig, {"original": "unused", "method": method, "epochs": 2, "batch_size": 4,
-                                     "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "checkpoint_every": 0,
-                                     **settings})
+def _config(method: str, shared: dict | None = None, **settings: object) -> UnlearnConfig:
+    """The config of `method` with the reference optimizer and the method's own `settings` (its section)."""
+    data = {"original": "unused", "method": method, "epochs": 2, "batch_size": 4, "lr": 0.05, "momentum": 0.9,
+            "weight_decay": 5e-4, "checkpoint_every": 0, **(shared or {})}
+    if settings:
+        data[method] = settings
+    return from_dict(UnlearnConfig, data)
 
 
 def _run_ours(tmp_path: Path, config: UnlearnConfig, mask=None) -> tuple[torch.nn.Module, Loop]:
     forget, retain = _data()
     model = _model()
-    loop = Loop(model, build_method(config, config.method), Streams(forget, retain), config,
+    method = build_method(config)
+    loop = Loop(model, method, Streams(forget, retain), method.optim_config(config),
                 RunDir(tmp_path / "run"), num_classes=CLASSES, augment_images=False,
                 accelerator=Accelerator(cpu=True), mask=mask, forget_batch_size=config.forget_batch_size)
     loop.run_steps()
@@ -97,17 +101,17 @@ def test_ft_is_cross_entropy_on_retain(tmp_path: Path) -> None:
 
 
 def test_ga_is_negated_cross_entropy_on_forget(tmp_path: Path) -> None:
-    ours, loop = _run_ours(tmp_path, _config("ga", lr=0.01))
+    ours, loop = _run_ours(tmp_path, _config("ga", {"lr": 0.01}))
     _assert_same(ours, _replay(loop, lambda m, b, s: -F.cross_entropy(m(b.forget[0]), b.forget[1])))
 
 
 def test_l1_sparse_decays_the_penalty_by_epoch(tmp_path: Path) -> None:
-    config = _config("l1_sparse", l1_alpha=0.01)
+    config = _config("l1_sparse", alpha=0.01)
     ours, loop = _run_ours(tmp_path, config)
 
     def loss(model, batch, step):
         epoch = step // loop.steps_per_epoch
-        alpha = config.l1_alpha * (1 - epoch / config.epochs)
+        alpha = 0.01 * (1 - epoch / config.epochs)
         l1 = torch.linalg.norm(torch.cat([p.view(-1) for p in model.parameters()]), ord=1)
         return F.cross_entropy(model(batch.retain[0]), batch.retain[1]) + alpha * l1
 
@@ -149,7 +153,7 @@ def test_salun_masks_the_reference_gradient_and_restores_the_rest(tmp_path: Path
 
 
 def test_rl_joint_variant_adds_a_wrong_label_forget_batch_to_each_retain_batch(tmp_path: Path) -> None:
-    ours, loop = _run_ours(tmp_path, _config("rl", rl_schedule="joint"))
+    ours, loop = _run_ours(tmp_path, _config("rl", plan="joint"))
     batch = loop.batch(0)
     assert batch.forget is not None and batch.retain is not None
     assert not torch.any(batch.forget_random_labels == batch.forget[1])
@@ -200,8 +204,8 @@ def test_kaggle_1st_is_kl_to_uniform_then_contrast_plus_retain_cross_entropy() -
     from classifiers.methods import StepBatch
 
     forget, retain = _data()
-    config = _config("kaggle_1st", kaggle1_kl_epochs=1.0, kaggle1_temperature=1.15)
-    method, model = build_method(config, "kaggle_1st"), _model()
+    config = _config("kaggle_1st", kl_epochs=1.0, temperature=1.15)
+    method, model = build_method(config), _model()
     x_f, x_r, y_r = to_input(forget.images[:4]), to_input(retain.images[:4]), retain.labels[:4]
     kl_phase = method.loss(model, StepBatch((x_f, forget.labels[:4]), None, (x_r, y_r), progress=0.1))
     log_p = F.log_softmax(model(x_f), dim=1)
@@ -217,10 +221,10 @@ def test_kaggle_2nd_reinitialises_the_least_salient_layer_weights_and_slows_the_
     """The runner-up's write-up: re-initialise the share r of conv/linear weights with the smallest |forget
     gradient|, then fine-tune with the other gradients scaled by a factor (a soft mask)."""
     forget, retain = _data()
-    config = _config("kaggle_2nd", kaggle2_reinit_ratio=0.3, kaggle2_grad_scale=0.1, seed=3)
+    config = _config("kaggle_2nd", {"seed": 3}, reinit_ratio=0.3, grad_scale=0.1)
     model = _model()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    mask = build_method(config, "kaggle_2nd").edit(model, forget, retain)
+    mask = build_method(config).edit(model, forget, retain)
     model_ref = _model()
     model_ref.eval()
     summed = {n: torch.zeros_like(p) for n, p in model_ref.named_parameters() if p.dim() > 1}
