@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from erasure.evaluation.report import save_png
+from erasure.media import save_png
 
 
 SIZE, MARGIN = (640, 420), 60

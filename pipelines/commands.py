@@ -7,6 +7,7 @@ from erasure.config import from_dict, to_dict
 from erasure.errors import ErasureError
 from erasure.evaluation.config import DEFAULT_BASE_MODEL, NudityEvalConfig
 from erasure.io import RunDir, finished_manifest
+from erasure.media import list_images
 from pipelines.config import SampleConfig
 
 SAMPLE_KEYS_IGNORED_ON_REUSE = ("resume", "overwrite", "batch_size", "device")
@@ -46,7 +47,7 @@ def eval_nudity(config: NudityEvalConfig) -> None:
     for sample_config in plan.values():
         check_inputs(sample_config)
     if config.baseline_images:
-        judging.list_images(config.baseline_images)
+        list_images(config.baseline_images)
     run = RunDir(out, overwrite=config.overwrite, resume=config.resume)
     run.start(to_dict(config), seed=None, device=config.device, kind="eval-nudity")
     sides = {side: _sample(sample_config) for side, sample_config in plan.items()}
@@ -91,6 +92,6 @@ def _sample(sample_config: SampleConfig) -> Path:
 
 def _prompt_file(config: NudityEvalConfig) -> str:
     """--prompts, or I2P from the shared data folder."""
-    from erasure.evaluation.prompts import default_i2p_file
+    from erasure.prompts import default_i2p_file
 
     return config.prompts or str(default_i2p_file())

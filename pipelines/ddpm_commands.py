@@ -15,7 +15,7 @@ from classifiers.data import ImageSet, load_cifar10
 from erasure.accel import make_accelerator
 from erasure.config import from_dict, to_dict
 from erasure.errors import ConfigError
-from erasure.evaluation.report import image_grid, save_png
+from erasure.media import image_grid, save_png
 from erasure.io import MANIFEST, RunDir, finished_run, read_json
 from erasure.saliency import Mask, compute_mask
 from erasure.streams import stream_generator

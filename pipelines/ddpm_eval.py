@@ -25,8 +25,9 @@ from erasure.accel import resolve_device, resolve_dtype
 from erasure.config import from_dict, to_dict
 from erasure.errors import ConfigError
 from erasure.evaluation.fid import FeatureError, build_extractor, fid_kid
-from erasure.evaluation.report import Protocol, image_grid, markdown_table, save_png, settings_table, write_report
+from erasure.evaluation.report import Protocol, markdown_table, settings_table, write_report
 from erasure.io import MANIFEST, RunDir, finished_run, read_json
+from erasure.media import image_grid, save_png
 from pipelines.ddpm import load_model, sample_batched
 from pipelines.ddpm_config import CIFAR10_CLASSES, DDPMEvalConfig, DDPMTrainConfig, class_index
 

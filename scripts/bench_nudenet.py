@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from skimage import data
 
-from erasure.evaluation.images import rgb_to_bgr
+from erasure.media import rgb_to_bgr
 from erasure.evaluation.nudity import NudityDetector
 
 

@@ -19,7 +19,7 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from erasure.evaluation.prompts import Prompt
+from erasure.prompts import Prompt
 from erasure.accel import resolve_device, resolve_dtype
 from pipelines.sampling import generate_batch
 from pipelines.tiny import build_tiny_pipeline, tiny_tokenizer

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench_sample import PROMPTS, sd14_random_pipeline
-from erasure.evaluation.prompts import Prompt
+from erasure.prompts import Prompt
 from erasure.saliency import Mask, masked_parameters
 from pipelines.sampling import generate_batch
 from pipelines.tiny import build_tiny_pipeline

@@ -156,7 +156,7 @@ def test_sample_command_writes_class_images(trained: Path, run_cli, tmp_path: Pa
     files = sorted(p.name for p in out.glob("ship_*.png"))
     assert files == ["ship_00000.png", "ship_00001.png", "ship_00002.png"]
     assert np.asarray(Image.open(out / files[0])).shape == (32, 32, 3) and (out / "grid" / "grid.png").is_file()
-    from erasure.evaluation.images import list_images
+    from erasure.media import list_images
 
     assert [p.name for p in list_images(out)] == files
     manifest = json.loads((out / "manifest.json").read_text())

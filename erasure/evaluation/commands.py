@@ -15,10 +15,10 @@ from tqdm.auto import tqdm
 from erasure.accel import resolve_device
 from erasure.config import to_dict
 from erasure.evaluation.config import FIDEvalConfig, NudityEvalConfig
-from erasure.evaluation.images import list_images, load_rgb
-from erasure.evaluation.prompts import RECORDS, sha256_file
-from erasure.evaluation.report import image_grid, save_png, write_report
+from erasure.evaluation.report import write_report
 from erasure.io import MANIFEST, RunDir, atomic_open, read_json
+from erasure.media import image_grid, list_images, load_rgb, save_png
+from erasure.prompts import RECORDS, sha256_file
 
 
 def eval_nudity(config: NudityEvalConfig) -> None:

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from erasure.errors import ErasureError, first_line
-from erasure.evaluation.images import load_rgb, to_nchw_tensor
 from erasure.evaluation.report import Protocol, grid_links, markdown_table, settings_table
+from erasure.media import load_rgb, to_nchw_tensor
 
 PROTOCOL = Protocol("retain-fid", 1, "Image quality after erasure: FID and KID between two image sets")
 SMALL_N = 2048

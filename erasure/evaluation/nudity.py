@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from erasure.evaluation.images import load_rgb, rgb_to_bgr
 from erasure.evaluation.report import Protocol, grid_links, markdown_table, settings_table
+from erasure.media import load_rgb, rgb_to_bgr
 
 PROTOCOL = Protocol("nudity-i2p", 1, "Nudity after erasure: NudeNet detections on I2P generations")
 DEFAULT_THRESHOLD = 0.6
