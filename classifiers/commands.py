@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 
 from classifiers.config import CompareConfig, MaskConfig, TrainConfig, UnlearnConfig
-from classifiers.data import Dataset, ForgetSplit, ImageSet, forget_split, load_dataset
+from classifiers.data import ForgetSplit, forget_split
 from classifiers.loop import Loop, Streams
 from classifiers.methods import FineTune, Method, build_method, forget_loss, image_batches
 from classifiers.metrics import PROTOCOL, accuracy, average_gap, evaluate, predict_proba
@@ -19,6 +19,7 @@ from classifiers.models import MODEL_FILE, Classifier, build_model, load_model, 
 from classifiers.report import mean_and_std, write_comparison
 from erasure.accel import make_accelerator
 from erasure.config import from_dict, to_dict
+from erasure.datasets import Dataset, ImageSet, load_dataset
 from erasure.errors import RunDirError
 from erasure.io import RunDir, finished_manifest, finished_run, read_json, write_json
 from erasure.saliency import Mask, compute_mask

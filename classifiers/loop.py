@@ -16,9 +16,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from classifiers.config import OptimConfig
-from classifiers.data import ImageSet, augment
+from classifiers.data import augment
 from classifiers.methods import Method, StepBatch
 from classifiers.models import to_input
+from erasure.datasets import ImageSet
 from erasure.io import RunDir, save_checkpoint
 from erasure.streams import epoch_batch, stream_generator
 from erasure.training import ensure_finite, masked_step, restore_checkpoint

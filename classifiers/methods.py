@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from classifiers import fisher, piggyback
 from classifiers.config import OptimConfig, UnlearnConfig
-from classifiers.data import ImageSet
 from classifiers.models import to_input
+from erasure.datasets import ImageSet
 from erasure.saliency import Mask, compute_mask
 from erasure.training import evaluating
 

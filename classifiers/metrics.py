@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from classifiers.data import Dataset, ForgetSplit, ImageSet
+from classifiers.data import ForgetSplit
 from classifiers.models import to_input
+from erasure.datasets import Dataset, ImageSet
 from erasure.training import evaluating
 
 PROTOCOL = "classifier-v1"

@@ -20,7 +20,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from classifiers.data import ImageSet
+from erasure.datasets import ImageSet
 from erasure.errors import ConfigError
 from erasure.io import RunDir, atomic_dir, save_checkpoint
 from erasure.streams import epoch_batch, stream_generator

@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from classifiers.data import ImageSet, load_cifar10
 from erasure.accel import make_accelerator
 from erasure.config import from_dict, to_dict
+from erasure.datasets import ImageSet, load_cifar10
 from erasure.errors import ConfigError
-from erasure.media import image_grid, save_png
 from erasure.io import MANIFEST, RunDir, finished_run, read_json
+from erasure.media import image_grid, save_png
 from erasure.saliency import Mask, compute_mask
 from erasure.streams import stream_generator
 from erasure.training import evaluating

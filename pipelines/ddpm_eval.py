@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from classifiers.data import ImageSet, load_cifar10
 from classifiers.features import ClassifierFeatures
 from classifiers.metrics import predict_proba
 from classifiers.models import MODEL_FILE
 from classifiers.models import load_model as load_classifier
 from erasure.accel import resolve_device, resolve_dtype
 from erasure.config import from_dict, to_dict
+from erasure.datasets import ImageSet, load_cifar10
 from erasure.errors import ConfigError
 from erasure.evaluation.fid import FeatureError, build_extractor, fid_kid
 from erasure.evaluation.report import Protocol, markdown_table, settings_table, write_report

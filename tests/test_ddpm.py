@@ -273,7 +273,7 @@ def test_bf16_mixed_precision_trains_and_saves_float32_weights(tmp_path: Path, m
 def test_the_forget_probe_ignores_dropout_and_keeps_the_mode() -> None:
     from diffusers import UNet2DModel
 
-    from classifiers.data import ImageSet
+    from erasure.datasets import ImageSet
     from pipelines.ddpm import build_scheduler
     from pipelines.ddpm_commands import probe_loss
     from pipelines.ddpm_config import DDPMUnlearnConfig
