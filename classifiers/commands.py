@@ -114,7 +114,7 @@ def unlearn(config: UnlearnConfig, accelerator: Accelerator | None = None) -> di
         stats = loop.run_steps(_forget_accuracy_at_most(config.stop_forget_acc, forget), config.stop_check_every)
         model = loop.unwrapped
     run_seconds = time.perf_counter() - started
-    metrics: dict[str, Any] = {"protocol": PROTOCOL, "method": config.method, "forget": config.forget,
+    metrics: dict[str, Any] = {**PROTOCOL.stamp(), "method": config.method, "forget": config.forget,
                                "forget_size": len(split.forget_index), **evaluate(model, data, split, config.seed),
                                "RTE": run_seconds, **stats}
     if config.retrain:
@@ -186,7 +186,7 @@ def _compare_seed(config: CompareConfig, folder: Path, accelerator: Accelerator)
         settings = config.unlearn_config(method, original=original, out=str(out), retrain=retrain, resume=True)
         results[method] = _once(out, lambda s=settings: unlearn(s, accelerator))
     original_metrics = _original_metrics(original, retrain, config, accelerator)
-    return {"protocol": PROTOCOL, "forget": config.forget, "original": original_metrics, "methods": results}
+    return {**PROTOCOL.stamp(), "forget": config.forget, "original": original_metrics, "methods": results}
 
 
 def _once(out: Path, work) -> dict[str, Any]:

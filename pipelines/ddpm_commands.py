@@ -265,6 +265,6 @@ def sample_class(config: SampleConfig) -> dict[str, Any]:
 
 def evaluate(config: DDPMEvalConfig) -> dict[str, Any]:
     """`erasure eval ddpm`: protocol ddpm-cifar10-v1 (see pipelines.ddpm_eval)."""
-    from pipelines.ddpm_eval import run_protocol
+    from pipelines.ddpm_eval import evaluate_ddpm
 
-    return run_protocol(config)
+    return evaluate_ddpm(config)

@@ -6,25 +6,13 @@ side. The grids themselves are drawn by `erasure.media.image_grid`.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from erasure.io import atomic_open
 
-
-@dataclass(frozen=True)
-class Protocol:
-    """A named, versioned evaluation protocol; its id (e.g. `nudity-i2p-v1`) goes into every output."""
-
-    name: str
-    version: int
-    summary: str
-
-    @property
-    def id(self) -> str:
-        """`<name>-v<version>`."""
-        return f"{self.name}-v{self.version}"
+if TYPE_CHECKING:
+    from erasure.evaluation.protocol import ProtocolCard
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -61,7 +49,7 @@ def grid_links(grids: Sequence[tuple[str, str]]) -> str:
     return "\n\n".join(f"{caption}:\n\n![{caption}]({file})" for caption, file in grids)
 
 
-def write_report(path: str | Path, protocol: Protocol, sections: Sequence[tuple[str, str]]) -> Path:
+def write_report(path: str | Path, protocol: ProtocolCard, sections: Sequence[tuple[str, str]]) -> Path:
     """Write report.md: a title naming the protocol, then each (heading, markdown body) section."""
     parts = [f"# {protocol.summary}", "",
              f"Protocol: `{protocol.id}` (name `{protocol.name}`, version {protocol.version})", ""]
