@@ -5,7 +5,8 @@ A protocol (the shape of an lm-evaluation-harness task) has a name, a version an
 every protocol shares: it claims the output directory (refusing a finished one without --overwrite),
 records the protocol's id and version in manifest.json, saves the grids the protocol asks for, writes
 report.md and metrics.json, and finishes the run. A new protocol is one module that subclasses
-`Protocol` and calls `register`; domain protocols (pipelines, classifiers) plug in the same way.
+`Protocol` and calls `register`; a domain protocol (pipelines) plugs in the same way, and the classifier
+metrics carry a `ProtocolCard` and the same report writer.
 """
 from __future__ import annotations
 
