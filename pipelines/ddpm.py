@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from erasure.datasets import ImageSet
 from erasure.errors import ConfigError
 from erasure.io import RunDir, atomic_dir, save_checkpoint
+from erasure.saliency import Mask, masked_parameters
 from erasure.streams import epoch_batch, stream_generator
 from erasure.training import ensure_finite, masked_step, restore_checkpoint
-from erasure.saliency import Mask, masked_parameters
 from pipelines.ddpm_config import CIFAR10_CLASSES
 from pipelines.objectives import guided_epsilon
 from pipelines.schedulers import scheduler_from

@@ -19,8 +19,8 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from erasure.prompts import Prompt
 from erasure.accel import resolve_device, resolve_dtype
+from erasure.prompts import Prompt
 from pipelines.sampling import generate_batch
 from pipelines.tiny import build_tiny_pipeline, tiny_tokenizer
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.digits import train_config, unlearn_config
 
 from classifiers import methods as methods_module
 from classifiers.commands import train, unlearn
@@ -18,7 +19,6 @@ from erasure.config import from_dict
 from erasure.datasets import load_digits
 from erasure.errors import ConfigError, NonFiniteLossError
 from erasure.saliency import Mask
-from helpers.digits import train_config, unlearn_config
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.digits import unlearn_config
 
 from classifiers.commands import compare, unlearn
 from classifiers.config import CompareConfig, UnlearnConfig
@@ -17,7 +18,6 @@ from classifiers.report import comparison_table
 from erasure.config import from_dict
 from erasure.datasets import load_digits
 from erasure.saliency import Mask
-from helpers.digits import unlearn_config
 
 
 @pytest.fixture

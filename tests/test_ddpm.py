@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.data import needs_cifar10
 from PIL import Image
 
 from erasure.config import from_dict, to_dict
 from erasure.errors import ConfigError
-from helpers.data import needs_cifar10
 
 pytestmark = needs_cifar10
 
