@@ -13,6 +13,7 @@ CIFAR10_RESOLUTIONS = (32, 16, 8)
 METHODS = ("ft", "ga", "rl", "l1_sparse", "salun", "iu", "retrain", "piggyback_shrink", "kaggle_1st", "kaggle_2nd",
            "ssd")
 MASK_TYPES = ("hard", "soft")
+RL_SCHEDULES = ("reference", "joint")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "linear", "constant")
 FORGET_SPEC = re.compile(r"^(class:.+|random:.+)$")
@@ -79,14 +80,21 @@ class UnlearnConfig(OptimConfig):
     out: str = option("outputs/classifier-unlearn", "output directory")
     forget: str = option("class:0", "what to forget: 'class:<name|index>' or 'random:<fraction>'")
     method: str = option("salun", "unlearning method", choices=METHODS)
-    forget_batch_size: int = option(64, "forget examples per step for methods that use both sets", ge=1)
+    schedule: str = option("constant", "learning-rate schedule over all steps (unlearning: constant, as the SalUn "
+                                       "reference)", choices=SCHEDULES)
+    nesterov: bool = option(False, "Nesterov momentum for SGD (unlearning: off, as the SalUn reference)")
+    forget_batch_size: int = option(64, "forget examples per step for methods that use both sets in one step", ge=1)
+    rl_schedule: str = option("reference", "rl, salun: 'reference' (each epoch one pass over the forget set with "
+                                           "labels drawn from all classes, then one pass over the retain set, as "
+                                           "the SalUn code) or 'joint' (every step adds a forget batch with wrong "
+                                           "labels and a retain batch)", choices=RL_SCHEDULES)
     mask_ratio: float = option(0.5, "share of weights the saliency mask keeps (salun)", gt=0, lt=1)
     mask: str | None = option(None, "a saved mask (.safetensors) to use instead of computing one (salun)")
     mask_type: str = option("hard", "hard: keep or freeze each weight; soft: scale its gradient by a sigmoid of its "
                             "saliency around the same cut (salun)", choices=MASK_TYPES)
     mask_temperature: float = option(0.1, "temperature of the soft mask, in units of the mean |gradient| (salun)",
                                      gt=0)
-    l1_alpha: float = option(5e-4, "L1 penalty weight, decayed linearly to 0 (l1_sparse)", ge=0)
+    l1_alpha: float = option(5e-4, "L1 penalty weight, decayed linearly to 0 by epoch (l1_sparse)", ge=0)
     stop_forget_acc: float | None = option(None, "stop early once forget-set accuracy (%) falls to this value", ge=0,
                                            le=100)
     stop_check_every: int = option(5, "steps between the checks of stop_forget_acc", ge=1)

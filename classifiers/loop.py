@@ -21,10 +21,11 @@ from classifiers.methods import Method, StepBatch
 from classifiers.models import to_input
 from erasure.datasets import ImageSet
 from erasure.io import RunDir, save_checkpoint
-from erasure.streams import epoch_batch, stream_generator
+from erasure.streams import epoch_batch, register_streams, stream_generator
 from erasure.training import ensure_finite, masked_step, restore_checkpoint
 
-FORGET_STREAM, RETAIN_STREAM, LABEL_STREAM, AUGMENT_STREAM = 1, 2, 3, 4
+FORGET_STREAM, RETAIN_STREAM, LABEL_STREAM, AUGMENT_STREAM = register_streams(
+    "classifier", "forget", "retain", "label", "augment")
 
 
 @dataclass
@@ -71,7 +72,9 @@ class Loop:
         primary_set = streams.retain if method.uses_retain else streams.forget
         if primary_set is None or len(primary_set) == 0:
             raise ValueError(f"method '{method.name}' needs a non-empty {'retain' if method.uses_retain else 'forget'} set")
-        self.steps_per_epoch = math.ceil(len(primary_set) / config.batch_size)
+        self.alternating = method.alternates_passes
+        self.forget_steps = math.ceil(len(streams.forget) / config.batch_size) if self.alternating else 0
+        self.steps_per_epoch = self.forget_steps + math.ceil(len(primary_set) / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         params = [p for p in model.parameters() if p.requires_grad]
         if mask is not None:
@@ -103,6 +106,8 @@ class Loop:
 
     def batch(self, step: int) -> StepBatch:
         """The batch of global step `step` (a pure function of the seed and the step)."""
+        if self.alternating:
+            return self._pass_batch(step)
         forget = retain = random_labels = None
         if self.method.uses_forget:
             size = self.forget_batch_size if self.method.uses_retain else self.config.batch_size
@@ -112,7 +117,24 @@ class Loop:
             random_labels = (forget[1] + shift) % self.num_classes
         if self.method.uses_retain:
             retain = self._take(self.streams.retain, RETAIN_STREAM, self.config.batch_size, step)
-        return StepBatch(forget, random_labels, retain, progress=step / self.total_steps)
+        return StepBatch(forget, random_labels, retain, progress=step / self.total_steps,
+                         epoch=step // self.steps_per_epoch)
+
+    def _pass_batch(self, step: int) -> StepBatch:
+        """The SalUn reference's epoch: a pass over the forget set with labels drawn uniformly from all classes
+        (the true one included), then a pass over the retain set; one of the two per step."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        progress = step / self.total_steps
+        size = self.config.batch_size
+        if position < self.forget_steps:
+            forget = self._take(self.streams.forget, FORGET_STREAM, size, epoch * self.forget_steps + position)
+            generator = stream_generator(self.config.seed, LABEL_STREAM, step)
+            labels = torch.randint(0, self.num_classes, (len(forget[1]),), generator=generator).to(forget[1].device)
+            return StepBatch(forget, labels, None, progress, epoch)
+        retain_steps = self.steps_per_epoch - self.forget_steps
+        index = epoch * retain_steps + position - self.forget_steps
+        retain = self._take(self.streams.retain, RETAIN_STREAM, size, index)
+        return StepBatch(None, None, retain, progress, epoch)
 
     def _resume(self) -> int:
         state = restore_checkpoint(self.run, self.unwrapped, self.optimizer)

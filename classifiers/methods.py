@@ -30,6 +30,7 @@ class StepBatch:
     forget_random_labels: Tensor | None
     retain: tuple[Tensor, Tensor] | None
     progress: float
+    epoch: int = 0
 
 
 class Method:
@@ -44,6 +45,12 @@ class Method:
 
     def __init__(self, config: OptimConfig):
         self.config = config
+
+    @property
+    def alternates_passes(self) -> bool:
+        """Whether each epoch is a pass over the forget set followed by a pass over the retain set, one set per
+        step (the SalUn reference's rl), instead of steps over one primary set."""
+        return False
 
     def cross_entropy(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(model(x), y, label_smoothing=self.config.label_smoothing)
@@ -88,16 +95,29 @@ class GradientAscent(Method):
 
 
 class RandomLabel(Method):
-    """`rl`: fit the forget set to random wrong labels while fitting the retain set to its own."""
+    """`rl`: fit the forget set to random labels while fitting the retain set to its own.
+
+    `rl_schedule: reference` (default) follows the SalUn code (Classification/unlearn/RL.py): each epoch a pass
+    over the forget set with labels drawn from all classes (the true one included), then a pass over the retain
+    set. `joint` adds, in every step, a forget batch with wrong labels to a retain batch.
+    """
 
     name = "rl"
     uses_forget = True
     uses_retain = True
 
+    @property
+    def alternates_passes(self) -> bool:
+        assert isinstance(self.config, UnlearnConfig)
+        return self.config.rl_schedule == "reference"
+
     def loss(self, model: nn.Module, batch: StepBatch) -> Tensor:
-        x_forget, _ = batch.forget
-        forget_loss = self.cross_entropy(model, x_forget, batch.forget_random_labels)
-        return forget_loss + self.cross_entropy(model, *batch.retain)
+        terms = []
+        if batch.forget is not None:
+            terms.append(self.cross_entropy(model, batch.forget[0], batch.forget_random_labels))
+        if batch.retain is not None:
+            terms.append(self.cross_entropy(model, *batch.retain))
+        return sum(terms[1:], terms[0])
 
 
 class SalUn(RandomLabel):
@@ -108,13 +128,14 @@ class SalUn(RandomLabel):
 
 
 class L1Sparse(FineTune):
-    """`l1_sparse`: fine-tune on retain with an L1 penalty on the weights, decayed linearly to zero."""
+    """`l1_sparse`: fine-tune on retain with an L1 penalty on the weights, decayed linearly to zero by epoch
+    (alpha (1 - epoch / epochs), as the reference's FT_l1)."""
 
     name = "l1_sparse"
 
     def loss(self, model: nn.Module, batch: StepBatch) -> Tensor:
         assert isinstance(self.config, UnlearnConfig)
-        alpha = self.config.l1_alpha * (1.0 - batch.progress)
+        alpha = self.config.l1_alpha * (1.0 - batch.epoch / self.config.epochs)
         penalty = torch.stack([p.abs().sum() for p in model.parameters() if p.requires_grad]).sum()
         return super().loss(model, batch) + alpha * penalty
 

@@ -283,8 +283,8 @@ def select_mask(
 ) -> tuple[dict[str, Tensor], float]:
     """Select entries of non-negative float32 `scores` globally; return bool masks and the cut used.
 
-    ratio: keep exactly round(ratio * n) entries with the largest score; of the entries equal
-    to the cut value, the earliest in (dict order, flat index) are kept. threshold: keep
+    ratio: keep exactly int(ratio * n) entries (the floor, as the SalUn reference) with the largest score;
+    of the entries equal to the cut value, the earliest in (dict order, flat index) are kept. threshold: keep
     scores >= threshold. The cut is found by an exact two-pass radix select over the float32
     bit patterns (monotonic for non-negative floats), so the scores are never concatenated.
     NaN, inf and negative scores raise MaskError.
@@ -297,7 +297,7 @@ def select_mask(
     if threshold is not None:
         return {name: s >= threshold for name, s in scores.items()}, float(threshold)
     n = int(high.sum())
-    k = round(ratio * n)
+    k = int(ratio * n)
     if k == 0:
         raise MaskError(f"ratio={ratio} keeps no entry out of {n}; raise the ratio")
     cut = _kth_largest(scores, high, k)

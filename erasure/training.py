@@ -54,20 +54,23 @@ def restore_checkpoint(run: RunDir, model: nn.Module, optimizer: torch.optim.Opt
 
 
 def masked_step(loss: Tensor, *, accelerator: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
-                mask: Mask | None = None, grad_clip: float = 0.0) -> None:
+                mask: Mask | None = None, grad_clip: float = 0.0, clip_before_mask: bool = False) -> None:
     """backward -> (on the last micro-step) zero unmasked gradients -> clip the global norm -> step -> zero_grad.
 
     Call it inside `accelerator.accumulate(model)` for gradient accumulation: gradients add up over the
     micro-steps and mask, clip and step act once, when `accelerator.sync_gradients`. The mask is applied
-    before clipping so the norm sees only the gradient that will be used; `mask.protect_unmasked`
-    (registered once on the optimizer) keeps unmasked weights bit-identical.
+    before clipping so the norm sees only the gradient that will be used; `clip_before_mask` clips the whole
+    gradient first and masks after (the SalUn DDPM reference's order). `mask.protect_unmasked` (registered once on
+    the optimizer) keeps unmasked weights bit-identical either way.
     """
     accelerator.backward(loss)
     if not accelerator.sync_gradients:
         return
+    if grad_clip and clip_before_mask:
+        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
     if mask is not None:
         mask.apply_to_grads(accelerator.unwrap_model(model, keep_torch_compile=False))
-    if grad_clip:
+    if grad_clip and not clip_before_mask:
         accelerator.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -24,7 +24,7 @@ from erasure.datasets import ImageSet
 from erasure.errors import ConfigError
 from erasure.io import RunDir, atomic_dir, save_checkpoint
 from erasure.saliency import Mask, masked_parameters
-from erasure.streams import epoch_batch, stream_generator
+from erasure.streams import epoch_batch, register_streams, stream_generator
 from erasure.training import ensure_finite, masked_step, restore_checkpoint
 from pipelines.ddpm_config import CIFAR10_CLASSES
 from pipelines.objectives import guided_epsilon
@@ -33,7 +33,8 @@ from pipelines.schedulers import scheduler_from
 NUM_CLASSES = len(CIFAR10_CLASSES)
 NULL_CLASS = NUM_CLASSES
 UNET_DIR, SCHEDULER_DIR = "unet", "scheduler"
-DATA_STREAM, FLIP_STREAM, DROPOUT_STREAM, NOISE_STREAM, LABEL_STREAM = 1, 2, 3, 4, 5
+DATA_STREAM, FLIP_STREAM, DROPOUT_STREAM, NOISE_STREAM, LABEL_STREAM = register_streams(
+    "ddpm", "data", "flip", "dropout", "noise", "label")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8,
@@ -136,6 +137,7 @@ class LoopSettings:
     grad_clip: float = 0.0
     checkpoint_every: int = 0
     ema_decay: float | None = None
+    clip_before_mask: bool = False
 
 
 class DiffusionLoop:
@@ -208,7 +210,7 @@ class DiffusionLoop:
             loss = loss_at(self.model, step)
         ensure_finite(loss, what=self.name, step=step, run=self.run, last_checkpoint=self.last_checkpoint)
         masked_step(loss, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer, mask=self.mask,
-                    grad_clip=self.settings.grad_clip)
+                    grad_clip=self.settings.grad_clip, clip_before_mask=self.settings.clip_before_mask)
         if self.ema is not None:
             self.ema.update(self.unwrapped, step)
         return loss.item()

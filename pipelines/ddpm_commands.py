@@ -18,18 +18,46 @@ from erasure.errors import ConfigError
 from erasure.io import MANIFEST, RunDir, finished_run, read_json
 from erasure.media import image_grid, save_png
 from erasure.saliency import Mask, compute_mask
-from erasure.streams import stream_generator
+from erasure.streams import register_streams, stream_generator
 from erasure.training import evaluating
 from pipelines.config import SampleConfig
 from pipelines.ddpm import (
-    DATA_STREAM, DROPOUT_STREAM, LABEL_STREAM, NOISE_STREAM, DiffusionLoop, LoopSettings, build_scheduler,
-    build_unet, drop_labels, load_model, other_labels, parameter_count, predictor, sample_batched, save_model, take)
-from pipelines.ddpm_config import CIFAR10_CLASSES, DDPMEvalConfig, DDPMTrainConfig, DDPMUnlearnConfig, class_index
-from pipelines.objectives import diffusion_loss, gradient_ascent_loss, remap_loss
+    DATA_STREAM,
+    DROPOUT_STREAM,
+    LABEL_STREAM,
+    NOISE_STREAM,
+    NULL_CLASS,
+    DiffusionLoop,
+    LoopSettings,
+    build_scheduler,
+    build_unet,
+    drop_labels,
+    load_model,
+    other_labels,
+    parameter_count,
+    predictor,
+    sample_batched,
+    save_model,
+    take,
+)
+from pipelines.ddpm_config import (
+    CIFAR10_CLASSES,
+    DDPMEvalConfig,
+    DDPMTrainConfig,
+    DDPMUnlearnConfig,
+    class_index,
+)
+from pipelines.objectives import (
+    diffusion_loss,
+    gradient_ascent_loss,
+    guided_diffusion_loss,
+    remap_loss,
+)
 
 MASK_FILE = "mask.safetensors"
 GRID_FILE = "grid/grid.png"
-FORGET_STREAM, RETAIN_STREAM, MASK_STREAM, PROBE_STREAM = 11, 12, 13, 14
+FORGET_STREAM, RETAIN_STREAM, MASK_STREAM, PROBE_STREAM, RETAIN_DROPOUT_STREAM = register_streams(
+    "ddpm", "forget", "retain", "mask", "probe", "retain_dropout")
 DDPM_KINDS = ("ddpm-train", "ddpm-unlearn")
 
 
@@ -104,51 +132,89 @@ def _batches(data: ImageSet, batch_size: int, count: int, seed: int, stream: int
         yield x0, labels, index
 
 
-def forget_objective(config: DDPMUnlearnConfig, scheduler: Any) -> Callable[[nn.Module, Batch], Tensor]:
-    """The method's forget term as `loss(model, (x0, labels, index))`, with noise seeded by (seed, index)."""
+def forget_objective(config: DDPMUnlearnConfig, scheduler: Any, *,
+                     train_mode: bool = True) -> Callable[[nn.Module, Batch], Tensor]:
+    """The method's forget term as `loss(model, (x0, labels, index))`, with noise seeded by (seed, index).
+
+    As in the SalUn DDPM reference: salun's remap term is a mean MSE (`nn.MSELoss()`), ga and rl use the diffusion
+    loss summed per sample, timesteps are antithetic, and in training every forward drops its labels to the null
+    class at `label_dropout`, independently (the reference model's train-mode `cond_drop_prob`);
+    `train_mode=False` (the before/after probe) drops nothing.
+    """
     def loss(model: nn.Module, batch: Batch) -> Tensor:
         x0, labels, index = batch
         noise = stream_generator(config.seed, NOISE_STREAM, index)
+        predict = _training_predictor(model, config, stream_generator(config.seed, DROPOUT_STREAM, index), train_mode)
         if config.method == "salun":
-            return remap_loss(predictor(model), scheduler, x0, labels, torch.full_like(labels, config.remap_class),
-                              noise)
+            remap = torch.full_like(labels, config.remap_class)
+            return remap_loss(predict, scheduler, x0, labels, remap, noise, antithetic=config.antithetic)
         if config.method == "rl":
             shuffled = other_labels(labels, stream_generator(config.seed, LABEL_STREAM, index))
-            return diffusion_loss(predictor(model), scheduler, x0, shuffled, noise)
-        return gradient_ascent_loss(predictor(model), scheduler, x0, labels, noise)
+            return diffusion_loss(predict, scheduler, x0, shuffled, noise, reduction="sum",
+                                  antithetic=config.antithetic)
+        return gradient_ascent_loss(predict, scheduler, x0, labels, noise, reduction="sum",
+                                    antithetic=config.antithetic)
+
+    return loss
+
+
+def _training_predictor(model: nn.Module, config: DDPMUnlearnConfig, generator: torch.Generator,
+                        train_mode: bool) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """`predict` whose every call drops labels to the null class at `config.label_dropout` (train mode only)."""
+    if not train_mode or not config.label_dropout:
+        return predictor(model)
+    rate = config.label_dropout
+    return lambda x_t, t, labels: model(x_t, t, class_labels=drop_labels(labels, rate, generator)).sample
+
+
+def retain_objective(config: DDPMUnlearnConfig, scheduler: Any) -> Callable[[nn.Module, Batch], Tensor]:
+    """The retain term: the ordinary diffusion loss summed per sample (the reference's `remain_loss`, so that
+    `alpha` means what the reference's alpha means), with the reference's antithetic timesteps and label dropout."""
+    def loss(model: nn.Module, batch: Batch) -> Tensor:
+        x0, labels, index = batch
+        predict = _training_predictor(model, config, stream_generator(config.seed, RETAIN_DROPOUT_STREAM, index),
+                                      True)
+        return diffusion_loss(predict, scheduler, x0, labels, stream_generator(config.seed, RETAIN_STREAM, index),
+                              reduction="sum", antithetic=config.antithetic)
 
     return loss
 
 
 def _saliency_mask(config: DDPMUnlearnConfig, unet: nn.Module, forget: ImageSet, scheduler: Any,
                    accelerator: Any) -> Mask:
-    """SalUn's DDPM mask: |sum of per-batch gradients (clipped to norm 1) of the diffusion loss on the forget class|."""
-    count = min(config.mask_batches, math.ceil(len(forget) / config.forget_batch_size))
+    """SalUn's DDPM mask, as the reference's `generate_mask`: in eval mode, the guided prediction
+    (1 + w) eps(x_t, c) - w eps(x_t, null) with w = `mask_guidance` (2), its squared error summed per sample,
+    each batch's gradient clipped to norm 1, summed over the forget set (every batch unless `mask_batches`),
+    then |.| and the global top `mask_ratio`. `mask_guidance: 0` gives the unguided conditional loss."""
+    available = math.ceil(len(forget) / config.forget_batch_size)
+    count = min(config.mask_batches or available, available)
 
     def loss(model: nn.Module, batch: Batch) -> Tensor:
         x0, labels, index = batch
-        return diffusion_loss(predictor(model), scheduler, x0, labels,
-                              stream_generator(config.seed, MASK_STREAM, index))
+        return guided_diffusion_loss(predictor(model), scheduler, x0, labels, torch.full_like(labels, NULL_CLASS),
+                                     config.mask_guidance, stream_generator(config.seed, MASK_STREAM, index),
+                                     reduction="sum", antithetic=config.antithetic)
 
     with evaluating(unet):
         mask = compute_mask(unet, _batches(forget, config.forget_batch_size, count, config.seed, MASK_STREAM), loss,
                             ratio=config.mask_ratio, grad_clip=1.0, accelerator=accelerator,
-                            loss_name="diffusion_loss")
-    mask.metadata.update(forget_class=CIFAR10_CLASSES[config.forget_class], source_run=str(config.run))
+                            loss_name=f"guided_diffusion_loss(w={config.mask_guidance:g}, sum)")
+    mask.metadata.update(forget_class=CIFAR10_CLASSES[config.forget_class], source_run=str(config.run),
+                         mask_batches=count)
     return mask
 
 
 def probe_loss(config: DDPMUnlearnConfig, unet: nn.Module, forget: ImageSet, scheduler: Any) -> float:
     """The forget term on 4 fixed forget batches (same images and noise before and after unlearning), in eval
     mode: after training the UNet is in train mode, and a preset with dropout would make the probe random."""
-    objective = forget_objective(config, scheduler)
+    objective = forget_objective(config, scheduler, train_mode=False)
     batches = _batches(forget, config.forget_batch_size, 4, config.seed, PROBE_STREAM)
     with torch.no_grad(), evaluating(unet):
         return float(torch.stack([objective(unet, b).float() for b in batches]).mean())
 
 
 def unlearn(config: DDPMUnlearnConfig, accelerator: Any = None) -> dict[str, Any]:
-    """Unlearn a class: forget term (remap / ascent / random labels) + alpha * diffusion loss on the rest."""
+    """Unlearn a class: forget term (remap / ascent / random labels) + alpha * summed diffusion loss on the rest."""
     accelerator = accelerator or make_accelerator()
     manifest = finished_run(config.run, "`erasure ddpm train`")
     if manifest.get("kind") != "ddpm-train":
@@ -168,18 +234,18 @@ def unlearn(config: DDPMUnlearnConfig, accelerator: Any = None) -> dict[str, Any
     before = probe_loss(config, unet, forget, scheduler)
     mask = _method_mask(config, unet, forget, scheduler, run, accelerator)
     mask_seconds = time.perf_counter() - started
-    settings = LoopSettings(config.steps, config.lr, 0, config.grad_clip, config.checkpoint_every)
+    settings = LoopSettings(config.steps, config.lr, 0, config.grad_clip, config.checkpoint_every,
+                            clip_before_mask=True)
     loop = DiffusionLoop(unet, settings, run, accelerator, mask=mask, name=config.method)
-    objective = forget_objective(config, scheduler)
+    objective, retain_term = forget_objective(config, scheduler), retain_objective(config, scheduler)
 
     def loss_at(model: nn.Module, step: int) -> Tensor:
         x_f, y_f = take(forget, config.forget_batch_size, step, config.seed, FORGET_STREAM, flip=train_config.flip,
                         accelerator=accelerator)
         x_r, y_r = take(retain, config.retain_batch_size, step, config.seed, RETAIN_STREAM, flip=train_config.flip,
                         accelerator=accelerator)
-        retain_noise = stream_generator(config.seed, _stream(RETAIN_STREAM, accelerator), step)
-        forget_term = objective(model, (x_f, y_f, step * 1000 + accelerator.process_index))
-        return forget_term + config.alpha * diffusion_loss(predictor(model), scheduler, x_r, y_r, retain_noise)
+        index = step * 1000 + accelerator.process_index
+        return objective(model, (x_f, y_f, index)) + config.alpha * retain_term(model, (x_r, y_r, index))
 
     stats = loop.run_steps(loss_at)
     unet = loop.unwrapped

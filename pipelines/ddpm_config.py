@@ -61,8 +61,15 @@ class DDPMUnlearnConfig:
     method: str = option("salun", "salun (remap, masked), ga (gradient ascent), rl (random other-class labels)",
                          choices=DDPM_METHODS)
     mask_ratio: float = option(0.5, "salun: share of UNet weights the saliency mask keeps", gt=0, lt=1)
-    mask_batches: int = option(40, "salun: forget batches whose clipped gradients make the mask", ge=1)
-    alpha: float = option(1e-3, "weight of the ordinary diffusion loss on the retained classes", ge=0)
+    mask_batches: int | None = option(None, "salun: forget batches whose clipped gradients make the mask "
+                                            "(default: the whole forget class, as the reference)", ge=1)
+    mask_guidance: float = option(DEFAULT_GUIDANCE, "salun: guidance w of the mask loss (1 + w) eps(c) - w eps(null), "
+                                                    "as the reference (2); 0 is the unguided conditional loss", ge=0)
+    alpha: float = option(1e-3, "weight of the retain term, the diffusion loss SUMMED over each image's channels and "
+                                "pixels (the reference's units: 1e-3 is its setting)", ge=0)
+    label_dropout: float = option(0.1, "share of labels dropped to the null class in every training forward (the "
+                                       "reference model's train-mode cond_drop_prob)", ge=0, lt=1)
+    antithetic: bool = option(True, "antithetic timesteps (t and T - 1 - t), as the reference draws them")
     lr: float = option(1e-4, "Adam learning rate", gt=0)
     steps: int = option(1000, "optimizer steps", ge=1)
     forget_batch_size: int = option(128, "forget-class images per step", ge=1)

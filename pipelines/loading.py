@@ -17,6 +17,7 @@ from erasure.errors import ErasureError, first_line
 from pipelines.schedulers import scheduler_from
 from pipelines.tiny import TINY_NAME, build_tiny_pipeline
 
+
 class ModelLoadError(ErasureError):
     """A base model or an erased UNet cannot be loaded."""
 
@@ -35,7 +36,8 @@ def load_base_pipeline(model: str, device: torch.device | str = "cpu", dtype: to
         try:
             with _torch_dtype_accepted():
                 pipe = StableDiffusionPipeline.from_pretrained(
-                    model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **extra)
+                    model, torch_dtype=dtype, safety_checker=None, feature_extractor=None,
+                    requires_safety_checker=False, **extra)
         except (OSError, ValueError) as exc:
             if Path(model).exists():
                 raise ModelLoadError(

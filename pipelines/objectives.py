@@ -14,6 +14,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 Predict = Callable[[Tensor, Tensor, Any], Tensor]
+REDUCTIONS = ("mean", "sum")
+"""How a squared error becomes a loss: 'mean' over every element (diffusers' examples), or 'sum' over each
+sample's channels and pixels and then the mean over the batch (Ho et al.'s DDPM code and the SalUn DDPM
+reference, `noise_estimation_loss_conditional`); 'sum' is 'mean' times the elements per sample (3 x 32 x 32)."""
+
+
+def squared_error(prediction: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """The squared error of a prediction in float32, reduced as `reduction` says (see REDUCTIONS)."""
+    error = (prediction.float() - target.float()).square()
+    if reduction == "sum":
+        return error.flatten(1).sum(dim=1).mean()
+    if reduction != "mean":
+        raise ValueError(f"unknown reduction '{reduction}'; choose one of {REDUCTIONS}")
+    return error.mean()
 
 
 def guided_epsilon(conditional: Tensor, unconditional: Tensor, weight: float) -> Tensor:
@@ -24,50 +38,63 @@ def guided_epsilon(conditional: Tensor, unconditional: Tensor, weight: float) ->
     return (1.0 + weight) * conditional - weight * unconditional
 
 
-def noised(scheduler: Any, x0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+def noised(scheduler: Any, x0: Tensor, generator: torch.Generator, *,
+           antithetic: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Draw timesteps and noise on the CPU generator and return (x_t, noise, t) on x0's device."""
-    return noised_rows(scheduler, x0, generator, slice(None), x0.shape[0])
+    return noised_rows(scheduler, x0, generator, slice(None), x0.shape[0], antithetic=antithetic)
 
 
-def diffusion_loss(predict: Predict, scheduler: Any, x0: Tensor, condition: Any, generator: torch.Generator) -> Tensor:
-    """The ordinary epsilon-prediction loss: MSE(eps(x_t, t, c), noise)."""
-    x_t, noise, t = noised(scheduler, x0, generator)
-    return F.mse_loss(predict(x_t, t, condition).float(), noise.float())
+def diffusion_loss(predict: Predict, scheduler: Any, x0: Tensor, condition: Any, generator: torch.Generator, *,
+                   reduction: str = "mean", antithetic: bool = False) -> Tensor:
+    """The ordinary epsilon-prediction loss: squared error of eps(x_t, t, c) against the noise."""
+    x_t, noise, t = noised(scheduler, x0, generator, antithetic=antithetic)
+    return squared_error(predict(x_t, t, condition), noise, reduction)
 
 
 def guided_diffusion_loss(predict: Predict, scheduler: Any, x0: Tensor, condition: Any, null: Any, weight: float,
-                          generator: torch.Generator) -> Tensor:
-    """MSE between the guided prediction (1 + w) eps(c) - w eps(null) and the true noise (SalUn's SD mask loss)."""
-    x_t, noise, t = noised(scheduler, x0, generator)
+                          generator: torch.Generator, *, reduction: str = "mean", antithetic: bool = False) -> Tensor:
+    """Squared error of the guided prediction (1 + w) eps(c) - w eps(null) against the true noise (SalUn's mask loss
+    for SD, and with reduction 'sum' and w = 2 for the DDPM)."""
+    x_t, noise, t = noised(scheduler, x0, generator, antithetic=antithetic)
     guided = guided_epsilon(predict(x_t, t, condition), predict(x_t, t, null), weight)
-    return F.mse_loss(guided.float(), noise.float())
+    return squared_error(guided, noise, reduction)
 
 
 def remap_loss(predict: Predict, scheduler: Any, x0: Tensor, forget: Any, remap: Any,
-               generator: torch.Generator) -> Tensor:
-    """MSE(eps(x_t, t, forget), stop-grad eps(x_t, t, remap)) on the same noised input and timestep."""
-    x_t, _, t = noised(scheduler, x0, generator)
+               generator: torch.Generator, *, antithetic: bool = False) -> Tensor:
+    """MSE(eps(x_t, t, forget), stop-grad eps(x_t, t, remap)) on the same noised input and timestep (a mean over
+    elements, as the reference's `nn.MSELoss()` for SD and DDPM alike)."""
+    x_t, _, t = noised(scheduler, x0, generator, antithetic=antithetic)
     with torch.no_grad():
         target = predict(x_t, t, remap)
     return F.mse_loss(predict(x_t, t, forget).float(), target.float())
 
 
 def gradient_ascent_loss(predict: Predict, scheduler: Any, x0: Tensor, condition: Any,
-                         generator: torch.Generator) -> Tensor:
+                         generator: torch.Generator, *, reduction: str = "mean", antithetic: bool = False) -> Tensor:
     """The negated diffusion loss on forget data (gradient ascent; diverges without a bound)."""
-    return -diffusion_loss(predict, scheduler, x0, condition, generator)
+    return -diffusion_loss(predict, scheduler, x0, condition, generator, reduction=reduction, antithetic=antithetic)
 
 
 # ---------------------------------------------------------------------------- data-parallel shards and targets
 
 
+def timesteps(steps: int, total: int, generator: torch.Generator, *, antithetic: bool = False) -> Tensor:
+    """`total` uniform training timesteps; antithetic (the DDPM reference's sampling): draw n // 2 + 1 and pair each
+    t with steps - 1 - t, which lowers the variance of the loss over a batch."""
+    if not antithetic:
+        return torch.randint(0, steps, (total,), generator=generator)
+    half = torch.randint(0, steps, (total // 2 + 1,), generator=generator)
+    return torch.cat([half, steps - 1 - half])[:total]
+
+
 def noised_rows(scheduler: Any, x0: Tensor, generator: torch.Generator, rows: slice,
-                total: int) -> tuple[Tensor, Tensor, Tensor]:
+                total: int, *, antithetic: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """`noised` for the rows `rows` of a global batch of `total`: the whole batch's timesteps and noise are
     drawn (in `noised`'s order) and only `rows` kept, so a data-parallel shard gets exactly the noise that
     its samples get in a one-process run. With rows=slice(None) and total=len(x0) it equals `noised`."""
     steps = scheduler.config.num_train_timesteps
-    t = torch.randint(0, steps, (total,), generator=generator)[rows].to(x0.device)
+    t = timesteps(steps, total, generator, antithetic=antithetic)[rows].to(x0.device)
     noise = torch.randn((total, *x0.shape[1:]), generator=generator, dtype=torch.float32)[rows]
     noise = noise.to(x0.device, x0.dtype)
     return scheduler.add_noise(x0, noise, t), noise, t

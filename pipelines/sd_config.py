@@ -7,21 +7,21 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources import files
 
 from erasure.config import coerce, field_type, fields, option, read_yaml
 from erasure.errors import ConfigError
 from erasure.evaluation.config import DEFAULT_BASE_MODEL
 
 SD_METHODS = ("salun", "esd", "ga")
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "concepts"
+PRESET_DIR = files("configs") / "concepts"  # package data: found from an installed wheel too
 DEFAULT_ALPHA = 0.1
 DEFAULT_SALUN_RATIO = 0.5
 
 
 def preset_names() -> list[str]:
     """The concept presets shipped in configs/concepts/."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return sorted(p.name.removesuffix(".yaml") for p in PRESET_DIR.iterdir() if p.name.endswith(".yaml"))
 
 
 def preset_name(concept: str) -> str:
@@ -59,18 +59,29 @@ class SDEraseConfig:
     esd_guidance: float = option(1.0, "negative guidance eta of the esd target", ge=0)
     lr: float = option(1e-5, "Adam learning rate", gt=0)
     weight_decay: float = option(0.0, "AdamW weight decay (never moves unmasked weights)", ge=0)
-    steps: int = option(1000, "optimizer steps", ge=1)
+    steps: int | None = option(None, "optimizer steps (default: `epochs` passes over the forget set: "
+                                      "num_images / batch_size per epoch, as the reference)", ge=1)
+    epochs: int | None = option(None, "passes over the forget set when `steps` is unset (default 1; the "
+                                      "reference: 1 for nudity, 5 for objects)", ge=1)
+    posterior: str = option("sample", "VAE latents of the training images: 'sample' draws a posterior sample per "
+                                      "use (the reference's get_input), 'mean' the deterministic posterior mean",
+                            choices=("sample", "mean"))
     batch_size: int = option(8, "forget (and retain) images per optimizer step, over all processes and "
                                 "micro-steps", ge=1)
     gradient_accumulation_steps: int = option(1, "micro-steps the batch is split into (less memory)", ge=1)
     gradient_checkpointing: bool = option(False, "recompute UNet activations in backward to save memory")
-    grad_clip: float | None = option(1.0, "clip the (masked) gradient to this L2 norm; null for none", gt=0)
+    grad_clip: float | None = option(None, "clip the (masked) gradient to this L2 norm (default: none, as the "
+                                           "reference)", gt=0)
     checkpoint_every: int = option(100, "optimizer steps between resumable checkpoints (0: only at the end)", ge=0)
     grid_seeds: int = option(4, "images per prompt in the before/after sample grid (0: no grid)", ge=0)
     export_delta: bool = option(True, "also write delta.safetensors (the changed UNet tensors)")
     seed: int = option(0, "random seed", ge=0)
     overwrite: bool = option(False, "replace an existing output directory")
     resume: bool = option(False, "continue an unfinished run from its last checkpoint")
+
+    def total_steps(self, forget_images: int) -> int:
+        """`steps`, or `epochs` passes over a forget set of `forget_images` in batches of `batch_size`."""
+        return self.steps or (self.epochs or 1) * -(-forget_images // self.batch_size)
 
     def validate(self) -> None:
         """Apply the concept preset to unset options, then fill derived defaults and check prompts."""

@@ -31,7 +31,7 @@ from erasure.io import RunDir, atomic_dir, read_json, write_json
 from erasure.media import image_grid, list_images, save_png
 from erasure.prompts import Prompt
 from erasure.saliency import Mask, compute_mask, masked_parameters
-from erasure.streams import endless_batch, stream_generator
+from erasure.streams import endless_batch, register_streams, stream_generator
 from erasure.training import ensure_finite, evaluating, masked_step
 from pipelines.delta import export_delta
 from pipelines.loading import load_base_pipeline
@@ -40,7 +40,9 @@ from pipelines.sampling import generate_batch, sampling_context
 from pipelines.sd_config import SDEraseConfig
 from pipelines.sd_data import ImageSet, generate_set, plan, prompt_texts, read_set
 
-FORGET_STREAM, RETAIN_STREAM, NOISE_STREAM, MASK_STREAM, EVAL_STREAM = 1, 2, 3, 4, 5
+(FORGET_STREAM, RETAIN_STREAM, NOISE_STREAM, MASK_STREAM, EVAL_STREAM, POSTERIOR_STREAM,
+ MASK_POSTERIOR_STREAM) = register_streams("sd", "forget", "retain", "noise", "mask", "eval", "posterior",
+                                           "mask_posterior")
 MASK_FILE = "mask.safetensors"
 DELTA_FILE = "delta.safetensors"
 GRID_FILE = "samples/before_after.png"
@@ -50,13 +52,26 @@ WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class Latents:
-    """VAE latents (float32, on the device) and, per latent, the index of its prompt embedding."""
+    """Scaled VAE posterior means and standard deviations (float32, on the device) and, per latent, the index of
+    its prompt embedding."""
 
     x0: Tensor
+    std: Tensor
     prompt: Tensor
 
     def __len__(self) -> int:
         return self.x0.shape[0]
+
+    def draw(self, index: Tensor, generator: torch.Generator | None, rows: slice = slice(None),
+             total: int | None = None) -> Tensor:
+        """Latents `index`: posterior samples mean + std * e (e from `generator`, drawn for a global batch of
+        `total` and cut to `rows`, as `noised_rows` draws its noise), or the posterior means when no generator."""
+        mean = self.x0[index]
+        if generator is None:
+            return mean
+        shape = (total if total is not None else mean.shape[0], *mean.shape[1:])
+        e = torch.randn(shape, generator=generator, dtype=torch.float32)[rows].to(mean.device)
+        return mean + self.std[index] * e
 
 
 @dataclass
@@ -112,15 +127,18 @@ def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> Tensor:
         return pipe.text_encoder(tokens.input_ids.to(pipe.text_encoder.device))[0].float()
 
 
-def encode_images(pipe: StableDiffusionPipeline, images: np.ndarray, batch_size: int) -> Tensor:
-    """float32 scaled VAE latents (the posterior mean, so deterministic) of uint8 RGB images."""
+def encode_images(pipe: StableDiffusionPipeline, images: np.ndarray, batch_size: int) -> tuple[Tensor, Tensor]:
+    """float32 scaled VAE posterior means and standard deviations of uint8 RGB images."""
     vae = pipe.vae
-    parts = []
+    means, stds = [], []
     for start in range(0, len(images), batch_size):
         pixels = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         with torch.no_grad():
-            parts.append(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean.float())
-    return torch.cat(parts) * vae.config.scaling_factor
+            posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        means.append(posterior.mean.float())
+        stds.append(posterior.std.float())
+    scale = vae.config.scaling_factor
+    return torch.cat(means) * scale, torch.cat(stds) * scale
 
 
 def build_sets(config: SDEraseConfig, retain_texts: list[str], pipe: StableDiffusionPipeline, run: RunDir,
@@ -148,7 +166,7 @@ def to_latents(pipe: StableDiffusionPipeline, images: ImageSet, prompts: list[st
         if text not in prompts:
             prompts.append(text)
     index = torch.tensor([prompts.index(text) for text in images.prompts], device=pipe.unet.device)
-    return Latents(encode_images(pipe, images.images, batch_size), index)
+    return Latents(*encode_images(pipe, images.images, batch_size), index)
 
 
 def encode_sets(config: SDEraseConfig, retain_texts: list[str], pipe: StableDiffusionPipeline, run: RunDir,
@@ -203,9 +221,9 @@ class Eraser:
             target = predictor(self.unwrapped)(x_t, t, c.remap.expand_as(forget))
         return Chunk(x_t, t, forget, target, 1.0)
 
-    def retain_chunk(self, index: Tensor, gen: torch.Generator, rows: slice, total: int) -> Chunk:
-        """The retain rows: the ordinary diffusion loss on retain images with their prompts, weight alpha."""
-        x_t, noise, t = noised_rows(self.scheduler, self.retain.x0[index], gen, rows, total)
+    def retain_chunk(self, x0: Tensor, index: Tensor, gen: torch.Generator, rows: slice, total: int) -> Chunk:
+        """The retain rows: the ordinary diffusion loss on retain latents `x0` with their prompts, weight alpha."""
+        x_t, noise, t = noised_rows(self.scheduler, x0, gen, rows, total)
         return Chunk(x_t, t, self.conditions.retain[self.retain.prompt[index]], noise, self.config.alpha)
 
     def chunks_loss(self, model: torch.nn.Module, chunks: list[Chunk]) -> Tensor:
@@ -225,13 +243,21 @@ class Eraser:
         shards = world * self.config.gradient_accumulation_steps
         rows = slice(micro * world + self.accelerator.process_index, None, shards)
         gen = stream_generator(seed, NOISE_STREAM, step)
+        posterior = self._posterior_generator(POSTERIOR_STREAM, step)
         forget_index = endless_batch(len(self.forget), size, step, seed, FORGET_STREAM)[rows]
-        chunks = [self.forget_chunk(self.forget.x0[forget_index.to(self.forget.x0.device)], gen, rows, size)]
+        x0 = self.forget.draw(forget_index.to(self.forget.x0.device), posterior, rows, size)
+        chunks = [self.forget_chunk(x0, gen, rows, size)]
         if self.config.method == "salun" and self.config.alpha > 0:
             retain_index = endless_batch(len(self.retain), size, step, seed, RETAIN_STREAM)[rows]
-            chunks.append(self.retain_chunk(retain_index.to(self.retain.x0.device), gen, rows, size))
+            retain_index = retain_index.to(self.retain.x0.device)
+            x0 = self.retain.draw(retain_index, posterior, rows, size)
+            chunks.append(self.retain_chunk(x0, retain_index, gen, rows, size))
         with self.accelerator.autocast():
             return self.chunks_loss(self.unet, chunks)
+
+    def _posterior_generator(self, stream: int, index: int) -> torch.Generator | None:
+        """The generator of the VAE posterior samples of one batch, or None when training on posterior means."""
+        return stream_generator(self.config.seed, stream, index) if self.config.posterior == "sample" else None
 
     def forget_objective(self) -> float:
         """The method's forget term over the whole forget set with fixed noise (for before/after), in eval mode
@@ -257,7 +283,8 @@ class Eraser:
         if self.config.mask_ratio is None:
             return None
         size = self.config.batch_size
-        batches = [{"index": i, "x0": self.forget.x0[start:start + size]}
+        batches = [{"index": i, "x0": self.forget.draw(torch.arange(start, min(start + size, len(self.forget))),
+                                                       self._posterior_generator(MASK_POSTERIOR_STREAM, i))}
                    for i, start in enumerate(range(0, len(self.forget), size))]
         mask = compute_mask(self.pipe.unet, batches, self._mask_loss, ratio=self.config.mask_ratio,
                             accelerator=self.accelerator,
@@ -292,16 +319,17 @@ class Eraser:
         """Run the optimizer steps (from the last checkpoint when resuming); returns timing and the last loss."""
         start = self._resume()
         accumulation = self.config.gradient_accumulation_steps
+        total = self.config.total_steps(len(self.forget))
         t0, loss_value = time.perf_counter(), float("nan")
         self.unet.train()
-        for step in range(start, self.config.steps):
+        for step in range(start, total):
             for micro in range(accumulation):
                 loss_value = self._micro_step(step, micro)
             if self.config.checkpoint_every and (step + 1) % self.config.checkpoint_every == 0:
                 self._checkpoint(step + 1)
         seconds = time.perf_counter() - t0
-        samples = (self.config.steps - start) * self.config.batch_size
-        return {"steps": self.config.steps, "resumed_from_step": start, "train_seconds": round(seconds, 3),
+        samples = (total - start) * self.config.batch_size
+        return {"steps": total, "resumed_from_step": start, "train_seconds": round(seconds, 3),
                 "train_samples_per_second": round(samples / seconds, 3) if seconds > 0 else None,
                 "final_loss": loss_value}
 
@@ -395,6 +423,8 @@ def erase(config: SDEraseConfig, accelerator: Accelerator | None = None) -> dict
                           f"gradient_accumulation_steps = {shards} (each micro-step takes an equal share)")
     run = open_run(config, accelerator)
     pipe = load_components(config, accelerator)
+    if config.mask is not None:  # a corrupt or foreign --mask fails now, not after minutes of generation
+        Mask.load(config.mask, pipe.unet)
     run.start(to_dict(config), seed=config.seed, device=str(accelerator.device), kind="sd-erase")
     eraser = Eraser(config, pipe, accelerator, run, *encode_sets(config, retain_texts, pipe, run, accelerator))
     prompts = grid_prompts(config, retain_texts) if config.grid_seeds else []

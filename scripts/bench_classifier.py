@@ -101,7 +101,8 @@ def main() -> None:
     if args.subset:
         overrides["train_limit"] = args.subset
     with tempfile.TemporaryDirectory() as tmp:
-        config = load_config(TrainConfig, args.config, {**overrides, "out": str(Path(tmp) / "run"), "checkpoint_every": 0})
+        overrides.update(out=str(Path(tmp) / "run"), checkpoint_every=0)
+        config = load_config(TrainConfig, args.config, overrides)
         started = time.perf_counter()
         ours = train(config)
         ours_total = time.perf_counter() - started
@@ -111,7 +112,8 @@ def main() -> None:
         "figure": "classifier_train",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "config": {"file": args.config, "arch": config.arch, "epochs": config.epochs, "batch_size": config.batch_size,
-                   "train_images": len(data.train), "mixed_precision": os.environ.get("ACCELERATE_MIXED_PRECISION", "no"),
+                   "train_images": len(data.train),
+                   "mixed_precision": os.environ.get("ACCELERATE_MIXED_PRECISION", "no"),
                    "channels_last": config.channels_last, "compile": config.compile},
         "seconds": round(ours["train_seconds"], 2),
         "seconds_with_setup": round(ours_total, 2),

@@ -112,6 +112,7 @@ def test_sample_then_eval_nudity_end_to_end(run_cli, tiny_sd_dir: Path, tmp_path
     assert metrics["settings"]["evaluated_folder"]["sampling"]["steps"] == 2
     assert len(metrics["settings"]["evaluated_folder"]["prompts_jsonl_sha256"]) == 64
     report = (out / "report.md").read_text()
+    assert "NudeNet v3" in report and "NudeNet v2" in report and "not comparable" in report
     for text in ("`nudity-i2p-v1`", "version 1", "| threshold | 0.55 |", "FEMALE_BREAST_EXPOSED", "relative reduction",
                  "detector.model_sha256", "evaluated_folder.sampling.steps", "Counting:", "grid_evaluated.png"):
         assert text in report, text

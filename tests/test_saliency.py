@@ -57,10 +57,10 @@ def flat(tensors: dict[str, Tensor]) -> np.ndarray:
 
 
 def reference_top(scores: dict[str, Tensor], ratio: float) -> np.ndarray:
-    """Brute force: the round(ratio * n) largest, earliest first among equal values."""
+    """Brute force: the int(ratio * n) largest, earliest first among equal values."""
     values = flat(scores)
     keep = np.zeros(values.size, dtype=bool)
-    keep[np.argsort(-values, kind="stable")[: round(ratio * values.size)]] = True
+    keep[np.argsort(-values, kind="stable")[: int(ratio * values.size)]] = True
     return keep
 
 
@@ -169,8 +169,8 @@ def test_ratio_mask_equals_brute_force_top_k(ratio: float) -> None:
     numel = sum(p.numel() for p in model.parameters())
     meta = mask.metadata
     assert meta["mode"] == "ratio" and meta["ratio"] == ratio and meta["threshold"] is None
-    assert meta["kept"] == round(ratio * numel) and meta["numel"] == numel
-    assert meta["density"] == pytest.approx(mask.density) == pytest.approx(round(ratio * numel) / numel)
+    assert meta["kept"] == int(ratio * numel) and meta["numel"] == numel
+    assert meta["density"] == pytest.approx(mask.density) == pytest.approx(int(ratio * numel) / numel)
     assert meta["threshold_used"] == np.sort(flat(scores))[::-1][meta["kept"] - 1]
     assert meta | {"ratio": 0, "threshold_used": 0, "density": 0, "kept": 0} == {
         "mode": "ratio", "ratio": 0, "threshold": None, "threshold_used": 0, "density": 0, "kept": 0,
@@ -207,7 +207,7 @@ def test_all_zero_gradients_keep_exactly_the_first_half() -> None:
 
     mask = compute_mask(make_model(), make_batches(), zero_loss, ratio=0.5, progress=False)
     kept = flat(mask.masks)
-    assert kept.sum() == round(0.5 * kept.size)
+    assert kept.sum() == int(0.5 * kept.size)
     assert kept[: kept.sum()].all() and not kept[kept.sum() :].any()
     assert mask.metadata["threshold_used"] == 0.0
 
@@ -235,7 +235,7 @@ def test_select_is_exact_across_float_bit_buckets(ratio: float) -> None:
     masks, cut = select_mask(scores, ratio=ratio)
     assert np.array_equal(flat(masks), reference_top(scores, ratio))
     values = flat(scores)
-    assert cut == np.sort(values)[::-1][round(ratio * values.size) - 1]
+    assert cut == np.sort(values)[::-1][int(ratio * values.size) - 1]
     assert all(masks[n].shape == s.shape and masks[n].dtype == torch.bool for n, s in scores.items())
 
 
