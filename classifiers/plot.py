@@ -19,7 +19,7 @@ def gap_vs_time(points: dict[str, tuple[float, float]], path: Path, title: str) 
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import LogFormatter, ScalarFormatter
 
     figure, axes = plt.subplots(figsize=(7, 4.5), layout="constrained")
     try:
@@ -27,6 +27,7 @@ def gap_vs_time(points: dict[str, tuple[float, float]], path: Path, title: str) 
             axes.scatter(seconds, gap, s=48, marker=MARKERS[index % len(MARKERS)], label=name, zorder=3)
         axes.set_xscale("log")
         axes.xaxis.set_major_formatter(ScalarFormatter())
+        axes.xaxis.set_minor_formatter(LogFormatter(minor_thresholds=(2, 0.5)))  # plain numbers, no 2x10^0
         axes.set_xlabel("run time of the unlearning step (s, log scale)")
         axes.set_ylabel("Avg.Gap to retrain (percentage points)")
         axes.set_title(title)
