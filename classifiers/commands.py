@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 
 from classifiers.config import CompareConfig, MaskConfig, TrainConfig, UnlearnConfig
-from classifiers.data import Dataset, ForgetSplit, ImageSet, forget_split, load_dataset
+from classifiers.data import ForgetSplit, forget_split
 from classifiers.loop import Loop, Streams
 from classifiers.methods import FineTune, Method, build_method, forget_loss, image_batches
 from classifiers.metrics import PROTOCOL, accuracy, average_gap, evaluate, predict_proba
@@ -19,6 +19,7 @@ from classifiers.models import MODEL_FILE, Classifier, build_model, load_model, 
 from classifiers.report import mean_and_std, write_comparison
 from erasure.accel import make_accelerator
 from erasure.config import from_dict, to_dict
+from erasure.datasets import Dataset, ImageSet, load_dataset
 from erasure.errors import RunDirError
 from erasure.io import RunDir, finished_manifest, finished_run, read_json, write_json
 from erasure.saliency import Mask, compute_mask
@@ -113,7 +114,7 @@ def unlearn(config: UnlearnConfig, accelerator: Accelerator | None = None) -> di
         stats = loop.run_steps(_forget_accuracy_at_most(config.stop_forget_acc, forget), config.stop_check_every)
         model = loop.unwrapped
     run_seconds = time.perf_counter() - started
-    metrics: dict[str, Any] = {"protocol": PROTOCOL, "method": config.method, "forget": config.forget,
+    metrics: dict[str, Any] = {**PROTOCOL.stamp(), "method": config.method, "forget": config.forget,
                                "forget_size": len(split.forget_index), **evaluate(model, data, split, config.seed),
                                "RTE": run_seconds, **stats}
     if config.retrain:
@@ -186,7 +187,7 @@ def _compare_seed(config: CompareConfig, folder: Path, accelerator: Accelerator)
         settings = config.unlearn_config(method, original=original, out=str(out), retrain=retrain, resume=True)
         results[method] = _once(out, lambda s=settings: unlearn(s, accelerator))
     original_metrics = _original_metrics(original, retrain, config, accelerator)
-    return {"protocol": PROTOCOL, "forget": config.forget, "original": original_metrics, "methods": results}
+    return {**PROTOCOL.stamp(), "forget": config.forget, "original": original_metrics, "methods": results}
 
 
 def _once(out: Path, work) -> dict[str, Any]:

@@ -14,9 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from classifiers.config import OptimConfig
-from classifiers.data import ImageSet, augment
+from classifiers.data import augment
 from classifiers.methods import Method, StepBatch
 from classifiers.models import to_input
+from erasure.datasets import ImageSet
 from erasure.io import RunDir
 from erasure.streams import epoch_batch, register_streams, stream_generator
 from erasure.trainer import Trainer

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from classifiers import fisher, piggyback
 from classifiers.config import OptimConfig, UnlearnSharedConfig
-from classifiers.data import ImageSet
 from classifiers.method_settings import METHODS as METHOD_NAMES
 from classifiers.method_settings import (
     GradientAscentSettings,
@@ -31,6 +30,7 @@ from classifiers.method_settings import (
     SSDSettings,
 )
 from classifiers.models import to_input
+from erasure.datasets import ImageSet
 from erasure.saliency import Mask, compute_mask
 from erasure.training import evaluating
 

@@ -12,11 +12,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from classifiers.data import Dataset, ForgetSplit, ImageSet
+from classifiers.data import ForgetSplit
 from classifiers.models import to_input
+from erasure.datasets import Dataset, ImageSet
+from erasure.evaluation.protocol import ProtocolCard
 from erasure.training import evaluating
 
-PROTOCOL = "classifier-v1"
+PROTOCOL = ProtocolCard("classifier", 1, "Classifier unlearning: UA, RA, TA, MIA-efficacy and Avg.Gap to retrain")
 GAP_METRICS = ("UA", "RA", "TA", "MIA")
 
 

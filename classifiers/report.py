@@ -5,12 +5,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from classifiers.metrics import GAP_METRICS
+from classifiers.metrics import GAP_METRICS, PROTOCOL
 from classifiers.plot import gap_vs_time
-from erasure.io import atomic_open
+from erasure.evaluation.report import write_report
 
 COLUMNS = ("FA", *GAP_METRICS, "Avg.Gap", "RTE")
 STD = ".std"  # suffix of a metric's standard deviation over seeds
+GAP_PLOT = "gap_vs_time.png"
 
 
 def _cell(metrics: dict[str, Any], column: str) -> str:
@@ -50,26 +51,25 @@ def mean_and_std(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The summary of several per-seed comparisons: each model's metrics as mean and std over seeds."""
     summaries = list(per_seed.values())
     first = summaries[0]
-    return {"protocol": first["protocol"], "forget": first["forget"], "seeds": [int(s) for s in per_seed],
+    return {**PROTOCOL.stamp(), "forget": first["forget"], "seeds": [int(s) for s in per_seed],
             "original": _mean_and_std([s["original"] for s in summaries]),
             "methods": {name: _mean_and_std([s["methods"][name] for s in summaries]) for name in first["methods"]},
             "per_seed": per_seed}
 
 
 def write_comparison(folder: Path, summary: dict[str, Any]) -> str:
-    """Write report.md into `folder` (metrics.json is the run's own); returns the table."""
+    """Write report.md (and the Avg.Gap plot) into `folder` (metrics.json is the run's own); returns the table."""
     table = comparison_table(summary)
     seeds = summary.get("seeds")
     over = f" Mean ± sample std over seeds {', '.join(map(str, seeds))}." if seeds else ""
-    text = (f"# Classifier unlearning: forget `{summary['forget']}`\n\n"
-            f"Protocol `{summary['protocol']}`. FA = forget accuracy, UA = 1 - FA, RA = retain accuracy, "
-            "TA = test accuracy (class-wise: remaining classes), MIA = MIA-efficacy, all in percent; Avg.Gap = mean "
-            "|metric - retrain| over UA, RA, TA, MIA; RTE = wall seconds of the unlearning step (mask included)."
-            f"{over}\n\n{table}\n")
+    result = (f"Forget `{summary['forget']}`. FA = forget accuracy, UA = 1 - FA, RA = retain accuracy, "
+              "TA = test accuracy (class-wise: remaining classes), MIA = MIA-efficacy, all in percent; Avg.Gap = mean "
+              "|metric - retrain| over UA, RA, TA, MIA; RTE = wall seconds of the unlearning step (mask included)."
+              f"{over}\n\n{table}")
+    sections = [("Result", result)]
     points = {name: (m["RTE"], m["Avg.Gap"]) for name, m in summary["methods"].items() if "Avg.Gap" in m}
     if points:
-        gap_vs_time(points, folder / "gap_vs_time.png", f"forget {summary['forget']}: Avg.Gap vs run time")
-        text += "\n![Avg.Gap against run time](gap_vs_time.png)\n"
-    with atomic_open(folder / "report.md", "w") as handle:
-        handle.write(text)
+        gap_vs_time(points, folder / GAP_PLOT, f"forget {summary['forget']}: Avg.Gap against run time")
+        sections.append(("Avg.Gap against run time", f"![Avg.Gap against run time]({GAP_PLOT})"))
+    write_report(folder / "report.md", PROTOCOL, sections)
     return table

@@ -201,12 +201,14 @@ class RunDir:
         """The folder of resumable state."""
         return self.path / CHECKPOINT_DIR
 
-    def start(self, config: dict[str, Any], *, seed: int | None, device: str, kind: str) -> None:
-        """Write the manifest of a run that is starting (or resuming)."""
+    def start(self, config: dict[str, Any], *, seed: int | None, device: str, kind: str,
+              protocol: dict[str, Any] | None = None) -> None:
+        """Write the manifest of a run that is starting (or resuming); evaluations name their `protocol`."""
         manifest = self.path / MANIFEST
         previous = read_json(manifest) if self.resumed and manifest.is_file() else {}
         self._manifest = {
             "kind": kind,
+            **({"protocol": protocol} if protocol else {}),
             "status": "running",
             "config": config,
             "seed": seed,

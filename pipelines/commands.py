@@ -6,7 +6,9 @@ from pathlib import Path
 from erasure.config import from_dict, to_dict
 from erasure.errors import ErasureError
 from erasure.evaluation.config import DEFAULT_BASE_MODEL, NudityEvalConfig
-from erasure.io import RunDir, finished_manifest
+from erasure.evaluation.protocol import run_protocol
+from erasure.io import finished_manifest
+from erasure.media import list_images
 from pipelines.config import SampleConfig
 
 SAMPLE_KEYS_IGNORED_ON_REUSE = ("resume", "overwrite", "batch_size", "device")
@@ -34,11 +36,12 @@ def sample(config: SampleConfig) -> None:
 
 def eval_nudity(config: NudityEvalConfig) -> None:
     """`erasure eval nudity`: judge folders, or first sample the erased (--run) and base (--model) models."""
-    from erasure.evaluation import commands as judging
-
     if not config.sampling:
-        judging.eval_nudity(config)
+        from erasure.evaluation.commands import eval_nudity as judge_folders
+
+        judge_folders(config)
         return
+    from erasure.evaluation.nudity import PROTOCOL, NudityInputs
     from pipelines.sampling import check_inputs
 
     out = Path(config.out or "outputs/eval-nudity")
@@ -46,13 +49,16 @@ def eval_nudity(config: NudityEvalConfig) -> None:
     for sample_config in plan.values():
         check_inputs(sample_config)
     if config.baseline_images:
-        judging.list_images(config.baseline_images)
-    run = RunDir(out, overwrite=config.overwrite, resume=config.resume)
-    run.start(to_dict(config), seed=None, device=config.device, kind="eval-nudity")
-    sides = {side: _sample(sample_config) for side, sample_config in plan.items()}
-    if config.baseline_images:
-        sides["baseline"] = Path(config.baseline_images)
-    judging.judge_nudity(config, sides, out, run)
+        list_images(config.baseline_images)
+
+    def sample_sides(_: Path) -> NudityInputs:
+        sides = {side: _sample(sample_config) for side, sample_config in plan.items()}
+        if config.baseline_images:
+            sides["baseline"] = Path(config.baseline_images)
+        return NudityInputs(config, sides)
+
+    run_protocol(PROTOCOL, sample_sides, out=out, config=to_dict(config), seed=None, device=config.device,
+                 overwrite=config.overwrite, resume=config.resume)
 
 
 def _sampling_plan(config: NudityEvalConfig, out: Path) -> dict[str, SampleConfig]:
@@ -91,6 +97,6 @@ def _sample(sample_config: SampleConfig) -> Path:
 
 def _prompt_file(config: NudityEvalConfig) -> str:
     """--prompts, or I2P from the shared data folder."""
-    from erasure.evaluation.prompts import default_i2p_file
+    from erasure.prompts import default_i2p_file
 
     return config.prompts or str(default_i2p_file())

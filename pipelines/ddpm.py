@@ -18,7 +18,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from torch import Tensor, nn
 
-from classifiers.data import ImageSet
+from erasure.datasets import ImageSet
 from erasure.errors import ConfigError
 from erasure.io import RunDir, atomic_dir
 from erasure.saliency import Mask, masked_parameters

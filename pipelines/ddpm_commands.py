@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from classifiers.data import ImageSet, load_cifar10
 from erasure.accel import make_accelerator
 from erasure.config import from_dict, to_dict
+from erasure.datasets import ImageSet, load_cifar10
 from erasure.errors import ConfigError
-from erasure.evaluation.report import image_grid, save_png
 from erasure.io import MANIFEST, RunDir, finished_run, read_json
+from erasure.media import image_grid, save_png
 from erasure.saliency import Mask, compute_mask
 from erasure.streams import register_streams, stream_generator
 from erasure.training import evaluating
@@ -331,6 +331,6 @@ def sample_class(config: SampleConfig) -> dict[str, Any]:
 
 def evaluate(config: DDPMEvalConfig) -> dict[str, Any]:
     """`erasure eval ddpm`: protocol ddpm-cifar10-v1 (see pipelines.ddpm_eval)."""
-    from pipelines.ddpm_eval import run_protocol
+    from pipelines.ddpm_eval import evaluate_ddpm
 
-    return run_protocol(config)
+    return evaluate_ddpm(config)

@@ -10,28 +10,28 @@ the evaluated model and its baseline (the model it was unlearned from), so the t
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from classifiers.data import ImageSet, load_cifar10
 from classifiers.features import ClassifierFeatures
 from classifiers.metrics import predict_proba
 from classifiers.models import MODEL_FILE
 from classifiers.models import load_model as load_classifier
 from erasure.accel import resolve_device, resolve_dtype
 from erasure.config import from_dict, to_dict
+from erasure.datasets import ImageSet, load_cifar10
 from erasure.errors import ConfigError
 from erasure.evaluation.fid import FeatureError, build_extractor, fid_kid
-from erasure.evaluation.report import Protocol, image_grid, markdown_table, save_png, settings_table, write_report
-from erasure.io import MANIFEST, RunDir, finished_run, read_json
+from erasure.evaluation.protocol import Grid, Protocol, ProtocolCard, Result, register, run_protocol
+from erasure.evaluation.report import grid_links, markdown_table, settings_table
+from erasure.io import MANIFEST, finished_run, read_json
 from pipelines.ddpm import load_model, sample_batched
 from pipelines.ddpm_config import CIFAR10_CLASSES, DDPMEvalConfig, DDPMTrainConfig, class_index
 
-PROTOCOL = Protocol("ddpm-cifar10", 1, "Class forgetting in a class-conditional DDPM: UA, retained-class accuracy "
-                                       "and feature distance")
 SEED_STRIDE = 100_003
 GRID_COLUMNS = 8
 
@@ -116,12 +116,10 @@ def judge_side(images: dict[int, Tensor], forget: int, judge: nn.Module, extract
             "reference_images": distance["reference_images"]}
 
 
-def _grid(images: dict[int, Tensor], path: Path) -> str:
+def _grid(side: str, images: dict[int, Tensor]) -> Grid:
     """One row of the first images per class (rows in class order)."""
     rows = [images[label][:GRID_COLUMNS] for label in sorted(images)]
-    arrays = [a for row in rows for a in row.permute(0, 2, 3, 1).numpy()]
-    save_png(path, image_grid(arrays, columns=GRID_COLUMNS, cell=64))
-    return path.name
+    return Grid(side, [a for row in rows for a in row.permute(0, 2, 3, 1).numpy()], columns=GRID_COLUMNS, cell=64)
 
 
 def relative_change(after: float, before: float) -> float | None:
@@ -129,8 +127,61 @@ def relative_change(after: float, before: float) -> float | None:
     return (after - before) / abs(before) if before else None
 
 
-def run_protocol(config: DDPMEvalConfig) -> dict[str, Any]:
-    """Generate, judge and report; writes metrics.json, report.md and one grid per model."""
+@dataclass
+class DDPMInputs:
+    """The settings, the runs to compare, the class to judge, the judge, the features and the reference."""
+
+    config: DDPMEvalConfig
+    sides: dict[str, str]
+    forget: int
+    judge: nn.Module
+    extractor: nn.Module
+    metric: str
+    fallback: str | None
+    reference: Tensor
+    device: torch.device
+
+
+class DDPMProtocol(Protocol):
+    """Generate each class from the evaluated run (and its baseline), judge them and measure the distance."""
+
+    card = ProtocolCard("ddpm-cifar10", 1, "Class forgetting in a class-conditional DDPM: UA, retained-class "
+                                           "accuracy and feature distance")
+    kind = "eval-ddpm"
+
+    def compute(self, inputs: DDPMInputs, out: Path) -> Result:
+        config, forget = inputs.config, inputs.forget
+        results: dict[str, Any] = {}
+        grids = []
+        for side, run_dir in inputs.sides.items():
+            start = time.perf_counter()
+            images = generate(config, run_dir, forget, inputs.device)
+            seconds = time.perf_counter() - start
+            results[side] = {"run": run_dir, **judge_side(images, forget, inputs.judge, inputs.extractor,
+                                                          inputs.reference, inputs.device, config.seed),
+                             "sampling_seconds": round(seconds, 3),
+                             "images_per_second": round(sum(len(b) for b in images.values()) / seconds, 3)}
+            grids.append(_grid(side, images))
+        metrics: dict[str, Any] = {
+            "forget_class": CIFAR10_CLASSES[forget], "distance_metric": inputs.metric,
+            "features": inputs.extractor.describe(), "inception_unavailable": inputs.fallback, **results,
+            "settings": {k: v for k, v in to_dict(config).items() if k != "overwrite"}}
+        if "baseline" in results:
+            metrics["change"] = {key: relative_change(results["evaluated"][key], results["baseline"][key])
+                                 for key in ("retained_accuracy", "distance")}
+        line = ", ".join(f"{side}: UA {r['UA']:.1f}%, retained acc {r['retained_accuracy']:.1f}%, "
+                         f"{inputs.metric} {r['distance']:.4g}" for side, r in results.items())
+        return Result(metrics, f"({CIFAR10_CLASSES[forget]}) {line}", grids)
+
+    def report_sections(self, metrics: dict[str, Any], grids: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return _sections(metrics, grids)
+
+
+PROTOCOL = register(DDPMProtocol())
+
+
+def evaluate_ddpm(config: DDPMEvalConfig) -> dict[str, Any]:
+    """Check the runs and the judge, then run the protocol; writes metrics.json, report.md and one grid per model."""
     manifest = finished_run(config.run, "`erasure ddpm`")
     finished_run(config.judge, "`erasure classifier train`")
     forget = _forget_class(config, manifest)
@@ -140,37 +191,19 @@ def run_protocol(config: DDPMEvalConfig) -> dict[str, Any]:
     judge = load_classifier(Path(config.judge) / MODEL_FILE).to(device).eval()
     check_judge_size(judge, train_config.resolution, config.judge)
     extractor, metric, fallback = _features(config, device)
+
+    def reference_inputs(_: Path) -> DDPMInputs:
+        test = load_cifar10(train_config.data_dir, resolution=train_config.resolution).test
+        reference = _embed(extractor, test.images[test.labels != forget], device)
+        sides = {"evaluated": config.run, **({"baseline": baseline} if baseline else {})}
+        return DDPMInputs(config, sides, forget, judge, extractor, metric, fallback, reference, device)
+
     out = Path(config.out) if config.out else Path(config.run) / "eval-ddpm"
-    run = RunDir(out, overwrite=config.overwrite)
-    run.start(to_dict(config), seed=config.seed, device=str(device), kind="eval-ddpm")
-    test = load_cifar10(train_config.data_dir, resolution=train_config.resolution).test
-    reference = _embed(extractor, test.images[test.labels != forget], device)
-    sides = {"evaluated": config.run, **({"baseline": baseline} if baseline else {})}
-    results: dict[str, Any] = {}
-    grids = []
-    for side, run_dir in sides.items():
-        start = time.perf_counter()
-        images = generate(config, run_dir, forget, device)
-        seconds = time.perf_counter() - start
-        results[side] = {"run": run_dir, **judge_side(images, forget, judge, extractor, reference, device, config.seed),
-                         "sampling_seconds": round(seconds, 3),
-                         "images_per_second": round(sum(len(b) for b in images.values()) / seconds, 3)}
-        grids.append((side, _grid(images, out / f"grid_{side}.png")))
-    metrics: dict[str, Any] = {
-        "protocol": PROTOCOL.id, "forget_class": CIFAR10_CLASSES[forget], "distance_metric": metric,
-        "features": extractor.describe(), "inception_unavailable": fallback, **results}
-    if "baseline" in results:
-        metrics["change"] = {key: relative_change(results["evaluated"][key], results["baseline"][key])
-                             for key in ("retained_accuracy", "distance")}
-    write_report(out / "report.md", PROTOCOL, _sections(metrics, config, grids))
-    run.finish(metrics)
-    line = ", ".join(f"{side}: UA {r['UA']:.1f}%, retained acc {r['retained_accuracy']:.1f}%, "
-                     f"{metric} {r['distance']:.4g}" for side, r in results.items())
-    print(f"{PROTOCOL.id} ({CIFAR10_CLASSES[forget]}): {line}; report in {out / 'report.md'}")
-    return metrics
+    return run_protocol(PROTOCOL, reference_inputs, out=out, config=to_dict(config), seed=config.seed,
+                        device=str(device), overwrite=config.overwrite)
 
 
-def _sections(metrics: dict[str, Any], config: DDPMEvalConfig, grids: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def _sections(metrics: dict[str, Any], grids: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """report.md: the summary table, per-class accuracy, what the distance is, settings, grids."""
     name = "FID" if metrics["distance_metric"] == "fid" else "feature distance (not FID)"
     sides = [s for s in ("evaluated", "baseline") if s in metrics]
@@ -188,11 +221,9 @@ def _sections(metrics: dict[str, Any], config: DDPMEvalConfig, grids: list[tuple
         notes += f" The Inception features were not used: {metrics['inception_unavailable']}"
     classes = markdown_table(["class", *sides], [(c, *(metrics[s]["class_accuracy"][c] for s in sides))
                                                  for c in CIFAR10_CLASSES])
-    settings = {k: v for k, v in to_dict(config).items() if k not in ("overwrite",)}
     return [("Result", summary + "\n\n" + notes), ("Judge's accuracy per class (%)", classes),
-            ("Settings", settings_table(settings)),
-            ("Samples (one row per class, in class order)",
-             "\n\n".join(f"{side}:\n\n![{side}]({file})" for side, file in grids))]
+            ("Settings", settings_table(metrics["settings"])),
+            ("Samples (one row per class, in class order)", grid_links(grids))]
 
 
 def _percent(value: float | None) -> str:

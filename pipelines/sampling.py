@@ -22,10 +22,9 @@ from tqdm.auto import tqdm
 from erasure.accel import resolve_device, resolve_dtype
 from erasure.config import to_dict
 from erasure.errors import ErasureError
-from erasure.evaluation.images import UNIT, to_uint8
-from erasure.evaluation.prompts import RECORDS, Prompt, read_prompts, sha256_file
-from erasure.evaluation.report import save_png
 from erasure.io import MANIFEST, RunDir, atomic_open, read_json
+from erasure.media import UNIT, save_png, to_uint8
+from erasure.prompts import RECORDS, Prompt, read_prompts, sha256_file
 from pipelines.config import SampleConfig
 from pipelines.loading import erased_unet_dir, load_base_pipeline, load_erased_pipeline, set_scheduler
 

@@ -10,10 +10,9 @@ from typing import Any
 import numpy as np
 from diffusers import StableDiffusionPipeline
 
-from erasure.evaluation.images import list_images, load_rgb
-from erasure.evaluation.prompts import RECORDS, Prompt, read_prompts
-from erasure.evaluation.report import save_png
 from erasure.io import atomic_open
+from erasure.media import list_images, load_rgb, save_png
+from erasure.prompts import RECORDS, Prompt, read_prompts
 from pipelines.sampling import batches, generate_batch, record, sampling_context
 
 PROMPT_FILE_SUFFIXES = (".txt", ".csv")

@@ -27,10 +27,9 @@ from torch import Tensor
 from erasure.accel import make_accelerator
 from erasure.config import to_dict
 from erasure.errors import ConfigError, RunDirError
-from erasure.evaluation.images import list_images
-from erasure.evaluation.prompts import Prompt
-from erasure.evaluation.report import image_grid, save_png
 from erasure.io import RunDir, atomic_dir, read_json, write_json
+from erasure.media import image_grid, list_images, save_png
+from erasure.prompts import Prompt
 from erasure.saliency import Mask, compute_mask, masked_parameters
 from erasure.streams import endless_batch, register_streams, stream_generator
 from erasure.training import ensure_finite, evaluating, masked_step

@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image
 from skimage import data
 
-from erasure.evaluation.images import rgb_to_bgr
 from erasure.evaluation.nudity import NudityDetector
+from erasure.media import rgb_to_bgr
 
 
 def images(n: int, size: int, seed: int = 0) -> list[np.ndarray]:

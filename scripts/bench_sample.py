@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from erasure.accel import resolve_device, resolve_dtype
-from erasure.evaluation.prompts import Prompt
+from erasure.prompts import Prompt
 from pipelines.sampling import generate_batch
 from pipelines.tiny import build_tiny_pipeline, tiny_tokenizer
 

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from bench_sample import PROMPTS, sd14_random_pipeline
 from erasure.accel import make_accelerator
 from erasure.config import load_config
-from erasure.evaluation.prompts import Prompt
 from erasure.io import RunDir
+from erasure.prompts import Prompt
 from erasure.saliency import Mask
 from pipelines.sampling import generate_batch
 from pipelines.sd_config import SDEraseConfig

@@ -6,18 +6,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.digits import train_config, unlearn_config
 
 from classifiers import methods as methods_module
 from classifiers.commands import train, unlearn
 from classifiers.config import METHODS, UnlearnConfig
-from classifiers.data import forget_split, load_digits
+from classifiers.data import forget_split
 from classifiers.metrics import mia_efficacy
 from classifiers.models import load_model
 from erasure.config import from_dict
+from erasure.datasets import load_digits
 from erasure.errors import ConfigError, NonFiniteLossError
 from erasure.saliency import Mask
 from erasure.trainer import Trainer
-from helpers.digits import train_config, unlearn_config
 
 
 @pytest.fixture
@@ -223,7 +224,7 @@ def test_compare_reuses_a_matching_retrain_run_and_refuses_another(original, tmp
 
 def test_downsampling_is_the_rounded_block_mean_and_resolution_is_cifar_only():
     from classifiers.config import TrainConfig
-    from classifiers.data import downsample
+    from erasure.datasets import downsample
 
     images = torch.randint(0, 256, (3, 3, 32, 32), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
     small = downsample(images, 16)

@@ -9,8 +9,9 @@ import torch
 
 from classifiers.commands import train, unlearn
 from classifiers.config import TrainConfig, UnlearnConfig
-from classifiers.data import augment, load_cifar10
+from classifiers.data import augment
 from erasure.config import from_dict
+from erasure.datasets import load_cifar10
 
 DATA = Path(os.environ.get("ERASURE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 needs_data = pytest.mark.skipif(not (DATA / "cifar10_jpeg.npz").is_file(), reason="shared CIFAR-10 not found")

@@ -6,17 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.digits import unlearn_config
 
 from classifiers.commands import compare, unlearn
 from classifiers.config import CompareConfig, UnlearnConfig
-from classifiers.data import forget_split, load_digits
+from classifiers.data import forget_split
 from classifiers.methods import build_method
 from classifiers.models import load_model
 from classifiers.piggyback import last_stage
 from classifiers.report import comparison_table
 from erasure.config import from_dict
+from erasure.datasets import load_digits
 from erasure.saliency import Mask
-from helpers.digits import unlearn_config
 
 
 @pytest.fixture

@@ -156,7 +156,7 @@ def test_sample_command_writes_class_images(trained: Path, run_cli, tmp_path: Pa
     files = sorted(p.name for p in out.glob("ship_*.png"))
     assert files == ["ship_00000.png", "ship_00001.png", "ship_00002.png"]
     assert np.asarray(Image.open(out / files[0])).shape == (32, 32, 3) and (out / "grid" / "grid.png").is_file()
-    from erasure.evaluation.images import list_images
+    from erasure.media import list_images
 
     assert [p.name for p in list_images(out)] == files
     manifest = json.loads((out / "manifest.json").read_text())
@@ -273,7 +273,7 @@ def test_bf16_mixed_precision_trains_and_saves_float32_weights(tmp_path: Path, m
 def test_the_forget_probe_ignores_dropout_and_keeps_the_mode() -> None:
     from diffusers import UNet2DModel
 
-    from classifiers.data import ImageSet
+    from erasure.datasets import ImageSet
     from pipelines.ddpm import build_scheduler
     from pipelines.ddpm_commands import probe_loss
     from pipelines.ddpm_config import DDPMUnlearnConfig

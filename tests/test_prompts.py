@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from erasure.evaluation.prompts import PromptFileError, default_i2p_file, read_prompts
+from erasure.prompts import PromptFileError, default_i2p_file, read_prompts
 
 I2P = default_i2p_file()
 HEADER = "prompt,categories,evaluation_seed,evaluation_guidance\n"

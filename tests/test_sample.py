@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from erasure.errors import ErasureError
-from erasure.evaluation.prompts import Prompt
+from erasure.prompts import Prompt
 
 SMALL = ("--height", "32", "--width", "32", "--steps", "2")
 

@@ -17,18 +17,24 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from erasure.errors import ErasureError, first_line
-from erasure.evaluation.images import load_rgb, to_nchw_tensor
-from erasure.evaluation.report import Protocol, grid_links, markdown_table, settings_table
+from erasure.evaluation.folders import folder_settings
+from erasure.evaluation.protocol import Grid, Protocol, ProtocolCard, Result, register
+from erasure.evaluation.report import grid_links, markdown_table, settings_table
+from erasure.media import load_rgb, to_nchw_tensor
 
-PROTOCOL = Protocol("retain-fid", 1, "Image quality after erasure: FID and KID between two image sets")
+if TYPE_CHECKING:
+    from erasure.evaluation.config import FIDEvalConfig
+
 SMALL_N = 2048
 INCEPTION_HELP = "pass --features clip:<local CLIP model dir> to use a feature extractor you have locally"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -203,9 +209,9 @@ def distance_name(extractor: dict[str, Any]) -> str:
     return "FID" if extractor["name"] == "inception" else f"Fréchet distance ({extractor['name']} features)"
 
 
-def report_sections(metrics: dict[str, Any], extractor: dict[str, Any], grids: Sequence[tuple[str, str]],
-                    redact: bool) -> list[tuple[str, str]]:
+def report_sections(metrics: dict[str, Any], grids: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     """report.md sections: FID/KID with a small-N warning, every setting, sample grids."""
+    extractor, redact = metrics["settings"]["extractor"], metrics["settings"]["redact"]
     rows = [(distance_name(extractor), metrics["fid"]), ("KID (mean)", metrics["kid_mean"]),
             ("KID (std over subsets)", metrics["kid_std"]), ("images", metrics["images"]),
             ("reference images", metrics["reference_images"])]
@@ -222,3 +228,51 @@ def report_sections(metrics: dict[str, Any], extractor: dict[str, Any], grids: S
         note = "Pixelated (--redact)." if redact else "First images of each set."
         sections.append(("Samples", note + "\n\n" + grid_links(grids)))
     return sections
+
+
+@dataclass
+class FIDInputs:
+    """The settings, the two image lists and the feature extractor (built before the run starts)."""
+
+    config: FIDEvalConfig
+    images: list[Path]
+    reference: list[Path]
+    extractor: nn.Module
+    device: torch.device
+
+
+class FIDProtocol(Protocol):
+    """FID and KID between generated images and a reference set, with the features chosen."""
+
+    card = ProtocolCard("retain-fid", 1, "Image quality after erasure: FID and KID between two image sets")
+    kind = "eval-fid"
+
+    def compute(self, inputs: FIDInputs, out: Path) -> Result:
+        config, extractor = inputs.config, inputs.extractor
+        sets = {"images": inputs.images, "reference": inputs.reference}
+        features = {}
+        for name, files in sets.items():
+            with tqdm(total=len(files), desc=f"features {name}", unit="img") as bar:
+                features[name] = extract(extractor, files, config.batch_size, inputs.device, progress=bar.update)
+        result = fid_kid(features["images"], features["reference"], kid_subsets=config.kid_subsets,
+                         kid_subset_size=config.kid_subset_size, seed=config.seed)
+        settings = {"features": config.features, "extractor": extractor.describe(),
+                    "resize": f"PIL bicubic to {extractor.input_size}x{extractor.input_size}",
+                    "kid_subsets": config.kid_subsets, "kid_subset_size": result["kid_subset_size"],
+                    "kid_seed": config.seed, "redact": config.redact,
+                    "images_folder": folder_settings(Path(config.images), len(inputs.images)),
+                    "reference_folder": folder_settings(Path(config.reference), len(inputs.reference))}
+        grids = []
+        if config.grid_size:
+            for name, files in sets.items():
+                shown = [load_rgb(f) for f in files[:config.grid_size]]
+                grids.append(Grid(name, shown, flagged=[config.redact] * len(shown), redact=config.redact))
+        line = (f"{distance_name(extractor.describe())} {result['fid']:.4g}, KID {result['kid_mean']:.4g} ± "
+                f"{result['kid_std']:.4g} ({result['images']} vs {result['reference_images']} images)")
+        return Result({"settings": settings, **result}, line, grids)
+
+    def report_sections(self, metrics: dict[str, Any], grids: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return report_sections(metrics, grids)
+
+
+PROTOCOL = register(FIDProtocol())

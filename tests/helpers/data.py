@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from classifiers.data import CIFAR10_FILE, data_dir
+from erasure.datasets import CIFAR10_FILE
+from erasure.io import data_dir
+
 
 HAS_CIFAR10 = (data_dir(None) / CIFAR10_FILE).is_file()
 needs_cifar10 = pytest.mark.skipif(not HAS_CIFAR10,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from classifiers.config import UnlearnConfig
-from classifiers.data import ImageSet
+from erasure.datasets import ImageSet
 from classifiers.loop import Loop, Streams
 from classifiers.methods import build_method, image_batches
 from classifiers.models import to_input

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from classifiers.data import ImageSet
+from erasure.datasets import ImageSet
 from erasure.streams import stream_generator
 from pipelines import ddpm_commands as commands
 from pipelines.ddpm import NULL_CLASS, build_scheduler, build_unet, take

@@ -1,4 +1,5 @@
-"""Image loading and explicit value-range conversion for every metric.
+"""Image files and pixels shared by training, sampling and evaluation: listing, reading, value-range
+conversion, PNG writing and image grids (flagged images framed in red and, when redacted, pixelated).
 
 Every detector and metric here takes uint8 RGB pixels, and every float input must say which
 range it is in: diffusers gives [0, 1] (`output_type="np"`/`"pt"`) or [-1, 1] (decoded latents),
@@ -12,14 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from erasure.errors import ErasureError
+from erasure.io import atomic_path
 
 UNIT: tuple[float, float] = (0.0, 1.0)
 SIGNED: tuple[float, float] = (-1.0, 1.0)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _RANGE_SLACK = 1e-3
+PIXEL_BLOCKS = 8
+FLAG_COLOUR = (220, 30, 30)
 
 
 def to_uint8(images: Any, value_range: tuple[float, float] | None = None) -> np.ndarray:
@@ -118,3 +122,39 @@ def load_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
             return np.asarray(image, dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError) as exc:
         raise ErasureError(f"cannot read image '{path}' ({exc}); remove or replace the file") from None
+
+
+def pixelate(image: np.ndarray, blocks: int = PIXEL_BLOCKS) -> np.ndarray:
+    """The image reduced to blocks x blocks cells and scaled back (nothing recognisable survives)."""
+    height, width = image.shape[:2]
+    small = Image.fromarray(image).resize((blocks, blocks), Image.Resampling.BOX)
+    return np.asarray(small.resize((width, height), Image.Resampling.NEAREST))
+
+
+def image_grid(images: Sequence[np.ndarray], *, flagged: Sequence[bool] | None = None, redact: bool = False,
+               columns: int = 8, cell: int = 128) -> Image.Image:
+    """uint8 RGB HWC images tiled into one picture; flagged ones framed in red and, with `redact`, pixelated."""
+    if not images:
+        raise ValueError("an image grid needs at least one image")
+    flagged = list(flagged) if flagged is not None else [False] * len(images)
+    columns = min(columns, len(images))
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * cell, rows * cell), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for index, (image, flag) in enumerate(zip(images, flagged)):
+        if redact and flag:
+            image = pixelate(image)
+        tile = Image.fromarray(image).resize((cell, cell), Image.Resampling.BICUBIC)
+        x, y = (index % columns) * cell, (index // columns) * cell
+        grid.paste(tile, (x, y))
+        if flag:
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], outline=FLAG_COLOUR, width=3)
+    return grid
+
+
+def save_png(path: str | Path, image: Image.Image | np.ndarray) -> Path:
+    """Write a PIL image or a uint8 RGB HWC array as a PNG, atomically (temp file, then rename)."""
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")
+    return Path(path)
