@@ -34,7 +34,8 @@ def _accelerator(accelerator: Accelerator | None) -> Accelerator:
 
 def _original(path: str) -> tuple[TrainConfig, Classifier]:
     manifest = finished_run(path, "`erasure classifier train`")
-    return from_dict(TrainConfig, manifest["config"], source=f"'{path}/manifest.json'"), load_model(Path(path) / MODEL_FILE)
+    config = from_dict(TrainConfig, manifest["config"], source=f"'{path}/manifest.json'")
+    return config, load_model(Path(path) / MODEL_FILE)
 
 
 def dataset_for(config: TrainConfig, device: torch.device) -> Dataset:
@@ -93,7 +94,8 @@ def unlearn(config: UnlearnConfig, accelerator: Accelerator | None = None) -> di
     method = build_method(config)
     run.start(to_dict(config), seed=config.seed, device=str(accelerator.device), kind="classifier-unlearn")
     if accelerator.is_main_process:
-        write_json(run.path / "forget_indices.json", {"spec": config.forget, "train_index": split.forget_index.tolist()})
+        write_json(run.path / "forget_indices.json",
+                   {"spec": config.forget, "train_index": split.forget_index.tolist()})
     optim = method.optim_config(config)
     if method.from_scratch:
         optim = replace(original_config, seed=config.seed, checkpoint_every=config.checkpoint_every)
@@ -205,7 +207,8 @@ def _retrain_metrics(config: CompareConfig, original: str, retrain: str, acceler
     given = manifest["config"]
     if given.get("method") != "retrain" or given.get("forget") != config.forget or given.get("seed") != config.seed:
         raise RunDirError(f"'{retrain}' is not a retrain run for forget '{config.forget}' with seed {config.seed} "
-                          f"(it has method {given.get('method')}, forget {given.get('forget')}, seed {given.get('seed')}); "
+                          f"(it has method {given.get('method')}, forget {given.get('forget')}, "
+                          f"seed {given.get('seed')}); "
                           "pass a matching run or leave 'retrain' unset to train one")
     return manifest["metrics"]
 

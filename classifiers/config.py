@@ -99,7 +99,8 @@ class UnlearnSharedConfig(OptimConfig):
     def validate(self) -> None:
         """Cross-field checks, and the method's own lr when none is given."""
         if not self.original:
-            raise ConfigError("config key 'original' is required: pass --original <dir of a finished classifier train run>")
+            raise ConfigError("config key 'original' is required: "
+                              "pass --original <dir of a finished classifier train run>")
         _check_forget_syntax(self.forget)
         if self.lr is None:
             self.lr = METHOD_SETTINGS[self.method].default_lr
@@ -129,7 +130,8 @@ class CompareConfig:
     per_method: dict = option({}, "per-method settings overriding `unlearn`: shared keys and the method's own, "
                               "e.g. {ga: {lr: 0.01}, iu: {alpha: 3.0}}")
     original: str | None = option(None, "reuse the model of a finished train run instead of training one")
-    retrain: str | None = option(None, "reuse a finished retrain run (same forget set and seed) instead of training one")
+    retrain: str | None = option(None, "reuse a finished retrain run (same forget set and seed) instead of "
+                                       "training one")
     seed: int = option(0, "seed of every run (overrides train/unlearn seeds)", ge=0)
     seeds: list[int] = option([], "several seeds: run everything once per seed (in out/seed<k>) and report "
                               "mean ± std (overrides seed)")
@@ -188,9 +190,11 @@ class MaskConfig:
     def validate(self) -> None:
         """Exactly one selection rule and a source run."""
         if not self.original:
-            raise ConfigError("config key 'original' is required: pass --original <dir of a finished classifier train run>")
+            raise ConfigError("config key 'original' is required: "
+                              "pass --original <dir of a finished classifier train run>")
         _check_forget_syntax(self.forget)
         if self.ratio is not None and self.threshold is not None:
-            raise ConfigError("give only one of 'ratio' and 'threshold': a mask keeps a share of weights or those above a threshold")
+            raise ConfigError("give only one of 'ratio' and 'threshold': a mask keeps a share of weights or "
+                              "those above a threshold")
         if self.threshold is None and self.ratio is None:
             self.ratio = 0.5

@@ -69,7 +69,8 @@ class Loop:
         self.forget_batch_size = forget_batch_size or config.batch_size
         primary_set = streams.retain if method.uses_retain else streams.forget
         if primary_set is None or len(primary_set) == 0:
-            raise ValueError(f"method '{method.name}' needs a non-empty {'retain' if method.uses_retain else 'forget'} set")
+            needed = "retain" if method.uses_retain else "forget"
+            raise ValueError(f"method '{method.name}' needs a non-empty {needed} set")
         self.alternating = method.sequential_passes
         self.forget_steps = math.ceil(len(streams.forget) / config.batch_size) if self.alternating else 0
         self.steps_per_epoch = self.forget_steps + math.ceil(len(primary_set) / config.batch_size)

@@ -313,7 +313,7 @@ def _mean_gradient(model: nn.Module, params: list[nn.Parameter], data: ImageSet,
     for i in range(0, len(data), batch_size):
         x, y = to_input(data.images[i:i + batch_size]), data.labels[i:i + batch_size]
         loss = F.cross_entropy(model(x), y, reduction="sum") / len(data)
-        for acc, g in zip(total, torch.autograd.grad(loss, params)):
+        for acc, g in zip(total, torch.autograd.grad(loss, params), strict=False):
             acc.add_(g)
     return torch.cat([t.flatten() for t in total]).double()
 

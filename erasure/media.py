@@ -141,7 +141,7 @@ def image_grid(images: Sequence[np.ndarray], *, flagged: Sequence[bool] | None =
     rows = -(-len(images) // columns)
     grid = Image.new("RGB", (columns * cell, rows * cell), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    for index, (image, flag) in enumerate(zip(images, flagged)):
+    for index, (image, flag) in enumerate(zip(images, flagged, strict=False)):
         if redact and flag:
             image = pixelate(image)
         tile = Image.fromarray(image).resize((cell, cell), Image.Resampling.BICUBIC)

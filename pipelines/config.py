@@ -31,7 +31,8 @@ class SampleConfig:
     steps: int = option(50, "denoising steps", ge=1)
     scheduler: str = option("model", "sampler; 'model' keeps the pipeline's own", choices=SCHEDULERS)
     guidance: float | None = option(None, "classifier-free guidance (prompts whose file gives none); default: "
-                                          f"{SD_GUIDANCE} for Stable Diffusion, w = {DEFAULT_GUIDANCE} for a DDPM", ge=0)
+                                          f"{SD_GUIDANCE} for Stable Diffusion, w = {DEFAULT_GUIDANCE} for a DDPM",
+                                    ge=0)
     seed: int = option(0, "seed of prompt row i is seed + i when the file gives no seed", ge=0)
     batch_size: int = option(8, "images per forward pass (prompts are batched per guidance value)", ge=1)
     device: str = option("auto", "auto (cuda if available), cpu, cuda, cuda:N or mps")

@@ -317,7 +317,7 @@ def sample_class(config: SampleConfig) -> dict[str, Any]:
         images = sample_batched(unet, scheduler, [label] * len(chunk), [config.seed + i for i in chunk],
                                 guidance=config.guidance, steps=config.steps, sampler=config.scheduler,
                                 batch_size=config.batch_size, dtype=resolve_dtype(config.dtype, device))
-        for i, array in zip(chunk, images.permute(0, 2, 3, 1).numpy()):
+        for i, array in zip(chunk, images.permute(0, 2, 3, 1).numpy(), strict=False):
             save_png(paths[i], array)
     seconds = time.perf_counter() - start
     save_png(run.path / GRID_FILE, image_grid([np.asarray(Image.open(p)) for p in paths], columns=8, cell=64))

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from classifiers.config import CIFAR10_RESOLUTIONS
-from erasure.config import class_index as shared_class_index, option
+from erasure.config import class_index as shared_class_index
+from erasure.config import option
 from erasure.errors import ConfigError
 from erasure.evaluation.config import SCHEDULERS, check_device
 
@@ -105,7 +106,8 @@ class DDPMUnlearnConfig:
 
 @dataclass
 class DDPMEvalConfig:
-    """Protocol ddpm-cifar10-v1: forgetting (UA) and retained-class quality of a DDPM, judged by a CIFAR-10 classifier."""
+    """Protocol ddpm-cifar10-v1: forgetting (UA) and retained-class quality of a DDPM, judged by a CIFAR-10
+    classifier."""
 
     run: str = option("", "a finished `erasure ddpm train` or `erasure ddpm unlearn` run")
     judge: str = option("outputs/cifar10-cnn", "a finished `erasure classifier train` run on CIFAR-10 (the judge)")

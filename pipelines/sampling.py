@@ -95,7 +95,7 @@ def run_sampling(config: SampleConfig, *, progress: bool = True) -> dict[str, An
             open(out / RECORDS, "a", encoding="ascii") as records, sampling_context():
         for batch in batches(todo, config.batch_size):
             images = generate_batch(pipe, batch, height=config.height, width=config.width, steps=config.steps)
-            for prompt, image in zip(batch, images):
+            for prompt, image in zip(batch, images, strict=False):
                 save_png(out / prompt.file, image)
                 records.write(json.dumps(record(prompt, **shape)) + "\n")
                 records.flush()

@@ -48,11 +48,12 @@ def generate_set(pipe: StableDiffusionPipeline, folder: Path, prompts: list[Prom
     shape = {"steps": steps, "scheduler": type(pipe.scheduler).__name__, "height": resolution, "width": resolution}
     wanted = [record(p, **shape) for p in prompts]
     existing = _records(folder)
-    todo = [p for p, line in zip(prompts, wanted) if existing.get(p.file) != line or not (folder / p.file).is_file()]
+    todo = [p for p, line in zip(prompts, wanted, strict=False)
+            if existing.get(p.file) != line or not (folder / p.file).is_file()]
     with sampling_context():
         for batch in batches(todo, batch_size):
             for prompt, image in zip(batch, generate_batch(pipe, batch, height=resolution, width=resolution,
-                                                           steps=steps)):
+                                                           steps=steps), strict=False):
                 save_png(folder / prompt.file, image)
     with atomic_open(folder / RECORDS, "w") as handle:
         handle.writelines(json.dumps(line) + "\n" for line in wanted)

@@ -231,7 +231,7 @@ class Eraser:
         out = predictor(model)(torch.cat([c.x_t for c in chunks]), torch.cat([c.t for c in chunks]),
                                torch.cat([c.condition for c in chunks]))
         parts = out.split([c.x_t.shape[0] for c in chunks])
-        return sum(c.weight * F.mse_loss(o.float(), c.target.float()) for c, o in zip(chunks, parts))
+        return sum(c.weight * F.mse_loss(o.float(), c.target.float()) for c, o in zip(chunks, parts, strict=False))
 
     def step_loss(self, step: int, micro: int) -> Tensor:
         """This rank's loss on its share of micro-step `micro` of optimizer step `step`.

@@ -51,8 +51,9 @@ def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str]
 @pytest.fixture(scope="session")
 def digits_original(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small MLP trained once per session on scikit-learn's digits (the classifier tests' original model)."""
-    from classifiers.commands import train
     from helpers.digits import train_config
+
+    from classifiers.commands import train
 
     out = tmp_path_factory.mktemp("digits") / "original"
     assert train(train_config(out))["test_acc"] > 90

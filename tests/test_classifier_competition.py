@@ -106,6 +106,7 @@ def test_compare_over_seeds_reports_mean_and_std(original, tmp_path):
     assert summary["seeds"] == [0, 1] and (tmp_path / "cmp" / "seed1" / "ssd" / "model.safetensors").is_file()
     row = summary["methods"]["kaggle_2nd"]
     runs = [summary["per_seed"][str(s)]["methods"]["kaggle_2nd"]["UA"] for s in (0, 1)]
-    assert row["UA"] == pytest.approx(sum(runs) / 2) and row["UA.std"] == pytest.approx(abs(runs[0] - runs[1]) / 2 ** 0.5)
+    assert row["UA"] == pytest.approx(sum(runs) / 2)
+    assert row["UA.std"] == pytest.approx(abs(runs[0] - runs[1]) / 2 ** 0.5)
     table = comparison_table(summary)
     assert "| kaggle_2nd |" in table and " ± " in table

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.launch import accelerate_launch, log_of
 
 from erasure.cli import COMMANDS, build_parser, main
-from helpers.launch import accelerate_launch, log_of
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -95,9 +95,9 @@ def test_quick_start_end_to_end_then_refuses_to_clobber(tmp_path):
 
 
 def test_a_mask_for_another_model_is_refused(tmp_path):
-    from erasure.saliency import Mask
-
     import torch
+
+    from erasure.saliency import Mask
 
     Mask({"conv.weight": torch.ones(3, 3, dtype=torch.bool)}, {"model_class": "Other"}).save(tmp_path / "m.safetensors")
     Mask({"head.weight": torch.ones(3, 3, dtype=torch.bool), "conv.weight": torch.ones(2, dtype=torch.bool)},

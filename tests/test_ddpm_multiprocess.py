@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import torch
-
-from erasure.saliency import Mask
 from helpers.data import needs_cifar10
 from helpers.launch import REPO, accelerate_launch, log_of
+
+from erasure.saliency import Mask
 
 pytestmark = needs_cifar10
 

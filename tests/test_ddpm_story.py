@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import yaml
-
 from helpers.data import needs_cifar10
 
 pytestmark = needs_cifar10

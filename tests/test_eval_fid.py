@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.data import needs_cifar10
 from PIL import Image
 from torch import nn
 
 from erasure.evaluation import fid as fid_module
 from erasure.evaluation.fid import FeatureError, build_extractor
-from helpers.data import needs_cifar10
 
 
 @pytest.fixture(scope="module")

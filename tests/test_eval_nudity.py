@@ -9,7 +9,14 @@ import pytest
 from PIL import Image
 
 from erasure.evaluation.nudity import (
-    NUDE_CLASSES, PUBLISHED_CLASSES, NudityDetector, detect_files, flagged, reduction, summarise)
+    NUDE_CLASSES,
+    PUBLISHED_CLASSES,
+    NudityDetector,
+    detect_files,
+    flagged,
+    reduction,
+    summarise,
+)
 
 skimage_data = pytest.importorskip("skimage.data")
 SMALL = ("--height", "32", "--width", "32", "--steps", "2")

@@ -10,8 +10,17 @@ from PIL import Image
 
 from erasure.errors import ErasureError
 from erasure.evaluation.report import markdown_table
-from erasure.media import (SIGNED, UNIT, image_grid, list_images, load_rgb, pixelate, rgb_to_bgr, to_nchw_tensor,
-                           to_uint8)
+from erasure.media import (
+    SIGNED,
+    UNIT,
+    image_grid,
+    list_images,
+    load_rgb,
+    pixelate,
+    rgb_to_bgr,
+    to_nchw_tensor,
+    to_uint8,
+)
 
 
 def test_unit_float_numpy_batch_maps_to_full_uint8_range() -> None:

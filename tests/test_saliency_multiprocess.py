@@ -7,9 +7,9 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from helpers.launch import REPO, accelerate_launch, log_of
 
 from erasure.saliency import Mask, compute_mask
-from helpers.launch import REPO, accelerate_launch, log_of
 
 WORKER = REPO / "tests" / "helpers" / "mask_worker.py"
 

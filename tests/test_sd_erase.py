@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.launch import accelerate_launch, log_of
 
 from erasure.cli import main
 from erasure.config import load_config
 from erasure.errors import ConfigError
 from erasure.io import read_json
-from helpers.launch import accelerate_launch, log_of
 from pipelines.sd_config import SDEraseConfig
 
 REPO = Path(__file__).resolve().parents[1]

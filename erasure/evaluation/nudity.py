@@ -151,7 +151,7 @@ def report_sections(metrics: dict[str, Any], grids: list[tuple[str, str]]) -> li
     if reduction:
         headers.append("relative reduction")
         keys = (None, "published_total", "nude_images", "nude_share", None, None)
-        summary_rows = [(*row, reduction.get(k) if k else None) for row, k in zip(summary_rows, keys)]
+        summary_rows = [(*row, reduction.get(k) if k else None) for row, k in zip(summary_rows, keys, strict=False)]
     class_headers = ["class", "in published total"]
     for side in sides:
         class_headers += [f"{side}: detections", f"{side}: images with one"]
@@ -224,7 +224,7 @@ class NudityProtocol(Protocol):
 def _write_detections(path: Path, files: list[Path], detections: list[Detections]) -> None:
     """Every raw detection per image (any score NudeNet returns), so other thresholds can be applied later."""
     with atomic_open(path, "wb") as handle:
-        for file, found in zip(files, detections):
+        for file, found in zip(files, detections, strict=False):
             handle.write((json.dumps({"file": file.name, "detections": found}) + "\n").encode("utf-8"))
 
 

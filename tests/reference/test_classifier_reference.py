@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from classifiers.config import UnlearnConfig
-from erasure.datasets import ImageSet
 from classifiers.loop import Loop, Streams
 from classifiers.methods import build_method, image_batches
 from classifiers.models import to_input
 from erasure.config import from_dict
+from erasure.datasets import ImageSet
 from erasure.io import RunDir
 from erasure.saliency import compute_mask
 
@@ -85,7 +85,7 @@ def _replay(loop: Loop, loss_of, mask=None) -> torch.nn.Module:
 
 
 def _assert_same(ours: torch.nn.Module, reference: torch.nn.Module) -> None:
-    for (name, a), b in zip(ours.named_parameters(), reference.parameters()):
+    for (name, a), b in zip(ours.named_parameters(), reference.parameters(), strict=False):
         torch.testing.assert_close(a, b, msg=name)
 
 
@@ -190,7 +190,7 @@ def test_ssd_dampens_exactly_the_weights_its_rule_selects() -> None:
     on_forget = fisher.fisher_diagonal(model, image_batches(forget, 4))
     on_all = fisher.fisher_diagonal(model, image_batches(everything, 4))
     fisher.dampen(model, on_forget, on_all, alpha=1.5, strength=1.0)
-    for (name, p), q in zip(model.named_parameters(), before.parameters()):
+    for (name, p), q in zip(model.named_parameters(), before.parameters(), strict=False):
         selected = on_forget[name] > 1.5 * on_all[name]
         factor = torch.where(selected, torch.clamp(1.0 * on_all[name] / on_forget[name], max=1.0),
                              torch.ones_like(p))
@@ -231,7 +231,7 @@ def test_kaggle_2nd_reinitialises_the_least_salient_layer_weights_and_slows_the_
     for x, y in image_batches(forget, config.batch_size):
         grads = torch.autograd.grad(F.cross_entropy(model_ref(x), y), [p for n, p in model_ref.named_parameters()
                                                                       if n in summed])
-        for name, g in zip(summed, grads):
+        for name, g in zip(summed, grads, strict=False):
             summed[name] += g
     scores = torch.cat([g.abs().flatten() for g in summed.values()])
     kept = torch.argsort(torch.argsort(-scores, stable=True), stable=True) < int(len(scores) * 0.7)
