@@ -32,7 +32,10 @@ from classifiers.method_settings import (
 from classifiers.models import to_input
 from erasure.datasets import ImageSet
 from erasure.saliency import Mask, compute_mask
+from erasure.streams import register_streams, stream_generator
 from erasure.training import evaluating
+
+(REINIT_STREAM,) = register_streams("classifier", "reinit")
 
 
 @dataclass
@@ -298,8 +301,11 @@ def _layer_weights(model: nn.Module) -> set[str]:
 
 @torch.no_grad()
 def reinitialise(model: nn.Module, chosen: dict[str, Tensor], seed: int) -> None:
-    """Redraw the `chosen` entries like PyTorch's default conv/linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    generator = torch.Generator().manual_seed(seed)
+    """Redraw the `chosen` entries like PyTorch's default conv/linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    The draw has its own stream: a generator seeded with the run's seed itself would redraw the very values
+    `torch.manual_seed(seed)` gave the original at initialisation (same bound, same order)."""
+    generator = stream_generator(seed, REINIT_STREAM, 0)
     for name, p in model.named_parameters():
         if name in chosen:
             bound = 1.0 / math.sqrt(p[0].numel())

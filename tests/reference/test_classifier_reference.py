@@ -221,7 +221,7 @@ def test_kaggle_2nd_reinitialises_the_least_salient_layer_weights_and_slows_the_
     """The runner-up's write-up: re-initialise the share r of conv/linear weights with the smallest |forget
     gradient|, then fine-tune with the other gradients scaled by a factor (a soft mask)."""
     forget, retain = _data()
-    config = _config("kaggle_2nd", {"seed": 3}, reinit_ratio=0.3, grad_scale=0.1)
+    config = _config("kaggle_2nd", reinit_ratio=0.3, grad_scale=0.1)
     model = _model()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     mask = build_method(config).edit(model, forget, retain)
