@@ -1,10 +1,10 @@
 """One training loop for every domain: masked step, learning-rate schedule, checkpoints, resume, progress, trackers.
 
-A domain hands the `Trainer` its model, an optimizer and `loss_at(model, step)`; the Trainer owns
-everything between a loss and the next weights (erasure.training.masked_step under
-`accelerator.accumulate`), the learning rate as a pure function of the step, checkpoints through
-`accelerator.save_state` in `run.checkpoints` (an EMA is registered for checkpointing), exact
-resume from the last checkpoint, the finite-loss guard, a tqdm bar and Accelerate trackers.
+A domain hands the `Trainer` its model, an optimizer and `loss_at(model, step)` (with gradient accumulation
+`loss_at(model, step, micro)`, once per micro-step); the Trainer owns everything between a loss and the next
+weights (erasure.training.masked_step under `accelerator.accumulate`), the learning rate as a pure function
+of the step, checkpoints through `accelerator.save_state` in `run.checkpoints` (an EMA is registered for
+checkpointing), exact resume from the last checkpoint, the finite-loss guard, a tqdm bar and Accelerate trackers.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from erasure.io import RunDir
     from erasure.saliency import Mask
 
+LossAt = Callable[[nn.Module, int], Tensor] | Callable[[nn.Module, int, int], Tensor]
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
 STEP_PREFIX = "step-"
 
@@ -78,13 +79,21 @@ class Trainer:
     """Runs `loss_at(model, step)` for steps [start, steps) with one optimizer, resuming from `run.checkpoints`.
 
     `lr_at(step)` sets every group's learning rate before each step. `samples_per_step` feeds the
-    throughput shown and logged.
+    throughput shown and logged. With `accumulation` > 1 each optimizer step runs that many micro-steps
+    `loss_at(model, step, micro)` under `accelerator.accumulate` (the accelerator must be built with the same
+    `gradient_accumulation_steps`); gradients add up and mask, clip and step act once, on the last.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, accelerator: Any, run: RunDir,
                  steps: int, lr_at: Callable[[int], float], mask: Mask | None = None, grad_clip: float = 0.0,
                  checkpoint_every: int = 0, ema: EMA | None = None, samples_per_step: int = 0,
-                 name: str = "train", tracker_config: dict[str, Any] | None = None, clip_before_mask: bool = False):
+                 name: str = "train", tracker_config: dict[str, Any] | None = None, clip_before_mask: bool = False,
+                 accumulation: int = 1):
+        if accumulation != accelerator.gradient_accumulation_steps:
+            raise ConfigError(f"accumulation {accumulation} differs from the accelerator's "
+                              f"gradient_accumulation_steps {accelerator.gradient_accumulation_steps}; "
+                              "build both from the same setting")
+        self.accumulation = accumulation
         self.accelerator, self.run, self.steps, self.lr_at = accelerator, run, steps, lr_at
         self.clip_before_mask = clip_before_mask
         self.mask, self.grad_clip, self.checkpoint_every, self.ema = mask, grad_clip, checkpoint_every, ema
@@ -123,8 +132,7 @@ class Trainer:
                 shutil.rmtree(old)
         self.last_checkpoint = step
 
-    def fit(self, loss_at: Callable[[nn.Module, int], Tensor],
-            stop_after: Callable[[int], bool] | None = None) -> dict[str, Any]:
+    def fit(self, loss_at: LossAt, stop_after: Callable[[int], bool] | None = None) -> dict[str, Any]:
         """Train to `steps` (from the last checkpoint when resuming); returns steps, timing and the last loss.
 
         `stop_after(step)`, asked after each optimizer step, ends the run early when it returns True
@@ -151,16 +159,22 @@ class Trainer:
         return {"steps": done, "resumed_from_step": start, "train_seconds": round(seconds, 3),
                 "steps_per_second": round((done - start) / seconds, 3) if seconds > 0 else None, "final_loss": loss}
 
-    def _step(self, loss_at: Callable[[nn.Module, int], Tensor], step: int) -> float:
+    def _step(self, loss_at: LossAt, step: int) -> float:
+        """One optimizer step (all its micro-steps); the mean of the micro-steps' losses."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
+        losses = [self._micro_step(loss_at, step, micro) for micro in range(self.accumulation)]
+        if self.ema is not None:
+            self.ema.update(self.unwrapped, step)
+        return sum(losses) / len(losses)
+
+    def _micro_step(self, loss_at: LossAt, step: int, micro: int) -> float:
+        """backward of one micro-step's loss; the masked optimizer step runs on the last micro-step."""
         with self.accelerator.accumulate(self.model), self.accelerator.autocast():
-            loss = loss_at(self.model, step)
+            loss = loss_at(self.model, step) if self.accumulation == 1 else loss_at(self.model, step, micro)
             ensure_finite(loss, what=self.name, step=step, run=self.run, last_checkpoint=self.last_checkpoint)
             masked_step(loss, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer,
                         mask=self.mask, grad_clip=self.grad_clip, clip_before_mask=self.clip_before_mask)
-        if self.ema is not None:
-            self.ema.update(self.unwrapped, step)
         return loss.item()
 
     def _speed(self, steps_per_second: float) -> dict[str, str]:

@@ -1,17 +1,16 @@
 """Stable Diffusion concept erasure under Accelerate: components, forget/retain latents, the saliency mask,
-the masked training loop (salun / esd / ga), checkpoints and saving.
+the salun / esd / ga objectives trained by the shared `Trainer` (masked step, checkpoints, resume), saving.
 
 The order follows diffusers' text-to-image example: the Accelerator first, frozen VAE and text encoder in
-the weight dtype on the device, only the UNet and its optimizer prepared, `accelerator.accumulate`, act on
-`sync_gradients`, unwrap before saving on the main process. Every micro-step's images, timesteps and noise
-are pure functions of (seed, micro-step) over the *global* batch, and each rank keeps rows rank::world of
-it, so N processes compute what one process does and a resumed run is bit-identical to an uninterrupted one.
+the weight dtype on the device, only the UNet and its optimizer prepared (by the Trainer, which runs the
+micro-steps under `accelerator.accumulate`), unwrap before saving on the main process. Every micro-step's
+images, timesteps and noise are pure functions of (seed, micro-step) over the *global* batch, and each rank
+keeps rows rank::world of it, so N processes compute what one process does and a resumed run is
+bit-identical to an uninterrupted one.
 """
 from __future__ import annotations
 
 import copy
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,13 @@ from torch import Tensor
 from erasure.accel import make_accelerator
 from erasure.config import to_dict
 from erasure.errors import ConfigError, RunDirError
-from erasure.io import RunDir, atomic_dir, read_json, write_json
+from erasure.io import RunDir, atomic_dir
 from erasure.media import image_grid, list_images, save_png
 from erasure.prompts import Prompt
 from erasure.saliency import Mask, compute_mask, masked_parameters
 from erasure.streams import endless_batch, register_streams, stream_generator
-from erasure.training import ensure_finite, evaluating, masked_step
+from erasure.trainer import Trainer
+from erasure.training import evaluating
 from pipelines.delta import export_delta
 from pipelines.loading import load_base_pipeline
 from pipelines.objectives import Predict, esd_target, guided_diffusion_loss, noised_rows
@@ -46,7 +46,6 @@ from pipelines.sd_data import ImageSet, generate_set, plan, prompt_texts, read_s
 MASK_FILE = "mask.safetensors"
 DELTA_FILE = "delta.safetensors"
 GRID_FILE = "samples/before_after.png"
-STEP_FILE = "step.json"
 WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -181,7 +180,7 @@ def encode_sets(config: SDEraseConfig, retain_texts: list[str], pipe: StableDiff
 
 
 class Eraser:
-    """One erasure run: the method's chunks, the mask, the Accelerate loop with checkpoints."""
+    """One erasure run: the method's chunks, the mask, and the `Trainer` that runs them."""
 
     def __init__(self, config: SDEraseConfig, pipe: StableDiffusionPipeline, accelerator: Accelerator,
                  run: RunDir, forget: Latents, retain: Latents, conditions: Conditions) -> None:
@@ -191,8 +190,7 @@ class Eraser:
         self.frozen = self._frozen_copy() if config.method == "esd" else None
         self.mask: Mask | None = None
         self.unet: torch.nn.Module = pipe.unet
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.last_checkpoint: int | None = None
+        self.trainer: Trainer | None = None
 
     @property
     def unwrapped(self) -> UNet2DConditionModel:
@@ -233,7 +231,7 @@ class Eraser:
         parts = out.split([c.x_t.shape[0] for c in chunks])
         return sum(c.weight * F.mse_loss(o.float(), c.target.float()) for c, o in zip(chunks, parts, strict=False))
 
-    def step_loss(self, step: int, micro: int) -> Tensor:
+    def step_loss(self, step: int, micro: int = 0) -> Tensor:
         """This rank's loss on its share of micro-step `micro` of optimizer step `step`.
 
         The global batch of a step (and its noise) is split into world x accumulation shards: rank r
@@ -254,6 +252,10 @@ class Eraser:
             chunks.append(self.retain_chunk(x0, retain_index, gen, rows, size))
         with self.accelerator.autocast():
             return self.chunks_loss(self.unet, chunks)
+
+    def loss_at(self, model: torch.nn.Module, step: int, micro: int = 0) -> Tensor:
+        """The Trainer's `loss_at`: `step_loss` (which runs the prepared UNet, the Trainer's `model`)."""
+        return self.step_loss(step, micro)
 
     def _posterior_generator(self, stream: int, index: int) -> torch.Generator | None:
         """The generator of the VAE posterior samples of one batch, or None when training on posterior means."""
@@ -306,64 +308,24 @@ class Eraser:
     # ---------------------------------------------------------------- loop
 
     def prepare(self) -> None:
-        """Mask, optimizer over the masked parameters, `accelerator.prepare`, unmasked weights protected."""
+        """Mask, optimizer over the masked parameters, and the Trainer (which prepares both, protecting the
+        unmasked weights)."""
         self.mask = self.build_mask()
-        unet = self.pipe.unet
+        unet, config = self.pipe.unet, self.config
         params = masked_parameters(unet, self.mask) if self.mask is not None else list(unet.parameters())
-        optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
-        self.unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
-        if self.mask is not None:
-            self.mask.protect_unmasked(self.unwrapped, self.optimizer.optimizer)
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.trainer = Trainer(unet, optimizer, accelerator=self.accelerator, run=self.run,
+                               steps=config.total_steps(len(self.forget)), lr_at=lambda _: config.lr, mask=self.mask,
+                               grad_clip=config.grad_clip, checkpoint_every=config.checkpoint_every,
+                               samples_per_step=config.batch_size, name=f"'{config.method}'",
+                               accumulation=config.gradient_accumulation_steps)
+        self.unet = self.trainer.model
 
     def train(self) -> dict[str, Any]:
         """Run the optimizer steps (from the last checkpoint when resuming); returns timing and the last loss."""
-        start = self._resume()
-        accumulation = self.config.gradient_accumulation_steps
-        total = self.config.total_steps(len(self.forget))
-        t0, loss_value = time.perf_counter(), float("nan")
-        self.unet.train()
-        for step in range(start, total):
-            for micro in range(accumulation):
-                loss_value = self._micro_step(step, micro)
-            if self.config.checkpoint_every and (step + 1) % self.config.checkpoint_every == 0:
-                self._checkpoint(step + 1)
-        seconds = time.perf_counter() - t0
-        samples = (total - start) * self.config.batch_size
-        return {"steps": total, "resumed_from_step": start, "train_seconds": round(seconds, 3),
-                "train_samples_per_second": round(samples / seconds, 3) if seconds > 0 else None,
-                "final_loss": loss_value}
-
-    def _micro_step(self, step: int, micro: int) -> float:
-        """One micro-step under `accelerator.accumulate`: mask, clip and step act on the last one."""
-        with self.accelerator.accumulate(self.unet):
-            loss = self.step_loss(step, micro)
-            ensure_finite(loss, what=f"'{self.config.method}'", step=step, run=self.run,
-                          last_checkpoint=self.last_checkpoint)
-            masked_step(loss, accelerator=self.accelerator, model=self.unet, optimizer=self.optimizer, mask=self.mask,
-                        grad_clip=self.config.grad_clip)
-        return loss.item()
-
-    def _checkpoint(self, step: int) -> None:
-        """`accelerator.save_state` into checkpoints/step-N, then step.json points at it (older ones removed)."""
-        folder = self.run.checkpoints / f"step-{step}"
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(folder))
-        if self.accelerator.is_main_process:
-            write_json(self.run.checkpoints / STEP_FILE, {"step": step, "state": folder.name})
-            for old in self.run.checkpoints.glob("step-*"):
-                if old != folder:
-                    shutil.rmtree(old)
-        self.accelerator.wait_for_everyone()
-        self.last_checkpoint = step
-
-    def _resume(self) -> int:
-        pointer = self.run.checkpoints / STEP_FILE
-        if not (self.run.resumed and pointer.is_file()):
-            return 0
-        saved = read_json(pointer)
-        self.accelerator.load_state(str(self.run.checkpoints / saved["state"]))
-        self.last_checkpoint = int(saved["step"])
-        return self.last_checkpoint
+        stats = self.trainer.fit(self.loss_at)
+        rate = stats["steps_per_second"]
+        return {**stats, "train_samples_per_second": round(rate * self.config.batch_size, 3) if rate else None}
 
 
 def grid_prompts(config: SDEraseConfig, retain_texts: list[str]) -> list[Prompt]:

@@ -4,8 +4,8 @@ Prints one JSON line.
 Both steps train the same UNet on the same random latents and text embeddings, batch B forget + B retain rows,
 SalUn's objective (forget rows regress onto the UNet's own remap-prompt prediction, retain rows onto their
 noise with weight alpha) and a 50% mask:
-- erasure: the real `erasure sd` step (`Eraser._micro_step`: one fused UNet forward over all rows, bf16
-  autocast on CUDA, `masked_step` with clipping, AdamW, unmasked weights protected);
+- erasure: the real `erasure sd` step (the `Trainer`'s step over `Eraser.loss_at`: one fused UNet forward over
+  all rows, bf16 autocast on CUDA, `masked_step` with clipping, AdamW, unmasked weights protected);
 - reference: as the SalUn reference code does it, fp32, separate forward passes for the forget, remap and
   retain terms, the mask applied by multiplying gradients, then Adam.
 `--size sd` uses SD v1.4's architecture with random weights (see bench_sample.py); on a CPU run it with
@@ -54,6 +54,7 @@ def random_inputs(unet: torch.nn.Module, batch: int, latent: int, device: torch.
 
     def latents() -> Latents:
         return Latents(torch.randn(batch, 4, latent, latent, generator=gen).to(device),
+                       torch.zeros(batch, 4, latent, latent, device=device),
                        torch.zeros(batch, dtype=torch.long, device=device))
 
     forget, retain = latents(), latents()
@@ -73,7 +74,7 @@ def erasure_step(pipe, inputs: tuple, batch: int, autocast: bool, run_dir: Path)
     eraser.build_mask = lambda: mask  # a given random mask instead of computing one
     eraser.prepare()
     eraser.unet.train()
-    return lambda i: eraser._micro_step(i, 0)
+    return lambda i: eraser.trainer._step(eraser.loss_at, i)
 
 
 def reference_step(pipe, inputs: tuple) -> Callable[[int], None]:

@@ -91,21 +91,22 @@ def test_load_erased_pipeline_and_the_delta_reproduce_the_erased_unet_exactly(er
 
 
 def test_resume_after_interruption_is_bit_identical(erased, tiny_sd_dir, tmp_path, monkeypatch):
+    from erasure.trainer import last_checkpoint_dir
     from pipelines.stable_diffusion import Eraser
 
     out = tmp_path / "resumed"
-    original = Eraser._micro_step
+    original = Eraser.step_loss
 
-    def crash_at_step_3(self, step, micro):
+    def crash_at_step_3(self, step, micro=0):
         if step == 3:
             raise RuntimeError("simulated crash")
         return original(self, step, micro)
 
-    monkeypatch.setattr(Eraser, "_micro_step", crash_at_step_3)
+    monkeypatch.setattr(Eraser, "step_loss", crash_at_step_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(erase_args(tiny_sd_dir, out, *reuse_sets(erased), "--grid-seeds", 0))
-    assert read_json(out / "checkpoints" / "step.json")["step"] == 2
-    monkeypatch.setattr(Eraser, "_micro_step", original)
+    assert last_checkpoint_dir(out / "checkpoints")[0] == 2
+    monkeypatch.setattr(Eraser, "step_loss", original)
     assert main(erase_args(tiny_sd_dir, out, *reuse_sets(erased), "--grid-seeds", 0, "--resume")) == 0
     assert read_json(out / "metrics.json")["resumed_from_step"] == 2
     expected, resumed = unet_state(erased / "unet"), unet_state(out / "unet")
@@ -151,7 +152,7 @@ def test_esd_and_ga_baselines_run_in_the_same_loop(method, erased, tiny_sd_dir, 
 def test_non_finite_loss_stops_the_run_and_marks_it_failed(erased, tiny_sd_dir, tmp_path, monkeypatch, capsys):
     from pipelines.stable_diffusion import Eraser
 
-    monkeypatch.setattr(Eraser, "step_loss", lambda self, step, micro: torch.tensor(float("nan")))
+    monkeypatch.setattr(Eraser, "step_loss", lambda self, step, micro=0: torch.tensor(float("nan")))
     out = tmp_path / "nan"
     assert main(erase_args(tiny_sd_dir, out, *reuse_sets(erased), "--grid-seeds", 0)) == 2
     assert "loss became nan" in capsys.readouterr().err

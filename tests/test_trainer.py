@@ -20,15 +20,24 @@ def _loss_at(model: nn.Module, step: int) -> torch.Tensor:
     return ((model(x) - x.sum(1, keepdim=True)) ** 2).mean()
 
 
-def _train(path, *, resume=False, steps=STEPS, stop_after=None, ema=False, mask=None, loss_at=_loss_at):
+def _micro_loss_at(model: nn.Module, step: int, micro: int) -> torch.Tensor:
+    """`_loss_at`'s batch, rows micro::2 of it."""
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(8, 4, generator=g)[micro::2]
+    return ((model(x) - x.sum(1, keepdim=True)) ** 2).mean()
+
+
+def _train(path, *, resume=False, steps=STEPS, stop_after=None, ema=False, mask=None, loss_at=_loss_at,
+           accumulation=1):
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     run = RunDir(path, resume=resume)
     run.start({}, seed=0, device="cpu", kind="test")
     average = EMA(model, 0.9) if ema else None
-    trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=0.1), accelerator=make_accelerator(), run=run,
+    accelerator = make_accelerator(gradient_accumulation_steps=accumulation)
+    trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=0.1), accelerator=accelerator, run=run,
                       steps=steps, lr_at=lambda s: 0.1 / (1 + s), checkpoint_every=2, ema=average, mask=mask,
-                      samples_per_step=8)
+                      samples_per_step=8, accumulation=accumulation)
     result = trainer.fit(loss_at, (lambda s: s + 1 == stop_after) if stop_after else None)
     return trainer.unwrapped, average, result, run
 
@@ -43,6 +52,26 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(a, b)
     for name, value in ema_whole.shadow.items():
         assert torch.equal(value, ema_resumed.shadow[name])
+
+
+def test_micro_steps_give_the_whole_batch_step_and_resume_exactly(tmp_path):
+    whole, _, _, _ = _train(tmp_path / "whole")
+    micro, _, result, _ = _train(tmp_path / "micro", loss_at=_micro_loss_at, accumulation=2)
+    assert result["steps"] == STEPS
+    for a, b in zip(whole.state_dict().values(), micro.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+    _train(tmp_path / "split", loss_at=_micro_loss_at, accumulation=2, stop_after=5)
+    resumed, _, second, _ = _train(tmp_path / "split", resume=True, loss_at=_micro_loss_at, accumulation=2)
+    assert second["resumed_from_step"] == 4
+    for a, b in zip(micro.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_accumulation_must_match_the_accelerator(tmp_path):
+    model = nn.Linear(4, 1)
+    with pytest.raises(ConfigError, match="accumulation 2 differs .* gradient_accumulation_steps 1"):
+        Trainer(model, torch.optim.Adam(model.parameters()), accelerator=make_accelerator(),
+                run=RunDir(tmp_path / "r"), steps=STEPS, lr_at=lambda s: 0.1, accumulation=2)
 
 
 def test_ema_is_restored_from_the_checkpoint(tmp_path):
