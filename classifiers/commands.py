@@ -23,13 +23,16 @@ from erasure.datasets import Dataset, ImageSet, load_dataset
 from erasure.errors import RunDirError
 from erasure.io import RunDir, finished_manifest, finished_run, read_json, write_json
 from erasure.saliency import Mask, compute_mask
+from erasure.trainer import tracker_options
 from erasure.training import evaluating
 
 MASK_FILE = "mask.safetensors"
 
 
-def _accelerator(accelerator: Accelerator | None) -> Accelerator:
-    return accelerator if accelerator is not None else make_accelerator()
+def _accelerator(accelerator: Accelerator | None, config: TrainConfig | UnlearnConfig) -> Accelerator:
+    """The given accelerator, or one logging to the config's tracker (checked first: a one-line error)."""
+    options = tracker_options(config.log_with, config.out)
+    return accelerator if accelerator is not None else make_accelerator(**options)
 
 
 def _original(path: str) -> tuple[TrainConfig, Classifier]:
@@ -48,7 +51,7 @@ def dataset_for(config: TrainConfig, device: torch.device) -> Dataset:
 
 def train(config: TrainConfig, accelerator: Accelerator | None = None) -> dict[str, Any]:
     """Train the original classifier on the whole training split."""
-    accelerator = _accelerator(accelerator)
+    accelerator = _accelerator(accelerator, config)
     run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume, main_process=accelerator.is_main_process)
     data = dataset_for(config, accelerator.device)
     run.start(to_dict(config), seed=config.seed, device=str(accelerator.device), kind="classifier-train")
@@ -86,7 +89,7 @@ def _saliency_mask(model: Classifier, split: ForgetSplit, data: Dataset, ratio: 
 
 def unlearn(config: UnlearnConfig, accelerator: Accelerator | None = None) -> dict[str, Any]:
     """Unlearn the forget set from the original model with one method; returns its metrics."""
-    accelerator = _accelerator(accelerator)
+    accelerator = _accelerator(accelerator, config)
     original_config, model = _original(config.original)
     run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume, main_process=accelerator.is_main_process)
     data = dataset_for(original_config, accelerator.device)

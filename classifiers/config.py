@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from classifiers.method_settings import METHOD_SETTINGS, METHODS, MethodSettings
-from erasure.config import from_dict, option, read_yaml, section
+from erasure.config import TrackerConfig, from_dict, option, read_yaml, with_method_sections
 from erasure.errors import ConfigError
 
 DATASETS = ("digits", "cifar10")
@@ -49,7 +49,7 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig(OptimConfig):
+class TrainConfig(TrackerConfig, OptimConfig):
     """Train the original classifier on the whole training split."""
 
     out: str = option("outputs/classifier-train", "output directory")
@@ -72,7 +72,7 @@ class TrainConfig(OptimConfig):
 
 
 @dataclass
-class UnlearnSharedConfig(OptimConfig):
+class UnlearnSharedConfig(TrackerConfig, OptimConfig):
     """The settings every unlearning method shares; `UnlearnConfig` adds one section per method."""
 
     original: str = option("", "the --out directory of a finished `erasure classifier train` run")
@@ -106,15 +106,10 @@ class UnlearnSharedConfig(OptimConfig):
             self.lr = METHOD_SETTINGS[self.method].default_lr
 
 
-UnlearnConfig = dataclasses.make_dataclass(
-    "UnlearnConfig",
-    [(name, settings, section(settings, f"settings of method {name} (used when method is {name})"))
-     for name, settings in METHOD_SETTINGS.items() if dataclasses.fields(settings)],
-    bases=(UnlearnSharedConfig,),
-    namespace={"__doc__": "Unlearn a forget set from the model of a finished `classifier train` run: the shared "
-                          "settings plus one section per method (e.g. `iu: {alpha: 3.0}`, flag --iu-alpha).",
-               "__module__": __name__},
-)
+UnlearnConfig = with_method_sections(
+    "UnlearnConfig", UnlearnSharedConfig, METHOD_SETTINGS, module=__name__,
+    doc="Unlearn a forget set from the model of a finished `classifier train` run: the shared settings plus one "
+        "section per method (e.g. `iu: {alpha: 3.0}`, flag --iu-alpha).")
 
 
 @dataclass

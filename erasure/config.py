@@ -44,6 +44,25 @@ def section(cls: type, help: str) -> Any:
     return dataclasses.field(default_factory=cls, metadata={"help": help, "section": True})
 
 
+def with_method_sections(name: str, base: type, registry: typing.Mapping[str, type], doc: str, module: str) -> type:
+    """`base` plus one `section` per method of `registry` that has settings of its own (flags `--<method>-<key>`
+    unless a setting renames its flag); `name`, `doc` and `module` describe the composed dataclass."""
+    sections = [(method, settings, section(settings, f"settings of method {method} (used when method is {method})"))
+                for method, settings in registry.items() if dataclasses.fields(settings)]
+    return dataclasses.make_dataclass(name, sections, bases=(base,), namespace={"__doc__": doc, "__module__": module})
+
+
+TRACKERS = ("tensorboard", "wandb")
+
+
+@dataclasses.dataclass
+class TrackerConfig:
+    """The experiment tracker field every training command shares (composed into its config)."""
+
+    log_with: str | None = option(None, "experiment tracker of the training loop (needs its package installed; "
+                                        "default: none)", choices=TRACKERS)
+
+
 def is_section(f: dataclasses.Field) -> bool:
     """Whether `f` holds a nested settings dataclass (see `section`)."""
     return bool(f.metadata.get("section"))

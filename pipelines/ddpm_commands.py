@@ -19,6 +19,7 @@ from erasure.io import MANIFEST, RunDir, finished_run, read_json
 from erasure.media import image_grid, save_png
 from erasure.saliency import Mask, compute_mask
 from erasure.streams import register_streams, stream_generator
+from erasure.trainer import tracker_options
 from erasure.training import evaluating
 from pipelines.config import SampleConfig
 from pipelines.ddpm import (
@@ -83,7 +84,7 @@ def _stream(stream: int, accelerator: Any) -> int:
 
 def train(config: DDPMTrainConfig, accelerator: Any = None) -> dict[str, Any]:
     """Train a class-conditional DDPM with EMA; saves the EMA UNet and the scheduler in diffusers format."""
-    accelerator = accelerator or make_accelerator()
+    accelerator = accelerator or make_accelerator(**tracker_options(config.log_with, config.out))
     run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume, main_process=accelerator.is_main_process)
     exclude = class_index(config.exclude, "exclude") if config.exclude is not None else None
     data = training_images(config, exclude).to(accelerator.device)
@@ -187,18 +188,18 @@ def _saliency_mask(config: DDPMUnlearnConfig, unet: nn.Module, forget: ImageSet,
     each batch's gradient clipped to norm 1, summed over the forget set (every batch unless `mask_batches`),
     then |.| and the global top `mask_ratio`. `mask_guidance: 0` gives the unguided conditional loss."""
     available = math.ceil(len(forget) / config.forget_batch_size)
-    count = min(config.mask_batches or available, available)
+    count = min(config.salun.mask_batches or available, available)
 
     def loss(model: nn.Module, batch: Batch) -> Tensor:
         x0, labels, index = batch
         return guided_diffusion_loss(predictor(model), scheduler, x0, labels, torch.full_like(labels, NULL_CLASS),
-                                     config.mask_guidance, stream_generator(config.seed, MASK_STREAM, index),
+                                     config.salun.mask_guidance, stream_generator(config.seed, MASK_STREAM, index),
                                      reduction="sum", antithetic=config.antithetic)
 
     with evaluating(unet):
         mask = compute_mask(unet, _batches(forget, config.forget_batch_size, count, config.seed, MASK_STREAM), loss,
-                            ratio=config.mask_ratio, grad_clip=1.0, accelerator=accelerator,
-                            loss_name=f"guided_diffusion_loss(w={config.mask_guidance:g}, sum)")
+                            ratio=config.salun.mask_ratio, grad_clip=1.0, accelerator=accelerator,
+                            loss_name=f"guided_diffusion_loss(w={config.salun.mask_guidance:g}, sum)")
     mask.metadata.update(forget_class=CIFAR10_CLASSES[config.forget_class], source_run=str(config.run),
                          mask_batches=count)
     return mask
@@ -215,7 +216,7 @@ def probe_loss(config: DDPMUnlearnConfig, unet: nn.Module, forget: ImageSet, sch
 
 def unlearn(config: DDPMUnlearnConfig, accelerator: Any = None) -> dict[str, Any]:
     """Unlearn a class: forget term (remap / ascent / random labels) + alpha * summed diffusion loss on the rest."""
-    accelerator = accelerator or make_accelerator()
+    accelerator = accelerator or make_accelerator(**tracker_options(config.log_with, config.out))
     manifest = finished_run(config.run, "`erasure ddpm train`")
     if manifest.get("kind") != "ddpm-train":
         raise ConfigError(f"'{config.run}' is a {manifest.get('kind')} run; pass the --out of `erasure ddpm train`")

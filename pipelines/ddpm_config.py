@@ -4,15 +4,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from classifiers.config import CIFAR10_RESOLUTIONS
+from erasure.config import TrackerConfig, option, with_method_sections
 from erasure.config import class_index as shared_class_index
-from erasure.config import option
 from erasure.errors import ConfigError
 from erasure.evaluation.config import SCHEDULERS, check_device
+from pipelines.method_settings import DDPM_METHOD_SETTINGS, DDPM_METHODS, DEFAULT_GUIDANCE
 
 DDPM_PRESETS = ("tiny", "cpu", "fast", "paper")
-DDPM_METHODS = ("salun", "ga", "rl")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-DEFAULT_GUIDANCE = 2.0
 
 
 def class_index(value: str | int, key: str = "class") -> int:
@@ -21,7 +20,7 @@ def class_index(value: str | int, key: str = "class") -> int:
 
 
 @dataclass
-class DDPMTrainConfig:
+class DDPMTrainConfig(TrackerConfig):
     """Train a class-conditional DDPM (classifier-free guidance) on CIFAR-10."""
 
     preset: str = option("fast", "UNet size: tiny (tests), cpu (2.5M, for 16x16 CPU runs), fast (<= 15 min on one "
@@ -53,19 +52,13 @@ class DDPMTrainConfig:
 
 
 @dataclass
-class DDPMUnlearnConfig:
-    """Unlearn a class from a trained class-conditional DDPM (SalUn: remap + saliency mask; or ga, rl)."""
+class DDPMUnlearnSharedConfig(TrackerConfig):
+    """The settings every DDPM unlearning method shares; `DDPMUnlearnConfig` adds one section per method."""
 
     run: str = option("", "the --out directory of a finished `erasure ddpm train` run")
     forget: str = option("airplane", "the class to forget (name or index)")
-    remap: str | None = option(None, "salun: the class the forgotten one is mapped to (default: (forget + 1) mod 10)")
-    method: str = option("salun", "salun (remap, masked), ga (gradient ascent), rl (random other-class labels)",
-                         choices=DDPM_METHODS)
-    mask_ratio: float = option(0.5, "salun: share of UNet weights the saliency mask keeps", gt=0, lt=1)
-    mask_batches: int | None = option(None, "salun: forget batches whose clipped gradients make the mask "
-                                            "(default: the whole forget class, as the reference)", ge=1)
-    mask_guidance: float = option(DEFAULT_GUIDANCE, "salun: guidance w of the mask loss (1 + w) eps(c) - w eps(null), "
-                                                    "as the reference (2); 0 is the unguided conditional loss", ge=0)
+    method: str = option("salun", "salun (remap, masked), ga (gradient ascent), rl (random other-class labels); "
+                                  "its own settings: the section of its name", choices=DDPM_METHODS)
     alpha: float = option(1e-3, "weight of the retain term, the diffusion loss SUMMED over each image's channels and "
                                 "pixels (the reference's units: 1e-3 is its setting)", ge=0)
     label_dropout: float = option(0.1, "share of labels dropped to the null class in every training forward (the "
@@ -90,18 +83,25 @@ class DDPMUnlearnConfig:
     @property
     def remap_class(self) -> int:
         """The class the forgotten class is remapped to (salun)."""
-        if self.remap is None:
+        remap = self.salun.remap  # the section DDPMUnlearnConfig adds
+        if remap is None:
             return (self.forget_class + 1) % len(CIFAR10_CLASSES)
-        return class_index(self.remap, "remap")
+        return class_index(remap, "salun.remap")
 
     def validate(self) -> None:
         """Cross-field checks: a run is given, the classes exist, and the remap class differs from the forgotten one."""
         if not self.run:
             raise ConfigError("config key 'run' is required: pass --run <dir of a finished `erasure ddpm train` run>")
         if self.remap_class == self.forget_class:
-            raise ConfigError(f"config key 'remap': the remap class '{CIFAR10_CLASSES[self.remap_class]}' is the "
+            raise ConfigError(f"config key 'salun.remap': the remap class '{CIFAR10_CLASSES[self.remap_class]}' is the "
                               "forgotten class itself; pass another class to --remap (or omit it for (forget + 1) "
                               "mod 10)")
+
+
+DDPMUnlearnConfig = with_method_sections(
+    "DDPMUnlearnConfig", DDPMUnlearnSharedConfig, DDPM_METHOD_SETTINGS, module=__name__,
+    doc="Unlearn a class from a trained class-conditional DDPM (SalUn: remap + saliency mask; or ga, rl): the shared "
+        "settings plus one section per method (e.g. `salun: {mask_ratio: 0.5}`, flag --mask-ratio).")
 
 
 @dataclass

@@ -8,12 +8,23 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from importlib.resources import files
+from pathlib import Path
+from typing import Any
 
-from erasure.config import coerce, field_type, fields, option, read_yaml
+from erasure.config import (
+    TrackerConfig,
+    coerce,
+    field_type,
+    fields,
+    is_section,
+    option,
+    read_yaml,
+    with_method_sections,
+)
 from erasure.errors import ConfigError
 from erasure.evaluation.config import DEFAULT_BASE_MODEL
+from pipelines.method_settings import SD_METHOD_SETTINGS, SD_METHODS
 
-SD_METHODS = ("salun", "esd", "ga")
 PRESET_DIR = files("configs") / "concepts"  # package data: found from an installed wheel too
 DEFAULT_ALPHA = 0.1
 DEFAULT_SALUN_RATIO = 0.5
@@ -30,18 +41,17 @@ def preset_name(concept: str) -> str:
 
 
 @dataclass
-class SDEraseConfig:
-    """Erase a concept from Stable Diffusion by remapping its prompt, restricted to salient weights."""
+class SDEraseSharedConfig(TrackerConfig):
+    """The settings every SD erasure method shares; `SDEraseConfig` adds one section per method."""
 
     concept: str | None = option(None, "a preset from configs/concepts/ (nudity, church, van_gogh); "
                                        "unset options are taken from it")
     model: str = option(DEFAULT_BASE_MODEL, "base model: a hub id, a local diffusers directory, or 'tiny' "
                                             "(a seeded random toy pipeline for offline smoke tests)")
     out: str | None = option(None, "output directory (default: outputs/sd-<concept>)")
-    method: str = option("salun", "objective: salun (prompt remap), esd (negative guidance), ga (gradient ascent)",
-                         choices=SD_METHODS)
+    method: str = option("salun", "objective: salun (prompt remap), esd (negative guidance), ga (gradient ascent); "
+                                  "its own settings: the section of its name", choices=SD_METHODS)
     forget_prompt: str | None = option(None, "the prompt to erase (e.g. 'a photo of a nude person')")
-    remap_prompt: str | None = option(None, "what the forget prompt should produce instead (salun)")
     retain_prompts: list[str] | None = option(None, "prompts the model keeps: a .txt/.csv file or a list "
                                                     "(default: the remap prompt)")
     forget_images: str | None = option(None, "a folder of forget images to use instead of generating them")
@@ -56,7 +66,6 @@ class SDEraseConfig:
                                             "no mask for esd/ga)", gt=0, lt=1)
     mask_guidance: float = option(7.5, "w of the guided mask loss (1 + w) eps(c) - w eps(null)", ge=0)
     alpha: float | None = option(None, f"weight of the retain diffusion loss (default {DEFAULT_ALPHA})", ge=0)
-    esd_guidance: float = option(1.0, "negative guidance eta of the esd target", ge=0)
     lr: float = option(1e-5, "Adam learning rate", gt=0)
     weight_decay: float = option(0.0, "AdamW weight decay (never moves unmasked weights)", ge=0)
     steps: int | None = option(None, "optimizer steps (default: `epochs` passes over the forget set: "
@@ -90,12 +99,13 @@ class SDEraseConfig:
         if not self.forget_prompt:
             raise ConfigError("no forget prompt: pass --concept (one of " + ", ".join(preset_names())
                               + ") or --forget-prompt '...'")
-        if self.method == "salun" and not self.remap_prompt:
+        remap_prompt = self.salun.remap_prompt  # the section SDEraseConfig adds
+        if self.method == "salun" and not remap_prompt:
             raise ConfigError("method salun needs a remap prompt: pass --remap-prompt '...' or a --concept preset")
         if self.resolution % 8:
             raise ConfigError(f"config key 'resolution' must be a multiple of 8; got {self.resolution}")
         if self.retain_prompts is None:
-            self.retain_prompts = [self.remap_prompt or ""]
+            self.retain_prompts = [remap_prompt or ""]
         if self.alpha is None:
             self.alpha = DEFAULT_ALPHA
         if self.mask_ratio is None and self.method == "salun" and self.mask is None:
@@ -109,9 +119,25 @@ class SDEraseConfig:
         if not path.is_file():
             raise ConfigError(f"unknown concept '{self.concept}'; use one of {', '.join(preset_names())} "
                               "or pass --forget-prompt/--remap-prompt/--retain-prompts")
-        known = {f.name: f for f in fields(type(self))}
-        for key, value in read_yaml(path).items():
-            if key not in known:
-                raise ConfigError(f"unknown config key '{key}' in preset '{path}'")
-            if key != "concept" and getattr(self, key) is None:
-                setattr(self, key, coerce(key, value, field_type(type(self), known[key])))
+        _fill_unset(self, {k: v for k, v in read_yaml(path).items() if k != "concept"}, path)
+
+
+def _fill_unset(config: Any, values: dict[str, Any], path: Path, prefix: str = "") -> None:
+    """Set each of `values` on `config` where it is still None, descending into method sections."""
+    known = {f.name: f for f in fields(type(config))}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown config key '{prefix}{key}' in preset '{path}'")
+        if is_section(known[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{prefix}{key}' in preset '{path}' must be a mapping of its settings")
+            _fill_unset(getattr(config, key), value, path, prefix=f"{prefix}{key}.")
+        elif getattr(config, key) is None:
+            setattr(config, key, coerce(prefix + key, value, field_type(type(config), known[key])))
+
+
+SDEraseConfig = with_method_sections(
+    "SDEraseConfig", SDEraseSharedConfig, SD_METHOD_SETTINGS, module=__name__,
+    doc="Erase a concept from Stable Diffusion by remapping its prompt (salun), negative guidance (esd) or ascent "
+        "(ga), optionally restricted to salient weights: the shared settings plus one section per method (e.g. "
+        "`esd: {guidance: 1.0}`, flag --esd-guidance).")

@@ -175,7 +175,7 @@ def encode_sets(config: SDEraseConfig, retain_texts: list[str], pipe: StableDiff
     retain_prompts: list[str] = []
     forget = to_latents(pipe, forget_images, [config.forget_prompt], config.batch_size)
     retain = to_latents(pipe, retain_images, retain_prompts, config.batch_size)
-    embeddings = encode_prompts(pipe, [config.forget_prompt, config.remap_prompt or "", "", *retain_prompts])
+    embeddings = encode_prompts(pipe, [config.forget_prompt, config.salun.remap_prompt or "", "", *retain_prompts])
     return forget, retain, Conditions(embeddings[0:1], embeddings[1:2], embeddings[2:3], embeddings[3:])
 
 
@@ -213,7 +213,7 @@ class Eraser:
             return Chunk(x_t, t, forget, noise, -1.0)
         if self.config.method == "esd":
             target = esd_target(predictor(self.frozen), x_t, t, forget, c.null.expand_as(forget),
-                                self.config.esd_guidance)
+                                self.config.esd.guidance)
             return Chunk(x_t, t, forget, target, 1.0)
         with torch.no_grad():
             target = predictor(self.unwrapped)(x_t, t, c.remap.expand_as(forget))

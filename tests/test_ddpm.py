@@ -17,8 +17,8 @@ pytestmark = needs_cifar10
 
 TINY = {"preset": "tiny", "steps": 6, "batch_size": 8, "train_limit": 64, "warmup": 2, "ema_decay": 0.9,
         "checkpoint_every": 2}
-UNLEARN = {"forget": "cat", "steps": 4, "forget_batch_size": 8, "retain_batch_size": 8, "mask_batches": 2,
-           "lr": 1e-3}
+UNLEARN = {"forget": "cat", "steps": 4, "forget_batch_size": 8, "retain_batch_size": 8,
+           "salun.mask_batches": 2, "lr": 1e-3}
 
 
 def train_tiny(out: Path, accelerator=None, **overrides):
@@ -140,7 +140,7 @@ def test_class_errors_are_clear(trained: Path, run_cli, tmp_path: Path) -> None:
     from pipelines.ddpm_config import DDPMUnlearnConfig
 
     with pytest.raises(ConfigError, match="remap class 'cat' is the forgotten class itself"):
-        from_dict(DDPMUnlearnConfig, {"run": str(trained), "forget": "cat", "remap": "3"})
+        from_dict(DDPMUnlearnConfig, {"run": str(trained), "forget": "cat", "salun": {"remap": "3"}})
     assert from_dict(DDPMUnlearnConfig, {"run": "x", "forget": "9"}).remap_class == 0
     status, log = run_cli("ddpm", "unlearn", "--run", trained, "--forget", "kat", "--out", tmp_path / "u")
     assert status == 2 and "unknown class 'kat'" in log and "airplane, automobile" in log

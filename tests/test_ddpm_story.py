@@ -22,7 +22,7 @@ def tiny_story(folder: Path) -> dict[str, str]:
         "train": {"preset": "tiny", "resolution": 8, "out": str(out / "ddpm"), "steps": 3, "batch_size": 8,
                   "train_limit": 128, "warmup": 1, "checkpoint_every": 0},
         "unlearn": {"run": str(out / "ddpm"), "forget": "cat", "steps": 2, "forget_batch_size": 4,
-                    "retain_batch_size": 4, "mask_batches": 2, "checkpoint_every": 0},
+                    "retain_batch_size": 4, "salun": {"mask_batches": 2}, "checkpoint_every": 0},
         "eval": {"n_forget": 4, "n_per_class": 2, "steps": 2},
     }
     for name, config in configs.items():

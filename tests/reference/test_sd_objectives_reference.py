@@ -24,7 +24,7 @@ from pipelines.tiny import build_tiny_pipeline
 
 def _eraser(tmp_path: Path, method: str) -> Eraser:
     config = load_config(SDEraseConfig, None, {"concept": "nudity", "model": "tiny", "method": method,
-                                               "batch_size": 4, "alpha": 0.3, "esd_guidance": 1.5})
+                                               "batch_size": 4, "alpha": 0.3, "esd.guidance": 1.5})
     pipe = build_tiny_pipeline()
     generator = torch.Generator().manual_seed(0)
     shape = (6, 4, 4, 4)
@@ -32,7 +32,7 @@ def _eraser(tmp_path: Path, method: str) -> Eraser:
                      torch.zeros(6, dtype=torch.long))
     retain = Latents(torch.randn(shape, generator=generator), torch.rand(shape, generator=generator) * 0.1,
                      torch.zeros(6, dtype=torch.long))
-    embeddings = encode_prompts(pipe, [config.forget_prompt, config.remap_prompt, "", config.remap_prompt])
+    embeddings = encode_prompts(pipe, [config.forget_prompt, config.salun.remap_prompt, "", config.salun.remap_prompt])
     conditions = Conditions(embeddings[0:1], embeddings[1:2], embeddings[2:3], embeddings[3:])
     return Eraser(config, pipe, Accelerator(cpu=True), RunDir(tmp_path / "run"), forget, retain, conditions)
 
