@@ -51,6 +51,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=["salun"], choices=("salun", "ga", "rl"))
     parser.add_argument("--alpha", type=float, default=None, help="override the unlearn config's alpha")
     parser.add_argument("--steps", type=int, default=None, help="override the unlearn config's steps")
+    parser.add_argument("--lr", type=float, default=None, help="override the unlearn config's learning rate")
+    parser.add_argument("--mask-ratio", type=float, default=None, help="override salun's mask ratio")
     parser.add_argument("--retrain", action=argparse.BooleanOptionalAction, default=True,
                         help="also train and evaluate the model retrained without the class")
     return parser.parse_args()
@@ -62,7 +64,7 @@ def main() -> None:
     judge_out = read_yaml(Path(configs["judge"]))["out"]
     train_out = read_yaml(Path(configs["train"]))["out"]
     forget = args.forget or read_yaml(Path(configs["unlearn"]))["forget"]
-    overrides = {"alpha": args.alpha, "steps": args.steps}
+    overrides = {"alpha": args.alpha, "steps": args.steps, "lr": args.lr, "mask-ratio": args.mask_ratio}
     suffix = "".join(f"-{key}{value:g}" for key, value in overrides.items() if value is not None)
     extra = [arg for key, value in overrides.items() if value is not None for arg in (f"--{key}", str(value))]
     stages: dict[str, Any] = {}
