@@ -164,7 +164,7 @@ def compare(config: CompareConfig) -> dict[str, Any]:
 
     With several `seeds`, everything runs once per seed (in out/seed<k>) and the report gives mean ± std.
     """
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(**tracker_options(config.log_with(), config.out))
     run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume, main_process=accelerator.is_main_process)
     run.start(to_dict(config), seed=config.seed, device=str(accelerator.device), kind="classifier-compare")
     seeds = config.seeds or [config.seed]

@@ -148,6 +148,10 @@ class CompareConfig:
         for method in dict.fromkeys([*self.methods, *self.per_method]):
             self.unlearn_config(method, original="<original>", out="<out>")
 
+    def log_with(self) -> str | None:
+        """The tracker every run of the comparison logs to: `unlearn`'s log_with, else the original's."""
+        return self.unlearn.get("log_with", self.train_config().log_with)
+
     def train_config(self, **fixed: object) -> TrainConfig:
         """The TrainConfig of the original model: train_file, then `train`, then the fixed values."""
         base = read_yaml(self.train_file) if self.train_file else {}

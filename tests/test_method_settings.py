@@ -83,3 +83,10 @@ def test_an_uninstalled_tracker_fails_in_one_line_before_any_work(tmp_path, monk
         unlearn_ddpm(from_dict(DDPMUnlearnConfig, {"run": str(tmp_path / "missing"), "out": str(out),
                                                     "log_with": "wandb"}))
     assert not out.exists()
+    from classifiers.commands import compare
+    from classifiers.config import CompareConfig
+    for section in ("unlearn", "train"):  # compare's runs log to the tracker too, so it is checked first
+        with pytest.raises(ConfigError, match="^log_with: wandb is not installed"):
+            compare(from_dict(CompareConfig, {"out": str(out), "train": {"dataset": "digits"},
+                                              section: {"log_with": "wandb"}}))
+        assert not out.exists()
