@@ -16,6 +16,7 @@ from classifiers.loop import Loop, Streams
 from classifiers.methods import FineTune, Method, build_method, forget_loss, image_batches
 from classifiers.metrics import PROTOCOL, accuracy, average_gap, evaluate, predict_proba
 from classifiers.models import MODEL_FILE, Classifier, build_model, load_model, save_model, spec_for
+from classifiers.privacy import ForgetMembershipAttack
 from classifiers.report import mean_and_std, write_comparison
 from erasure.accel import make_accelerator
 from erasure.config import from_dict, to_dict
@@ -27,6 +28,7 @@ from erasure.trainer import tracker_options
 from erasure.training import evaluating
 
 MASK_FILE = "mask.safetensors"
+SHADOW_SEED = 10_000  # shadow k of comparison seed s trains with seed SHADOW_SEED + 100 s + k
 
 
 def _accelerator(accelerator: Accelerator | None, config: TrainConfig | UnlearnConfig) -> Accelerator:
@@ -49,12 +51,17 @@ def dataset_for(config: TrainConfig, device: torch.device) -> Dataset:
     return data.to(device)
 
 
-def train(config: TrainConfig, accelerator: Accelerator | None = None) -> dict[str, Any]:
-    """Train the original classifier on the whole training split."""
+def train(config: TrainConfig, accelerator: Accelerator | None = None, keep: torch.Tensor | None = None
+          ) -> dict[str, Any]:
+    """Train the original classifier on the whole training split (or on its examples at `keep`)."""
     accelerator = _accelerator(accelerator, config)
     run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume, main_process=accelerator.is_main_process)
     data = dataset_for(config, accelerator.device)
     run.start(to_dict(config), seed=config.seed, device=str(accelerator.device), kind="classifier-train")
+    if keep is not None:
+        data.train = data.train.subset(keep.to(data.train.labels.device))
+        if accelerator.is_main_process:
+            write_json(run.path / "train_indices.json", {"train_index": keep.tolist()})
     torch.manual_seed(config.seed)
     model = build_model(spec_for(config.arch, config.dataset, data.image_shape, data.num_classes, config.width))
     loop = Loop(model, FineTune(config), Streams(None, data.train), config, run, num_classes=data.num_classes,
@@ -191,8 +198,29 @@ def _compare_seed(config: CompareConfig, folder: Path, accelerator: Accelerator)
         out = folder / method
         settings = config.unlearn_config(method, original=original, out=str(out), retrain=retrain, resume=True)
         results[method] = _once(out, lambda s=settings: unlearn(s, accelerator))
-    original_metrics = _original_metrics(original, retrain, config, accelerator)
+    train_config, model = _original(original)
+    data = dataset_for(train_config, accelerator.device)
+    split = forget_split(config.forget, data, seed=config.seed)
+    original_metrics = evaluate(model.to(accelerator.device), data, split, config.seed)
+    original_metrics["Avg.Gap"] = average_gap(original_metrics, read_json(Path(retrain) / "metrics.json"))
+    if config.lira_shadows:
+        attack = ForgetMembershipAttack(_shadows(config, folder, split, accelerator), data, split)
+        original_metrics.update(attack(model))
+        for name, path in (("retrain", Path(retrain)), *((m, folder / m) for m in results if m != "retrain")):
+            results[name] = {**results[name], **attack(load_model(path / MODEL_FILE).to(accelerator.device))}
     return {**PROTOCOL.stamp(), "forget": config.forget, "original": original_metrics, "methods": results}
+
+
+def _shadows(config: CompareConfig, folder: Path, split: ForgetSplit, accelerator: Accelerator) -> list[Classifier]:
+    """LiRA's out models: the original's recipe on the retain set (the retrain recipe) with their own seeds."""
+    models = []
+    for k in range(config.lira_shadows):
+        out = folder / "shadows" / f"shadow{k}"
+        seed = SHADOW_SEED + 100 * config.seed + k
+        _once(out, lambda o=out, s=seed: train(config.train_config(out=str(o), seed=s, resume=True), accelerator,
+                                               keep=split.retain_index))
+        models.append(load_model(out / MODEL_FILE).to(accelerator.device))
+    return models
 
 
 def _once(out: Path, work) -> dict[str, Any]:
@@ -214,15 +242,6 @@ def _retrain_metrics(config: CompareConfig, original: str, retrain: str, acceler
                           f"seed {given.get('seed')}); "
                           "pass a matching run or leave 'retrain' unset to train one")
     return manifest["metrics"]
-
-
-def _original_metrics(original: str, retrain: str, config: CompareConfig, accelerator: Accelerator) -> dict[str, Any]:
-    train_config, model = _original(original)
-    data = dataset_for(train_config, accelerator.device)
-    split = forget_split(config.forget, data, seed=config.seed)
-    metrics = evaluate(model.to(accelerator.device), data, split, config.seed)
-    metrics["Avg.Gap"] = average_gap(metrics, read_json(Path(retrain) / "metrics.json"))
-    return metrics
 
 
 def compute_mask_command(config: MaskConfig) -> Mask:

@@ -130,12 +130,17 @@ class CompareConfig:
     seed: int = option(0, "seed of every run (overrides train/unlearn seeds)", ge=0)
     seeds: list[int] = option([], "several seeds: run everything once per seed (in out/seed<k>) and report "
                               "mean ± std (overrides seed)")
+    lira_shadows: int = option(0, "shadow models (the retrain recipe with their own seeds) for the likelihood-ratio "
+                                  "membership attack LiRA beside MIA-efficacy (0: off; at least 2)", ge=0)
     overwrite: bool = option(False, "replace an existing output directory")
     resume: bool = option(False, "reuse the finished parts of an unfinished comparison")
 
     def validate(self) -> None:
         """Validate the nested sections against the configs they feed."""
         _check_forget_syntax(self.forget)
+        if self.lira_shadows == 1:
+            raise ConfigError("config key 'lira_shadows' must be 0 (off) or at least 2: LiRA fits a Gaussian to "
+                              "the shadows' confidences")
         if any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"config key 'seeds' must hold distinct non-negative integers, got {self.seeds}")
         if len(self.seeds) > 1 and self.retrain is not None:

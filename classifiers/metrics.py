@@ -23,14 +23,18 @@ GAP_METRICS = ("UA", "RA", "TA", "MIA")
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, data: ImageSet, batch_size: int = 1024) -> Tensor:
-    """Softmax outputs of `model` on every image of `data` (eval mode, restored afterwards)."""
+def predict_logits(model: nn.Module, data: ImageSet, batch_size: int = 1024) -> Tensor:
+    """Float logits of `model` on every image of `data`, on the CPU (eval mode, restored afterwards)."""
     with evaluating(model):
-        outputs = [torch.softmax(model(to_input(data.images[i:i + batch_size])).float(), dim=1)
-                   for i in range(0, len(data), batch_size)]
+        outputs = [model(to_input(data.images[i:i + batch_size])).float() for i in range(0, len(data), batch_size)]
     if not outputs:
         return torch.empty(0, 0)
     return torch.cat(outputs).cpu()
+
+
+def predict_proba(model: nn.Module, data: ImageSet, batch_size: int = 1024) -> Tensor:
+    """Softmax outputs of `model` on every image of `data`."""
+    return torch.softmax(predict_logits(model, data, batch_size), dim=1)
 
 
 def accuracy(probs: Tensor, labels: Tensor) -> float:

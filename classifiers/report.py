@@ -10,6 +10,7 @@ from classifiers.plot import gap_vs_time
 from erasure.evaluation.report import write_report
 
 COLUMNS = ("FA", *GAP_METRICS, "Avg.Gap", "RTE")
+LIRA_COLUMNS = ("LiRA.AUC", "LiRA.TPR@1%")
 STD = ".std"  # suffix of a metric's standard deviation over seeds
 GAP_PLOT = "gap_vs_time.png"
 
@@ -24,16 +25,40 @@ def _cell(metrics: dict[str, Any], column: str) -> str:
     return text if std is None else f"{text} ± {std:.2f}"
 
 
-def _row(name: str, metrics: dict[str, Any]) -> str:
-    return "| " + " | ".join([name, *(_cell(metrics, column) for column in COLUMNS)]) + " |"
+def _columns(summary: dict[str, Any]) -> tuple[str, ...]:
+    """The table's columns: the paper's, and LiRA's when the comparison ran it."""
+    return COLUMNS + LIRA_COLUMNS if LIRA_COLUMNS[0] in summary["original"] else COLUMNS
 
 
 def comparison_table(summary: dict[str, Any]) -> str:
     """The Markdown table: one row per model, FA/UA/RA/TA/MIA in percent, Avg.Gap to retrain, RTE in seconds."""
-    lines = ["| method | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
-    lines.append(_row("original", summary["original"]))
-    lines += [_row(name, metrics) for name, metrics in summary["methods"].items()]
+    columns = _columns(summary)
+    rows = [("original", summary["original"]), *summary["methods"].items()]
+    lines = ["| method | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    lines += ["| " + " | ".join([name, *(_cell(metrics, c) for c in columns)]) + " |" for name, metrics in rows]
     return "\n".join(lines)
+
+
+def attack_agreement(summary: dict[str, Any]) -> str:
+    """Where MIA-efficacy and LiRA disagree: each model's rank by its distance to retrain under either attack."""
+    reference = summary["methods"]["retrain"]
+    models = {"original": summary["original"],
+              **{name: m for name, m in summary["methods"].items() if name != "retrain"}}
+
+    def ranks(key: str) -> dict[str, int]:
+        order = sorted(models, key=lambda name: abs(models[name][key] - reference[key]))
+        return {name: order.index(name) + 1 for name in models}
+
+    mia, lira = ranks("MIA"), ranks("LiRA.AUC")
+    lines = ["| model | MIA distance to retrain | rank | LiRA AUC distance to retrain | rank | attacks agree |",
+             "|---|---|---|---|---|---|"]
+    for name, m in models.items():
+        lines.append(f"| {name} | {abs(m['MIA'] - reference['MIA']):.2f} | {mia[name]} | "
+                     f"{abs(m['LiRA.AUC'] - reference['LiRA.AUC']):.2f} | {lira[name]} | "
+                     f"{'yes' if mia[name] == lira[name] else '**no**'} |")
+    return ("Each model ranked by how close each attack finds it to the retrained model (1 = closest); "
+            "a method that looks private to the weak attacker but not to LiRA has not forgotten.\n\n"
+            + "\n".join(lines))
 
 
 def _mean_and_std(runs: list[dict[str, Any]]) -> dict[str, float]:
@@ -64,9 +89,13 @@ def write_comparison(folder: Path, summary: dict[str, Any]) -> str:
     over = f" Mean ± sample std over seeds {', '.join(map(str, seeds))}." if seeds else ""
     result = (f"Forget `{summary['forget']}`. FA = forget accuracy, UA = 1 - FA, RA = retain accuracy, "
               "TA = test accuracy (class-wise: remaining classes), MIA = MIA-efficacy, all in percent; Avg.Gap = mean "
-              "|metric - retrain| over UA, RA, TA, MIA; RTE = wall seconds of the unlearning step (mask included)."
+              "|metric - retrain| over UA, RA, TA, MIA; RTE = wall seconds of the unlearning step (mask included); "
+              "LiRA.AUC / LiRA.TPR@1% (when run) = offline LiRA telling forget samples from held-out ones, "
+              "AUC and true positives at 1 % false positives, in percent."
               f"{over}\n\n{table}")
     sections = [("Result", result)]
+    if LIRA_COLUMNS[0] in summary["original"]:
+        sections.append(("Two membership attacks", attack_agreement(summary)))
     points = {name: (m["RTE"], m["Avg.Gap"]) for name, m in summary["methods"].items() if "Avg.Gap" in m}
     if points:
         gap_vs_time(points, folder / GAP_PLOT, f"forget {summary['forget']}: Avg.Gap against run time")
