@@ -18,6 +18,7 @@ from classifiers.metrics import PROTOCOL, accuracy, average_gap, evaluate, predi
 from classifiers.models import MODEL_FILE, Classifier, build_model, load_model, save_model, spec_for
 from classifiers.privacy import ForgetMembershipAttack
 from classifiers.report import mean_and_std, write_comparison
+from classifiers.search import search
 from erasure.accel import make_accelerator
 from erasure.config import from_dict, to_dict
 from erasure.datasets import Dataset, ImageSet, load_dataset
@@ -194,21 +195,39 @@ def _compare_seed(config: CompareConfig, folder: Path, accelerator: Accelerator)
         _once(folder / "original", lambda: train(config.train_config(out=original, resume=True), accelerator))
     retrain = config.retrain or str(folder / "retrain")
     results: dict[str, dict[str, Any]] = {"retrain": _retrain_metrics(config, original, retrain, accelerator)}
-    for method in [m for m in config.methods if m != "retrain"]:
-        out = folder / method
-        settings = config.unlearn_config(method, original=original, out=str(out), retrain=retrain, resume=True)
-        results[method] = _once(out, lambda s=settings: unlearn(s, accelerator))
     train_config, model = _original(original)
     data = dataset_for(train_config, accelerator.device)
     split = forget_split(config.forget, data, seed=config.seed)
+    runs, searches = {"retrain": Path(retrain)}, {}
+    for method in [m for m in config.methods if m != "retrain"]:
+        runs[method] = folder / method
+        if method in config.search:
+            searches[method] = _search(config, method, original, retrain, folder, data, split, accelerator)
+            runs[method] = Path(searches[method]["selected_run"])
+        settings = config.unlearn_config(method, (searches.get(method) or {}).get("selected_settings"),
+                                         original=original, out=str(runs[method]), retrain=retrain, resume=True)
+        results[method] = _once(runs[method], lambda s=settings: unlearn(s, accelerator))
     original_metrics = evaluate(model.to(accelerator.device), data, split, config.seed)
     original_metrics["Avg.Gap"] = average_gap(original_metrics, read_json(Path(retrain) / "metrics.json"))
     if config.lira_shadows:
         attack = ForgetMembershipAttack(_shadows(config, folder, split, accelerator), data, split)
         original_metrics.update(attack(model))
-        for name, path in (("retrain", Path(retrain)), *((m, folder / m) for m in results if m != "retrain")):
+        for name, path in runs.items():
             results[name] = {**results[name], **attack(load_model(path / MODEL_FILE).to(accelerator.device))}
-    return {**PROTOCOL.stamp(), "forget": config.forget, "original": original_metrics, "methods": results}
+    summary = {**PROTOCOL.stamp(), "forget": config.forget, "original": original_metrics, "methods": results}
+    return {**summary, "search": searches} if searches else summary
+
+
+def _search(config: CompareConfig, method: str, original: str, retrain: str, folder: Path, data: Dataset,
+            split: ForgetSplit, accelerator: Accelerator) -> dict[str, Any]:
+    """The method's grid search (each point a run in folder/search/<method>/point<i>), selected on validation."""
+    def run_point(out: Path, point: dict[str, Any]) -> None:
+        settings = config.unlearn_config(method, point, original=original, out=str(out), retrain=retrain, resume=True)
+        _once(out, lambda: unlearn(settings, accelerator))
+
+    reference = load_model(Path(retrain) / MODEL_FILE).to(accelerator.device)
+    result = search(config.search[method], run_point, folder / "search" / method, reference, data, split, config.seed)
+    return {**result, "selected_settings": result["points"][result["selected"]]["settings"]}
 
 
 def _shadows(config: CompareConfig, folder: Path, split: ForgetSplit, accelerator: Accelerator) -> list[Classifier]:

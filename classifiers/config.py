@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from classifiers.method_settings import METHOD_SETTINGS, METHODS, MethodSettings
-from erasure.config import TrackerConfig, from_dict, option, read_yaml, with_method_sections
+from erasure.config import TrackerConfig, from_dict, grid, option, read_yaml, with_method_sections
 from erasure.errors import ConfigError
 
 DATASETS = ("digits", "cifar10")
@@ -130,6 +130,9 @@ class CompareConfig:
     seed: int = option(0, "seed of every run (overrides train/unlearn seeds)", ge=0)
     seeds: list[int] = option([], "several seeds: run everything once per seed (in out/seed<k>) and report "
                               "mean ± std (overrides seed)")
+    search: dict = option({}, "per-method grids chosen on validation data, never the test set, e.g. "
+                              "{salun: {lr: [0.005, 0.01], mask_ratio: [0.3, 0.5]}}: every point runs and the one "
+                              "closest to retrain on validation data is the method's row")
     lira_shadows: int = option(0, "shadow models (the retrain recipe with their own seeds) for the likelihood-ratio "
                                   "membership attack LiRA beside MIA-efficacy (0: off; at least 2)", ge=0)
     overwrite: bool = option(False, "replace an existing output directory")
@@ -152,6 +155,20 @@ class CompareConfig:
             raise ConfigError(f"config key 'per_method' names unknown methods {unknown}; choices: {', '.join(METHODS)}")
         for method in dict.fromkeys([*self.methods, *self.per_method]):
             self.unlearn_config(method, original="<original>", out="<out>")
+        self._validate_search()
+
+    def _validate_search(self) -> None:
+        """Each searched method is compared, and each grid is a non-empty list per key that makes a valid run."""
+        for method, space in self.search.items():
+            if method not in self.methods or method == "retrain":
+                raise ConfigError(f"config key 'search.{method}': searches only methods listed in 'methods' "
+                                  f"(not retrain), got '{method}'")
+            if not isinstance(space, dict) or not space or not all(
+                    isinstance(v, list) and v for v in space.values()):
+                raise ConfigError(f"config key 'search.{method}' must map each setting to a non-empty list of "
+                                  f"values, e.g. {{lr: [0.01, 0.02]}}, got {space!r}")
+            for point in grid(space):
+                self.unlearn_config(method, point, original="<original>", out="<out>")
 
     def log_with(self) -> str | None:
         """The tracker every run of the comparison logs to: `unlearn`'s log_with, else the original's."""
@@ -162,13 +179,14 @@ class CompareConfig:
         base = read_yaml(self.train_file) if self.train_file else {}
         return from_dict(TrainConfig, {**base, **self.train, "seed": self.seed, **fixed}, source="'train'")
 
-    def unlearn_config(self, method: str, **fixed: object) -> Any:
+    def unlearn_config(self, method: str, point: dict | None = None, **fixed: object) -> Any:
         """The UnlearnConfig of one method: shared settings, then its own (per_method keys of the method's
-        settings go to its section, the others override the shared ones)."""
+        settings go to its section, the others override the shared ones), then a search point's."""
         own = {f.name for f in dataclasses.fields(METHOD_SETTINGS[method])}
         overrides = self.per_method.get(method, {})
         if not isinstance(overrides, dict):
             raise ConfigError(f"config key 'per_method.{method}' must be a mapping of settings, got {overrides!r}")
+        overrides = {**overrides, **(point or {})}
         data = {**self.unlearn, **{k: v for k, v in overrides.items() if k not in own},
                 **{f"{method}.{k}": v for k, v in overrides.items() if k in own},
                 "method": method, "forget": self.forget, "seed": self.seed, **fixed}

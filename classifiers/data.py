@@ -33,9 +33,14 @@ class ForgetSplit:
 
     def test(self, data: Dataset) -> ImageSet:
         """Test images that measure generalisation: without the forgotten class in class-wise forgetting."""
+        return self.held_out(data.test)
+
+    def held_out(self, images: ImageSet) -> ImageSet:
+        """Held-out images (test or validation) that measure generalisation: without the forgotten class
+        in class-wise forgetting."""
         if self.forget_class is None:
-            return data.test
-        return data.test.subset(data.test.labels != self.forget_class)
+            return images
+        return images.subset(images.labels != self.forget_class)
 
 
 def forget_split(spec: str, data: Dataset, seed: int = 0) -> ForgetSplit:

@@ -61,9 +61,15 @@ def mia_efficacy(member: np.ndarray, non_member: np.ndarray, target: np.ndarray,
     return 100.0 * float(1.0 - classifier.predict(target[:, None]).mean())
 
 
-def evaluate(model: nn.Module, data: Dataset, split: ForgetSplit, seed: int = 0) -> dict[str, float]:
-    """UA, RA, TA, MIA-efficacy (percent) of `model` for one forget split."""
-    forget, retain, test = split.forget(data), split.retain(data), split.test(data)
+def evaluate(model: nn.Module, data: Dataset, split: ForgetSplit, seed: int = 0, validation: bool = False
+             ) -> dict[str, float]:
+    """UA, RA, TA, MIA-efficacy (percent) of `model` for one forget split.
+
+    With `validation`, the validation split stands in for the test split (in TA and as MIA's non-members):
+    what a settings search may select on without looking at the test set.
+    """
+    held_out = data.val if validation else data.test
+    forget, retain, test = split.forget(data), split.retain(data), split.held_out(held_out)
     p_forget, p_retain, p_test = (predict_proba(model, s) for s in (forget, retain, test))
     return {
         "UA": 100.0 - accuracy(p_forget, forget.labels),

@@ -7,6 +7,7 @@ from typing import Any
 
 from classifiers.metrics import GAP_METRICS, PROTOCOL
 from classifiers.plot import gap_vs_time
+from classifiers.search import search_table
 from erasure.evaluation.report import write_report
 
 COLUMNS = ("FA", *GAP_METRICS, "Avg.Gap", "RTE")
@@ -96,6 +97,15 @@ def write_comparison(folder: Path, summary: dict[str, Any]) -> str:
     sections = [("Result", result)]
     if LIRA_COLUMNS[0] in summary["original"]:
         sections.append(("Two membership attacks", attack_agreement(summary)))
+    searches = {"": summary["search"]} if "search" in summary else {
+        f"seed {seed}: ": s["search"] for seed, s in summary.get("per_seed", {}).items() if "search" in s}
+    if searches:
+        text = ("Settings chosen per method by a grid search on validation data (Avg.Gap to retrain over UA, RA, "
+                "validation accuracy and MIA-efficacy with validation images as non-members); no test image is "
+                "read to select. The selected point (bold) is the method's row above.")
+        tables = [f"{prefix}{search_table(method, result)}" for prefix, by_method in searches.items()
+                  for method, result in by_method.items()]
+        sections.append(("Settings search", "\n\n".join([text, *tables])))
     points = {name: (m["RTE"], m["Avg.Gap"]) for name, m in summary["methods"].items() if "Avg.Gap" in m}
     if points:
         gap_vs_time(points, folder / GAP_PLOT, f"forget {summary['forget']}: Avg.Gap against run time")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import types
 import typing
 from pathlib import Path
@@ -279,3 +280,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: typing.
 def to_dict(config: Any) -> dict[str, Any]:
     """The resolved config as plain data, for manifests."""
     return dataclasses.asdict(config)
+
+
+def grid(space: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of a search space's values, keys in sorted order (a stable point numbering)."""
+    keys = sorted(space)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(space[k] for k in keys))]

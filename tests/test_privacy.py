@@ -11,6 +11,7 @@ from classifiers.privacy import OfflineLiRA, attack_metrics, logit_confidence
 from erasure.config import from_dict
 from erasure.datasets import ImageSet
 from erasure.errors import ConfigError, ErasureError
+from erasure.io import read_json
 
 
 class LookupModel(nn.Module):
@@ -98,3 +99,44 @@ def test_compare_reports_lira_beside_mia_with_shadows_trained_on_the_retain_set(
     assert kept and not forgotten & set(kept)
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "LiRA.AUC" in report and "Two membership attacks" in report
+
+
+def test_compare_search_selects_on_validation_data_and_reports_every_point(digits_original, tmp_path, monkeypatch):
+    import classifiers.metrics as metrics
+    from classifiers.commands import compare, unlearn
+    from classifiers.config import CompareConfig
+
+    retrain = tmp_path / "retrain"
+    unlearn(unlearn_config(digits_original, retrain, "retrain"))
+    validation_flags = []
+    evaluate = metrics.evaluate
+
+    def spy(model, data, split, seed=0, validation=False):
+        validation_flags.append(validation)
+        return evaluate(model, data, split, seed, validation)
+
+    monkeypatch.setattr("classifiers.search.evaluate", spy)
+    config = from_dict(CompareConfig, {"original": str(digits_original), "retrain": str(retrain), "methods": ["ft"],
+                                       "forget": "class:3", "out": str(tmp_path / "cmp"),
+                                       "search": {"ft": {"lr": [1e-5, 0.05], "epochs": [1]}},
+                                       "unlearn": {"checkpoint_every": 0}})
+    summary = compare(config)
+    result = summary["search"]["ft"]
+    assert [p["settings"] for p in result["points"]] == [{"epochs": 1, "lr": 1e-5}, {"epochs": 1, "lr": 0.05}]
+    # lr 1e-5 leaves the original (which knows class 3) as it was: far from retrain; lr 0.05 fine-tunes it away.
+    assert result["selected"] == 1
+    assert summary["methods"]["ft"] == read_json(tmp_path / "cmp" / "search" / "ft" / "point1" / "metrics.json")
+    assert validation_flags and all(validation_flags)  # the search never reads the test set
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "Settings search" in report and "| **1** | 1 | 0.05 |" in report
+
+
+def test_a_search_must_name_a_compared_method_and_list_values():
+    from classifiers.config import CompareConfig
+
+    with pytest.raises(ConfigError, match="'search.rl'"):
+        from_dict(CompareConfig, {"methods": ["ft"], "search": {"rl": {"lr": [0.1]}}})
+    with pytest.raises(ConfigError, match="non-empty list"):
+        from_dict(CompareConfig, {"methods": ["ft"], "search": {"ft": {"lr": 0.1}}})
+    with pytest.raises(ConfigError, match="per_method.ft|lr"):
+        from_dict(CompareConfig, {"methods": ["ft"], "search": {"ft": {"lr": [-1.0]}}})
