@@ -130,9 +130,11 @@ class CompareConfig:
     seed: int = option(0, "seed of every run (overrides train/unlearn seeds)", ge=0)
     seeds: list[int] = option([], "several seeds: run everything once per seed (in out/seed<k>) and report "
                               "mean ± std (overrides seed)")
+    search_file: str | None = option(None, "a YAML of per-method grids (the `search` mapping), shared by scenarios; "
+                                                "grids of methods not compared are skipped")
     search: dict = option({}, "per-method grids chosen on validation data, never the test set, e.g. "
                               "{salun: {lr: [0.005, 0.01], mask_ratio: [0.3, 0.5]}}: every point runs and the one "
-                              "closest to retrain on validation data is the method's row")
+                              "closest to retrain on validation data is the method's row (overrides search_file)")
     lira_shadows: int = option(0, "shadow models (the retrain recipe with their own seeds) for the likelihood-ratio "
                                   "membership attack LiRA beside MIA-efficacy (0: off; at least 2)", ge=0)
     overwrite: bool = option(False, "replace an existing output directory")
@@ -159,6 +161,10 @@ class CompareConfig:
 
     def _validate_search(self) -> None:
         """Each searched method is compared, and each grid is a non-empty list per key that makes a valid run."""
+        if self.search_file:
+            grids = read_yaml(self.search_file)
+            self.search = {**{m: g for m, g in grids.items() if m in self.methods}, **self.search}
+            self.search_file = None
         for method, space in self.search.items():
             if method not in self.methods or method == "retrain":
                 raise ConfigError(f"config key 'search.{method}': searches only methods listed in 'methods' "
