@@ -96,17 +96,17 @@ def test_ringabell_lowers_its_own_objective(pipe) -> None:
     assert ids[0, 0] == pipe.tokenizer.bos_token_id and (ids[0, 9:] == pipe.tokenizer.eos_token_id).all()
 
 
-def classifier_run(path: Path, favoured: int) -> Path:
-    """A random CIFAR-shaped classifier run whose head always answers `favoured`."""
+def classifier_run(path: Path, favoured: int, dataset: str = "cifar10", shape: tuple[int, ...] = (3, 16, 16)) -> Path:
+    """A random classifier run whose head always answers `favoured`."""
     from classifiers.models import MODEL_FILE, build_model, save_model, spec_for
 
     torch.manual_seed(0)
-    model = build_model(spec_for("mlp", "cifar10", (3, 16, 16), 10, width=8))
+    model = build_model(spec_for("mlp", dataset, shape, 10, width=8))
     with torch.no_grad():
         model.head.bias[favoured] = 1e4
     path.mkdir(parents=True)
     save_model(model, path / MODEL_FILE)
-    write_json(path / MANIFEST, {"status": "finished", "config": {"dataset": "cifar10"}})
+    write_json(path / MANIFEST, {"status": "finished", "config": {"dataset": dataset}})
     return path
 
 
@@ -173,6 +173,8 @@ def test_nudenet_forget_prompt_of_a_run(run_cli, tmp_path: Path) -> None:
     (("--judge", "nudenet", "--target-class", "cat"), "--target-class applies to a classifier judge"),
     (("--judge", "{tmp}"), "pass --target-class"),
     (("--judge", "{tmp}", "--target-class", "cat", "--prompts", "{prompts}"), "is neither 'nudenet' nor a classifier"),
+    (("--judge", "{tmp}/digits", "--target-class", "3", "--prompts", "{prompts}"), "classifies 1-channel images"),
+    (("--judge", "{tmp}/cifar", "--target-class", "whale", "--prompts", "{prompts}"), "unknown class 'whale'"),
     (("--prompts", "forget"), "pass --run"),
     (("--prompts", "{prompts}", "--run", "{tmp}"), "holds no erased UNet"),
     (("--prompts", "{prompts}", "--attack", "ringabell", "--ringabell-pairs", "{prompts}"), "needs columns"),
@@ -182,6 +184,8 @@ def test_nudenet_forget_prompt_of_a_run(run_cli, tmp_path: Path) -> None:
 def test_bad_input_is_one_clear_line(run_cli, tmp_path: Path, extra: tuple[str, ...], message: str) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo\n")
+    classifier_run(tmp_path / "digits", 0, "digits", (1, 8, 8))
+    classifier_run(tmp_path / "cifar", 0)
     args = [a.format(tmp=tmp_path, prompts=prompts) for a in extra]
     status, log = run_cli("eval", "attack", *TINY, "--out", tmp_path / "out", *args)
     assert status == 2 and message in log, log

@@ -92,6 +92,9 @@ class ClassifierJudge(Judge):
                                "missing); pass the --out folder of `erasure classifier train`")
         self.run_dir = run_dir
         self.model = load_model(Path(run_dir) / MODEL_FILE).to(device).eval()
+        if self.model.spec.in_channels != 3:
+            raise ErasureError(f"--judge '{run_dir}' classifies {self.model.spec.in_channels}-channel images, not "
+                               "the RGB images a diffusion model makes; pass a classifier trained on RGB data")
         self.device = device
         self.classes = class_names(run_dir, self.model.spec.num_classes)
         self.target = class_index(target_class, self.classes, "config key 'target_class'")

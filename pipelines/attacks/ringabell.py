@@ -123,6 +123,9 @@ class RingABell(Attack):
         rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
         rows = rng.choice(tokens, size=(settings.population, settings.length))
         total = original.shape[1]
+        if settings.length > total - 2:
+            raise ErasureError(f"ringabell.length = {settings.length} does not fit the text encoder's {total} tokens "
+                               f"with <bos> and <eos>; pass --ringabell-length <= {total - 2}")
         frame = (torch.full((1, 1), tokenizer.bos_token_id), torch.full((1, total - 1 - settings.length),
                                                                          tokenizer.eos_token_id))
 

@@ -122,7 +122,7 @@ class UnlearnDiffAtk(Attack):
         for timestep in spaced_timesteps(len(alphas), settings.timesteps):
             losses = []
             for _ in range(settings.iterations):
-                adversarial = SampleOneHot.apply(distribution, generator) @ table
+                adversarial = SampleOneHot.apply(distribution, generator).to(table.dtype) @ table
                 embeddings = torch.cat([fixed[0], adversarial, fixed[1], fixed[2]])[None]
                 noise = torch.randn(x0.shape, generator=generator).to(x0)
                 condition = encode_embeddings(pipe.text_encoder, embeddings)
