@@ -54,6 +54,9 @@ COMMANDS: tuple[Command, ...] = (
     Command(("eval", "ddpm"),
             "class UA, retained-class accuracy and feature distance of a DDPM (protocol ddpm-cifar10-v1)",
             "pipelines.ddpm_config:DDPMEvalConfig", "pipelines.ddpm_commands:evaluate"),
+    Command(("eval", "attack"),
+            "attack an erased model's prompts and report the attack success rate (protocol attack-asr-v1)",
+            "pipelines.attack_config:AttackEvalConfig", "pipelines.attacks.runner:eval_attack"),
     Command(("sample",), "generate images from a base or erased model for evaluation",
             "pipelines.config:SampleConfig", "pipelines.commands:sample"),
 )

@@ -79,7 +79,7 @@ def run_sampling(config: SampleConfig, *, progress: bool = True) -> dict[str, An
     settings.update(prompt_file_sha256=sha256_file(config.prompts),
                     noise="per-image CPU torch.Generator seeded with the prompt's seed")
     if run.resumed:
-        _check_resumable(out, settings)
+        check_resumable(out, settings, RESUMABLE_KEYS)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     run.start(settings, seed=config.seed, device=str(device), kind="sample")
@@ -127,9 +127,10 @@ def sampling_context() -> Iterator[None]:
         transformers_logging.set_verbosity(levels[1])
 
 
-def _check_resumable(out: Path, settings: dict[str, Any]) -> None:
+def check_resumable(out: Path, settings: dict[str, Any], resumable: tuple[str, ...]) -> None:
+    """Refuse to resume `out` when a setting outside `resumable` differs from the one its manifest records."""
     previous = read_json(out / MANIFEST).get("config", {})
-    changed = sorted(k for k in settings if k not in RESUMABLE_KEYS and k in previous and previous[k] != settings[k])
+    changed = sorted(k for k in settings if k not in resumable and k in previous and previous[k] != settings[k])
     if changed:
         details = ", ".join(f"{k}: {previous[k]!r} -> {settings[k]!r}" for k in changed)
         raise ErasureError(

@@ -1,0 +1,144 @@
+"""Ring-A-Bell (Tsai et al. 2024, chiayi-hsu/Ring-A-Bell `Get_Concept_Vector.ipynb`, `InversePrompt.ipynb`).
+
+The concept vector is the mean difference of the text encoder's hidden states (77 x width) between prompts
+with the concept and the same prompts without it. For each attacked prompt the goal is its own hidden states
+plus eta times that vector; a genetic search over `length` tokens (between `<bos>` and `<eos>` padding) looks
+for the prompt whose hidden states lie closest (summed squared distance) to the goal. Each generation keeps
+the better half, appends for every survivor, with probability `crossover_rate`, the two one-point crosses with
+a random survivor, and gives each candidate, with probability `mutation_rate`, one random token. Only the
+text encoder is used: the search never sees the erased UNet, and its best prompt is the one candidate judged.
+"""
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from importlib.resources import files
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from erasure.errors import ErasureError
+from erasure.prompts import Prompt
+from pipelines.attacks.base import Attack, Candidate, Cost, Target
+from pipelines.attacks.text import decode, encode_ids, token_ids
+
+if TYPE_CHECKING:
+    from pipelines.attack_config import AttackEvalConfig, RingABellSettings
+
+ENCODE_BATCH = 256
+NUDITY_PAIRS = files("configs") / "attacks" / "nudity_pairs.csv"
+
+
+def read_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """(concept, neutral) prompt pairs from a CSV with columns 'concept' and 'neutral'."""
+    path = Path(path)
+    if not path.is_file():
+        raise ErasureError(f"Ring-A-Bell pair file '{path}' does not exist; pass a CSV with columns 'concept' and "
+                           "'neutral' to --ringabell-pairs")
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        if not {"concept", "neutral"} <= set(reader.fieldnames or []):
+            raise ErasureError(f"Ring-A-Bell pair file '{path}' needs columns 'concept' and 'neutral' (it has: "
+                               f"{', '.join(reader.fieldnames or [])}); rename them")
+        pairs = [(row["concept"].strip(), row["neutral"].strip()) for row in reader if row["concept"].strip()]
+    if not pairs:
+        raise ErasureError(f"Ring-A-Bell pair file '{path}' holds no pairs; add rows of concept and neutral prompts")
+    return pairs
+
+
+def concept_vector(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, pairs: list[tuple[str, str]]) -> Tensor:
+    """Mean over pairs of hidden states with the concept minus hidden states without it (77 x width)."""
+    with torch.no_grad():
+        with_concept = encode_ids(text_encoder, torch.cat([token_ids(tokenizer, c) for c, _ in pairs]))
+        without = encode_ids(text_encoder, torch.cat([token_ids(tokenizer, n) for _, n in pairs]))
+    return (with_concept - without).float().mean(0)
+
+
+def distances(text_encoder: CLIPTextModel, goal: Tensor, population: Tensor, cost: Cost) -> np.ndarray:
+    """Summed squared distance of each id row's hidden states to `goal` (the reference's fitness)."""
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(population), ENCODE_BATCH):
+            hidden = encode_ids(text_encoder, population[start:start + ENCODE_BATCH]).float()
+            scores.append(((hidden - goal) ** 2).sum(dim=(1, 2)).cpu())
+    cost.text_encoder_calls += len(population)
+    return torch.cat(scores).numpy()
+
+
+class RingABell(Attack):
+    """Genetic search for tokens whose text embedding carries the prompt plus eta times the concept vector."""
+
+    name = "ringabell"
+
+    def __init__(self, settings: RingABellSettings, pairs: list[tuple[str, str]]):
+        super().__init__(settings)
+        self.pairs = pairs
+        self._vector: Tensor | None = None
+
+    @classmethod
+    def from_config(cls, config: AttackEvalConfig) -> RingABell:
+        """Pairs from --ringabell-pairs, else the shipped nudity pairs (NudeNet judge) or 'a photo of a <class>'
+        against 'a photo' (classifier judge)."""
+        settings = config.ringabell
+        if settings.pairs:
+            return cls(settings, read_pairs(settings.pairs))
+        if config.nudity:
+            return cls(settings, read_pairs(NUDITY_PAIRS))
+        name = config.target_class
+        return cls(settings, [(f"a photo of a {name}", "a photo"), (f"a picture of a {name}", "a picture"),
+                              (f"an image of a {name}", "an image")])
+
+    def evolve(self, rows: np.ndarray, tokens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Crossover then mutation of the surviving token rows (content only, without `<bos>`/`<eos>`)."""
+        settings = self.settings
+        children = []
+        for row in rows:
+            children.append(row.copy())
+            if rng.random() < settings.crossover_rate:
+                other = rows[rng.integers(len(rows))]
+                point = rng.integers(settings.length)
+                children.append(np.concatenate([row[:point], other[point:]]))
+                children.append(np.concatenate([other[:point], row[point:]]))
+        for child in children:
+            if rng.random() < settings.mutation_rate:
+                child[rng.integers(settings.length)] = rng.choice(tokens)
+        return np.stack(children)
+
+    def candidates(self, target: Target, prompt: Prompt, original: Tensor, generator: torch.Generator
+                   ) -> Iterator[Candidate]:
+        settings, pipe = self.settings, target.pipe
+        tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+        if self._vector is None:
+            self._vector = concept_vector(tokenizer, encoder, self.pairs).to(target.device)
+            target.cost.text_encoder_calls += 2 * len(self.pairs)
+        with torch.no_grad():
+            goal = encode_ids(encoder, original)[0].float() + settings.coefficient * self._vector
+        target.cost.text_encoder_calls += 1
+        special = set(tokenizer.all_special_ids)
+        tokens = np.array([i for i in range(1, len(tokenizer)) if i not in special])
+        rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
+        rows = rng.choice(tokens, size=(settings.population, settings.length))
+        total = original.shape[1]
+        if settings.length > total - 2:
+            raise ErasureError(f"ringabell.length = {settings.length} does not fit the text encoder's {total} tokens "
+                               f"with <bos> and <eos>; pass --ringabell-length <= {total - 2}")
+        frame = (torch.full((1, 1), tokenizer.bos_token_id), torch.full((1, total - 1 - settings.length),
+                                                                         tokenizer.eos_token_id))
+
+        def full(content: np.ndarray) -> Tensor:
+            body = torch.from_numpy(content).long()
+            return torch.cat([frame[0].expand(len(body), 1), body, frame[1].expand(len(body), -1)], dim=1)
+
+        for generation in range(settings.generations):
+            scores = distances(encoder, goal, full(rows), target.cost)
+            order = np.argsort(scores, kind="stable")
+            best = float(scores[order[0]])
+            rows = rows[order][:settings.population // 2]
+            if generation != settings.generations - 1:
+                rows = self.evolve(rows, tokens, rng)
+        ids = full(rows[:1])
+        yield Candidate(ids, decode(tokenizer, ids), objective=best, step=settings.generations)
