@@ -11,13 +11,21 @@ import torch
 from erasure.config import from_dict
 from erasure.io import MANIFEST, write_json
 from erasure.prompts import Prompt
-from pipelines.attack_config import ATTACK_SETTINGS, AttackEvalConfig, RingABellSettings, UnlearnDiffAtkSettings
+from pipelines.attack_config import (
+    ATTACK_SETTINGS,
+    AttackEvalConfig,
+    P4DSettings,
+    RingABellSettings,
+    UnlearnDiffAtkSettings,
+)
 from pipelines.attacks import ATTACKS
 from pipelines.attacks.base import Cost, Target
+from pipelines.attacks.p4d import P4D
+from pipelines.attacks.prefix import PrefixTokenAttack, image_latent, spaced_timesteps
 from pipelines.attacks.ringabell import RingABell, concept_vector, distances
 from pipelines.attacks.runner import _prepared, render
 from pipelines.attacks.text import encode_embeddings, encode_ids, token_ids, vocabulary
-from pipelines.attacks.unlearndiffatk import UnlearnDiffAtk, image_latent, objective, project_simplex, spaced_timesteps
+from pipelines.attacks.unlearndiffatk import UnlearnDiffAtk, project_simplex
 from pipelines.tiny import build_tiny_pipeline
 
 PROMPT = Prompt(0, "a nude person", 0, 7.5)
@@ -52,25 +60,32 @@ def test_simplex_projection() -> None:
     assert spaced_timesteps(1000, 50)[:3] == [10, 30, 50] and spaced_timesteps(1000, 50)[-1] == 990
 
 
-def test_unlearndiffatk_lowers_its_own_objective(pipe, reference) -> None:
-    """The tokens found score a lower diffusion loss (fixed noise) than the start and than random tokens."""
-    attack = UnlearnDiffAtk(UnlearnDiffAtkSettings(k=3, iterations=20, timesteps=4))
+@pytest.fixture(scope="module")
+def erased(pipe):
+    """The tiny pipeline with another seed's UNet: a model that differs from its base."""
+    return _prepared(build_tiny_pipeline(seed=1), "model")
+
+
+@pytest.mark.parametrize("attack", [UnlearnDiffAtk(UnlearnDiffAtkSettings(k=3, iterations=20, timesteps=4)),
+                                    P4D(P4DSettings(k=3, iterations=20, timesteps=4))], ids=lambda a: a.name)
+def test_prefix_attacks_lower_their_own_objective(pipe, erased, reference, attack: PrefixTokenAttack) -> None:
+    """The tokens found score a lower loss (fixed noise) than the start tokens and than random tokens."""
     original = token_ids(pipe.tokenizer, PROMPT.text)
-    target = Target(pipe, lambda _: reference)
+    target = Target(erased, lambda: pipe, lambda _: reference)
     found = list(attack.candidates(target, PROMPT, original, torch.Generator().manual_seed(0)))
     assert len(found) == 4 and target.cost.unet_backward == 80
     head, middle, tail = attack.layout(original, pipe.tokenizer.eos_token_id)
     x0, steps = image_latent(pipe, reference), spaced_timesteps(1000, 4)
 
-    def loss(adversarial: torch.Tensor) -> float:
-        ids = torch.cat([head, adversarial, middle, tail], dim=1)
-        return sum(objective(pipe, x0, ids, steps, seed) for seed in (1, 2, 3)) / 3
+    def loss(ids: torch.Tensor) -> float:
+        return sum(attack.objective(target, x0, ids, original, steps, seed) for seed in (1, 2, 3)) / 3
 
-    final = sum(objective(pipe, x0, found[-1].ids, steps, seed) for seed in (1, 2, 3)) / 3
+    def prefixed(adversarial: torch.Tensor) -> torch.Tensor:
+        return torch.cat([head, adversarial, middle, tail], dim=1)
+
     generator = torch.Generator().manual_seed(5)
-    random = [loss(torch.randint(0, 512, (1, 3), generator=generator)) for _ in range(8)]
-    assert final < loss(torch.zeros(1, 3, dtype=torch.long))
-    assert final < min(random)
+    final = loss(found[-1].ids)
+    assert final < min(loss(prefixed(torch.randint(0, 512, (1, 3), generator=generator))) for _ in range(8))
     assert found[-1].ids.shape == (1, 77) and found[-1].ids[0, 4:4 + 11].tolist() == original[0, 1:12].tolist()
 
 
@@ -83,7 +98,7 @@ def test_ringabell_lowers_its_own_objective(pipe) -> None:
 
     def best(generations: int) -> tuple[float, torch.Tensor]:
         attack = RingABell(RingABellSettings(length=8, population=20, generations=generations), pairs)
-        target = Target(pipe, lambda _: None)
+        target = Target(pipe, lambda: pipe, lambda _: None)
         (candidate,) = attack.candidates(target, PROMPT, original, torch.Generator().manual_seed(0))
         goal = encode_ids(pipe.text_encoder, original)[0].float() + 3 * vector
         assert candidate.objective == pytest.approx(float(distances(pipe.text_encoder, goal, candidate.ids, Cost())[0]),

@@ -49,10 +49,11 @@ class Candidate:
 
 @dataclass
 class Target:
-    """The erased pipeline under attack, the base model's image of a prompt (made on first use) and the cost
-    counter of the prompt being attacked."""
+    """The erased pipeline under attack, the base pipeline and the base model's image of a prompt (both made on
+    first use), and the cost counter of the prompt being attacked."""
 
     pipe: StableDiffusionPipeline
+    base: Callable[[], StableDiffusionPipeline]
     reference_image: Callable[[Prompt], np.ndarray]
     cost: Cost = field(default_factory=Cost)
 

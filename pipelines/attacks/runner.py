@@ -103,7 +103,7 @@ def attack_one(inputs: AttackInputs, prompt: Prompt, out: Path) -> dict[str, Any
     """Judge the prompt as written, then the attack's candidates until one succeeds; the prompt's record."""
     start = time.perf_counter()
     cost = Cost()
-    target = Target(inputs.pipe, _reference(inputs, out, cost), cost)
+    target = Target(inputs.pipe, inputs.base, _reference(inputs, out, cost), cost)
     original = token_ids(inputs.pipe.tokenizer, prompt.text)
 
     def judge(candidate: Candidate) -> tuple[Verdict, np.ndarray]:
