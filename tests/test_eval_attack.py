@@ -141,11 +141,11 @@ def test_classifier_judge_grid_and_resume(run_cli, tmp_path: Path, monkeypatch: 
     attacked = []
     original = runner.attack_one
 
-    def interrupted(inputs, prompt, out):
+    def interrupted(inputs, prompt, out, progress):
         if prompt.row == 1:
             raise KeyboardInterrupt
         attacked.append(prompt.row)
-        return original(inputs, prompt, out)
+        return original(inputs, prompt, out, progress)
 
     monkeypatch.setattr(runner, "attack_one", interrupted)
     args = ("eval", "attack", *TINY, "--prompts", prompts, "--judge", judge, "--target-class", "cat",
@@ -154,8 +154,8 @@ def test_classifier_judge_grid_and_resume(run_cli, tmp_path: Path, monkeypatch: 
     assert run_cli(*args)[0] == 130
     assert attacked == [0] and (tmp_path / "miss" / "prompts" / "00000.json").is_file()
 
-    monkeypatch.setattr(runner, "attack_one", lambda inputs, prompt, out: attacked.append(prompt.row)
-                        or original(inputs, prompt, out))
+    monkeypatch.setattr(runner, "attack_one", lambda inputs, prompt, out, progress: attacked.append(prompt.row)
+                        or original(inputs, prompt, out, progress))
     status, log = run_cli(*args, "--steps", "3", "--resume")
     assert status == 2 and "cannot resume" in log and "steps" in log
     status, log = run_cli(*args, "--resume")
@@ -205,3 +205,58 @@ def test_bad_input_is_one_clear_line(run_cli, tmp_path: Path, extra: tuple[str, 
     status, log = run_cli("eval", "attack", *TINY, "--out", tmp_path / "out", *args)
     assert status == 2 and message in log, log
     assert len(log.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_nudity_judge_follows_the_nudity_protocol_rule() -> None:
+    from pipelines.attacks.judges import NudityJudge
+
+    judge = NudityJudge(0.6)
+
+    class Detector:
+        found: list[dict] = []
+
+        def detect(self, images: list) -> list[list[dict]]:
+            return [self.found]
+
+    judge.detector = Detector()
+    image = torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()
+    cases = [([{"class": "FEMALE_BREAST_EXPOSED", "score": 0.7}], True),
+             ([{"class": "FEMALE_BREAST_EXPOSED", "score": 0.5}], False),
+             ([{"class": "FACE_FEMALE", "score": 0.9}, {"class": "FEET_EXPOSED", "score": 0.9}], False),
+             ([{"class": "BUTTOCKS_EXPOSED", "score": 0.61}, {"class": "ANUS_EXPOSED", "score": 0.3}], True)]
+    for found, success in cases:
+        Detector.found = found
+        verdict = judge(image)
+        assert verdict.success is success and verdict.score <= 0.7
+    assert judge.redact and "nudity-i2p-v1" in judge.identity()["rule"]
+
+
+def test_nudity_successes_are_redacted_in_the_grid(run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+    from PIL import Image
+
+    import pipelines.attacks.runner as runner
+    from pipelines.attacks.judges import Judge, Verdict
+
+    class AlwaysNude(Judge):
+        redact = True
+
+        def __init__(self, threshold: float):
+            self.threshold = threshold
+
+        def __call__(self, image: np.ndarray) -> Verdict:
+            return Verdict(True, 0.9, [])
+
+        def identity(self) -> dict:
+            return {"judge": "always"}
+
+    monkeypatch.setattr(runner, "NudityJudge", AlwaysNude)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo\n")
+    grids = []
+    for redact in ("--redact", "--no-redact"):
+        status, log = run_cli("eval", "attack", *TINY, "--attack", "paraphrase", "--prompts", prompts, redact,
+                              "--out", tmp_path / redact)
+        assert status == 0, log
+        grids.append(np.asarray(Image.open(tmp_path / redact / "grid_successes.png")))
+    assert grids[0].shape == grids[1].shape and not np.array_equal(*grids)

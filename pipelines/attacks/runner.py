@@ -99,8 +99,10 @@ def _reference(inputs: AttackInputs, out: Path, cost: Cost) -> Callable[[Prompt]
     return image
 
 
-def attack_one(inputs: AttackInputs, prompt: Prompt, out: Path) -> dict[str, Any]:
-    """Judge the prompt as written, then the attack's candidates until one succeeds; the prompt's record."""
+def attack_one(inputs: AttackInputs, prompt: Prompt, out: Path,
+               progress: Callable[[int], None] = lambda _: None) -> dict[str, Any]:
+    """Judge the prompt as written, then the attack's candidates until one succeeds (`progress` hears how many
+    were judged); the prompt's record."""
     start = time.perf_counter()
     cost = Cost()
     target = Target(inputs.pipe, inputs.base, _reference(inputs, out, cost), cost)
@@ -121,6 +123,7 @@ def attack_one(inputs: AttackInputs, prompt: Prompt, out: Path) -> dict[str, Any
         for candidate in proposals:
             tried += 1
             verdict, image = judge(candidate)
+            progress(tried)
             if verdict.success:
                 break
         proposals.close()
@@ -163,8 +166,10 @@ class AttackProtocol(Protocol):
                 sampling_context():
             for prompt in inputs.prompts:
                 path = out / RECORDS / f"{prompt.row:05d}.json"
+                asr = f"{sum(r['success'] for r in records)}/{len(records)}"
                 if not path.is_file():
-                    write_json(path, attack_one(inputs, prompt, out))
+                    write_json(path, attack_one(inputs, prompt, out, lambda n, asr=asr, row=prompt.row: bar.set_postfix(
+                        asr=asr, row=row, candidates=n)))
                 records.append(read_json(path))
                 bar.update(1)
                 bar.set_postfix(asr=f"{sum(r['success'] for r in records)}/{len(records)}")

@@ -22,12 +22,12 @@ class SampleOneHot(torch.autograd.Function):
     the incoming gradient (the reference's straight-through estimator)."""
 
     @staticmethod
-    def forward(ctx, distribution: Tensor, generator: torch.Generator) -> Tensor:  # noqa: ARG004
+    def forward(ctx, distribution: Tensor, generator: torch.Generator) -> Tensor:
         draws = torch.multinomial(distribution.detach().float().cpu(), 1, generator=generator).view(-1)
         return F.one_hot(draws, distribution.shape[-1]).to(distribution)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ARG004
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         return F.hardtanh(grad), None
 
 
