@@ -137,6 +137,11 @@ def test_classifier_judge_grid_and_resume(run_cli, tmp_path: Path, monkeypatch: 
     metrics = json.loads((tmp_path / "hit" / "metrics.json").read_text())
     assert metrics["protocol"] == "attack-asr-v1" and metrics["asr"] == 1.0 and metrics["pre_attack_asr"] == 1.0
     assert metrics["judge"]["target_class"] == "airplane" and (tmp_path / "hit" / "grid_successes.png").is_file()
+    status, log = run_cli("eval", "attack", *TINY, "--attack", "paraphrase", "--prompts", prompts, "--judge", judge,
+                          "--target-class", "cat", "--out", tmp_path / "none")
+    assert status == 0, log
+    metrics = json.loads((tmp_path / "none" / "metrics.json").read_text())
+    assert metrics["asr"] == 0.0 and metrics["per_prompt"][1]["candidates_judged"] == 0
 
     attacked = []
     original = runner.attack_one

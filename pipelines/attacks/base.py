@@ -7,7 +7,7 @@ first success, so an attack never decides success itself and every attack is jud
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -79,7 +79,7 @@ class Attack(ABC):
 
     @abstractmethod
     def candidates(self, target: Target, prompt: Prompt, original: Tensor, generator: torch.Generator
-                   ) -> Iterator[Candidate]:
+                   ) -> Generator[Candidate, None, None]:
         """Candidate prompts for `prompt` (whose ids are `original`), best last; randomness from `generator`."""
 
     def budget(self) -> dict[str, Any]:

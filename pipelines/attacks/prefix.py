@@ -12,7 +12,7 @@ its tokens are parameterised (`start`, `embed`, `settle`, `chosen`) and what the
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Generator
 
 import numpy as np
 import torch
@@ -104,7 +104,7 @@ class PrefixTokenAttack(Attack):
         return sum(losses) / len(losses)
 
     def candidates(self, target: Target, prompt: Prompt, original: Tensor, generator: torch.Generator
-                   ) -> Iterator[Candidate]:
+                   ) -> Generator[Candidate, None, None]:
         settings, pipe, cost = self.settings, target.pipe, target.cost
         tokenizer, device = pipe.tokenizer, target.device
         head, middle, tail = self.layout(original, tokenizer.eos_token_id)

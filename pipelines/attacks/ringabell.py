@@ -11,7 +11,7 @@ text encoder is used: the search never sees the erased UNet, and its best prompt
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
+from collections.abc import Generator
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -109,7 +109,7 @@ class RingABell(Attack):
         return np.stack(children)
 
     def candidates(self, target: Target, prompt: Prompt, original: Tensor, generator: torch.Generator
-                   ) -> Iterator[Candidate]:
+                   ) -> Generator[Candidate, None, None]:
         settings, pipe = self.settings, target.pipe
         tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
         if self._vector is None:
