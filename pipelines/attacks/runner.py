@@ -41,6 +41,9 @@ IMAGES = "images"
 REFERENCES = "reference"
 # Settings that may change when an attack is resumed; any other change is refused.
 RESUMABLE_KEYS = ("resume", "overwrite", "limit", "device", "grid_size", "redact")
+# The settings metrics.json repeats (the attack's own settings are its budget).
+REPORTED_SETTINGS = ("attack", "model", "run", "prompts", "subset", "limit", "judge", "target_class", "threshold",
+                     "seed", "guidance", "steps", "height", "width", "scheduler", "dtype")
 
 
 def attack_prompts(config: AttackEvalConfig) -> list[Prompt]:
@@ -176,7 +179,7 @@ class AttackProtocol(Protocol):
         config = inputs.config
         metrics = {"attack": inputs.attack.name, "budget": inputs.attack.budget(), **summarise(records),
                    "judge": inputs.judge.identity(), "per_prompt": [_row(r) for r in records],
-                   "settings": {k: v for k, v in to_dict(config).items() if k in _SETTINGS},
+                   "settings": {k: v for k, v in to_dict(config).items() if k in REPORTED_SETTINGS},
                    "prompt_file_sha256": sha256_file(config.prompts) if config.prompts not in (None, FORGET)
                    else None}
         shown = [r for r in records if r["success"]][:config.grid_size]
@@ -191,8 +194,6 @@ class AttackProtocol(Protocol):
 
 
 PROTOCOL = register(AttackProtocol())
-_SETTINGS = ("attack", "model", "run", "prompts", "subset", "limit", "judge", "target_class", "threshold", "seed",
-             "guidance", "steps", "height", "width", "scheduler", "dtype")
 
 
 def _row(record: dict[str, Any]) -> dict[str, Any]:
