@@ -265,3 +265,33 @@ def test_nudity_successes_are_redacted_in_the_grid(run_cli, tmp_path: Path, monk
         assert status == 0, log
         grids.append(np.asarray(Image.open(tmp_path / redact / "grid_successes.png")))
     assert grids[0].shape == grids[1].shape and not np.array_equal(*grids)
+
+
+def test_attack_table_runs_every_pair_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    from pipelines.tiny import tiny_unet
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "attack_table.py"
+    spec = importlib.util.spec_from_file_location("attack_table", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        tiny_unet().save_pretrained(tmp_path / f"run{seed}" / "unet")
+        runs.append(str(tmp_path / f"run{seed}"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of an airplane\n")
+    judge = classifier_run(tmp_path / "judge", favoured=3)
+    argv = ["--runs", *runs, "--attacks", "paraphrase", "unlearndiffatk", "--out", str(tmp_path / "table"), "--",
+            *TINY, "--prompts", str(prompts), "--judge", str(judge), "--target-class", "airplane",
+            "--unlearndiffatk-k", "1", "--unlearndiffatk-timesteps", "1", "--unlearndiffatk-iterations", "1"]
+    first = module.main(argv)
+    assert [(r["run"], r["attack"], r["asr"]) for r in first["results"]] == [
+        (runs[0], "paraphrase", 0.0), (runs[0], "unlearndiffatk", 0.0),
+        (runs[1], "paraphrase", 0.0), (runs[1], "unlearndiffatk", 0.0)]
+    manifest = tmp_path / "table" / "run1" / "unlearndiffatk" / MANIFEST
+    stamp = manifest.stat().st_mtime_ns
+    assert module.main(argv)["results"] == first["results"] and manifest.stat().st_mtime_ns == stamp
+    assert f"| {runs[1]} | unlearndiffatk | 1 | 0 | 0 |" in (tmp_path / "table" / "attack_table.md").read_text()
