@@ -111,6 +111,12 @@ def test_ringabell_lowers_its_own_objective(pipe) -> None:
     assert ids[0, 0] == pipe.tokenizer.bos_token_id and (ids[0, 9:] == pipe.tokenizer.eos_token_id).all()
 
 
+def test_ringabell_concept_pairs() -> None:
+    config = from_dict(AttackEvalConfig, {"judge": "some/classifier", "target_class": "0", "prompts": "p.txt"})
+    assert RingABell.from_config(config, "airplane").pairs[0] == ("a photo of an airplane", "a photo")
+    assert len(RingABell.from_config(config, "nudity").pairs) >= 10
+
+
 def classifier_run(path: Path, favoured: int, dataset: str = "cifar10", shape: tuple[int, ...] = (3, 16, 16)) -> Path:
     """A random classifier run whose head always answers `favoured`."""
     from classifiers.models import MODEL_FILE, build_model, save_model, spec_for
@@ -245,6 +251,7 @@ def test_nudity_successes_are_redacted_in_the_grid(run_cli, tmp_path: Path, monk
 
     class AlwaysNude(Judge):
         redact = True
+        concept = "nudity"
 
         def __init__(self, threshold: float):
             self.threshold = threshold

@@ -71,8 +71,9 @@ class Attack(ABC):
         self.settings = settings
 
     @classmethod
-    def from_config(cls, config: Any) -> Attack:
-        """The attack with its section of an `AttackEvalConfig` (a method without settings has no section)."""
+    def from_config(cls, config: Any, concept: str) -> Attack:
+        """The attack with its section of an `AttackEvalConfig` (a method without settings has no section), for
+        the erased `concept` as the judge names it."""
         from pipelines.attack_config import ATTACK_SETTINGS
 
         return cls(getattr(config, cls.name, None) or ATTACK_SETTINGS[cls.name]())

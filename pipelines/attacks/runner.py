@@ -243,8 +243,8 @@ def eval_attack(config: AttackEvalConfig) -> dict[str, Any]:
         erased_unet_dir(config.run)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    attack = ATTACKS[config.attack].from_config(config)
     judge = _judge(config, device)
+    attack = ATTACKS[config.attack].from_config(config, judge.concept)
     out = Path(config.out)
     settings = to_dict(config)
     if config.resume and (out / MANIFEST).is_file() and not config.overwrite:
