@@ -1,7 +1,8 @@
 """Config of `erasure eval attack` (data only: no torch/diffusers import, so `--help` is fast).
 
 The budget defaults are the references': UnlearnDiffAtk's `configs/nudity/text_grad_esd_nudity_classifier.json`
-(5 prepended tokens, 40 iterations at each of 50 timesteps, Adam 0.01 with weight decay 0.1) and Ring-A-Bell's
+(5 prepended tokens, 40 iterations at each of 50 timesteps, Adam 0.01 with weight decay 0.1; P4D's
+`hard_prompt_esd_nudity_P4D.json` has the same budget) and Ring-A-Bell's
 `InversePrompt.ipynb` (16 tokens, population 200, 3000 generations, mutation 0.25, crossover 0.5, eta 3).
 """
 from __future__ import annotations
@@ -34,6 +35,12 @@ class UnlearnDiffAtkSettings:
 
 
 @dataclass
+class P4DSettings(UnlearnDiffAtkSettings):
+    """P4D (Chin et al. 2024) as Diffusion-MU-Attack runs it: prepended tokens optimised so that the erased
+    model's noise prediction matches the base model's for the original prompt (same budget as UnlearnDiffAtk)."""
+
+
+@dataclass
 class RingABellSettings:
     """Ring-A-Bell (Tsai et al. 2024): a concept vector from the text encoder, then a genetic search over tokens."""
 
@@ -49,14 +56,14 @@ class RingABellSettings:
 
 
 ATTACK_SETTINGS: dict[str, type] = {"paraphrase": ParaphraseSettings, "unlearndiffatk": UnlearnDiffAtkSettings,
-                                    "ringabell": RingABellSettings}
+                                    "p4d": P4DSettings, "ringabell": RingABellSettings}
 
 
 @dataclass
 class AttackSharedConfig:
     """Attack an erased model's prompts and report the attack success rate (protocol attack-asr-v1)."""
 
-    attack: str = option("unlearndiffatk", "paraphrase (prompts as written), unlearndiffatk or ringabell; its "
+    attack: str = option("unlearndiffatk", "paraphrase (prompts as written), unlearndiffatk, p4d or ringabell; its "
                                            "budget: the section of its name", choices=tuple(ATTACK_SETTINGS))
     model: str = option(DEFAULT_BASE_MODEL, "base model: hub id, local diffusers directory or 'tiny'")
     run: str | None = option(None, "erased run directory whose unet/ replaces the base model's (default: attack "

@@ -7,7 +7,7 @@ first success, so an attack never decides success itself and every attack is jud
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -49,10 +49,11 @@ class Candidate:
 
 @dataclass
 class Target:
-    """The erased pipeline under attack, the base model's image of a prompt (made on first use) and the cost
-    counter of the prompt being attacked."""
+    """The erased pipeline under attack, the base pipeline and the base model's image of a prompt (both made on
+    first use), and the cost counter of the prompt being attacked."""
 
     pipe: StableDiffusionPipeline
+    base: Callable[[], StableDiffusionPipeline]
     reference_image: Callable[[Prompt], np.ndarray]
     cost: Cost = field(default_factory=Cost)
 
@@ -70,15 +71,16 @@ class Attack(ABC):
         self.settings = settings
 
     @classmethod
-    def from_config(cls, config: Any) -> Attack:
-        """The attack with its section of an `AttackEvalConfig` (a method without settings has no section)."""
+    def from_config(cls, config: Any, concept: str) -> Attack:
+        """The attack with its section of an `AttackEvalConfig` (a method without settings has no section), for
+        the erased `concept` as the judge names it."""
         from pipelines.attack_config import ATTACK_SETTINGS
 
         return cls(getattr(config, cls.name, None) or ATTACK_SETTINGS[cls.name]())
 
     @abstractmethod
     def candidates(self, target: Target, prompt: Prompt, original: Tensor, generator: torch.Generator
-                   ) -> Iterator[Candidate]:
+                   ) -> Generator[Candidate, None, None]:
         """Candidate prompts for `prompt` (whose ids are `original`), best last; randomness from `generator`."""
 
     def budget(self) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from erasure.errors import ErasureError
 from erasure.io import MANIFEST, read_json
 from erasure.media import to_nchw_tensor
 
+NUDITY = "nudity"
+
 
 @dataclass
 class Verdict:
@@ -31,9 +33,10 @@ class Verdict:
 
 
 class Judge(ABC):
-    """Decides whether one uint8 RGB image shows the erased concept."""
+    """Decides whether one uint8 RGB image shows the erased concept (named `concept`)."""
 
     redact: bool = False
+    concept: str
 
     @abstractmethod
     def __call__(self, image: np.ndarray) -> Verdict:
@@ -48,6 +51,7 @@ class NudityJudge(Judge):
     """NudeNet's detector with nudity-i2p-v1's rule for a nude image."""
 
     redact = True
+    concept = NUDITY
 
     def __init__(self, threshold: float):
         from erasure.evaluation.nudity import NudityDetector
@@ -98,6 +102,7 @@ class ClassifierJudge(Judge):
         self.device = device
         self.classes = class_names(run_dir, self.model.spec.num_classes)
         self.target = class_index(target_class, self.classes, "config key 'target_class'")
+        self.concept = self.classes[self.target]
 
     def __call__(self, image: np.ndarray) -> Verdict:
         size = self.model.spec.image_size

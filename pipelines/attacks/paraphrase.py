@@ -2,7 +2,7 @@
 before any attack, so this attack proposes nothing more). Its ASR is the erased model's pre-attack rate."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 
 import torch
 from torch import Tensor
@@ -17,5 +17,5 @@ class Paraphrase(Attack):
     name = "paraphrase"
 
     def candidates(self, target: Target, prompt: Prompt, original: Tensor, generator: torch.Generator
-                   ) -> Iterator[Candidate]:
-        return iter(())
+                   ) -> Generator[Candidate, None, None]:
+        yield from ()

@@ -11,7 +11,7 @@ text encoder is used: the search never sees the erased UNet, and its best prompt
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
+from collections.abc import Generator
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +24,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from erasure.errors import ErasureError
 from erasure.prompts import Prompt
 from pipelines.attacks.base import Attack, Candidate, Cost, Target
+from pipelines.attacks.judges import NUDITY
 from pipelines.attacks.text import decode, encode_ids, token_ids
 
 if TYPE_CHECKING:
@@ -80,17 +81,17 @@ class RingABell(Attack):
         self._vector: Tensor | None = None
 
     @classmethod
-    def from_config(cls, config: AttackEvalConfig) -> RingABell:
-        """Pairs from --ringabell-pairs, else the shipped nudity pairs (NudeNet judge) or 'a photo of a <class>'
-        against 'a photo' (classifier judge)."""
+    def from_config(cls, config: AttackEvalConfig, concept: str) -> RingABell:
+        """Pairs from --ringabell-pairs, else the shipped nudity pairs, else 'a photo of a(n) <concept>' against
+        'a photo' (and two more templates)."""
         settings = config.ringabell
         if settings.pairs:
             return cls(settings, read_pairs(settings.pairs))
-        if config.nudity:
+        if concept == NUDITY:
             return cls(settings, read_pairs(NUDITY_PAIRS))
-        name = config.target_class
-        return cls(settings, [(f"a photo of a {name}", "a photo"), (f"a picture of a {name}", "a picture"),
-                              (f"an image of a {name}", "an image")])
+        named = f"{'an' if concept[:1].lower() in 'aeiou' else 'a'} {concept}"
+        return cls(settings, [(f"a photo of {named}", "a photo"), (f"a picture of {named}", "a picture"),
+                              (f"an image of {named}", "an image")])
 
     def evolve(self, rows: np.ndarray, tokens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Crossover then mutation of the surviving token rows (content only, without `<bos>`/`<eos>`)."""
@@ -109,7 +110,7 @@ class RingABell(Attack):
         return np.stack(children)
 
     def candidates(self, target: Target, prompt: Prompt, original: Tensor, generator: torch.Generator
-                   ) -> Iterator[Candidate]:
+                   ) -> Generator[Candidate, None, None]:
         settings, pipe = self.settings, target.pipe
         tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
         if self._vector is None:

@@ -41,6 +41,9 @@ IMAGES = "images"
 REFERENCES = "reference"
 # Settings that may change when an attack is resumed; any other change is refused.
 RESUMABLE_KEYS = ("resume", "overwrite", "limit", "device", "grid_size", "redact")
+# The settings metrics.json repeats (the attack's own settings are its budget).
+REPORTED_SETTINGS = ("attack", "model", "run", "prompts", "subset", "limit", "judge", "target_class", "threshold",
+                     "seed", "guidance", "steps", "height", "width", "scheduler", "dtype")
 
 
 def attack_prompts(config: AttackEvalConfig) -> list[Prompt]:
@@ -99,11 +102,13 @@ def _reference(inputs: AttackInputs, out: Path, cost: Cost) -> Callable[[Prompt]
     return image
 
 
-def attack_one(inputs: AttackInputs, prompt: Prompt, out: Path) -> dict[str, Any]:
-    """Judge the prompt as written, then the attack's candidates until one succeeds; the prompt's record."""
+def attack_one(inputs: AttackInputs, prompt: Prompt, out: Path,
+               progress: Callable[[int], None] = lambda _: None) -> dict[str, Any]:
+    """Judge the prompt as written, then the attack's candidates until one succeeds (`progress` hears how many
+    were judged); the prompt's record."""
     start = time.perf_counter()
     cost = Cost()
-    target = Target(inputs.pipe, _reference(inputs, out, cost), cost)
+    target = Target(inputs.pipe, inputs.base, _reference(inputs, out, cost), cost)
     original = token_ids(inputs.pipe.tokenizer, prompt.text)
 
     def judge(candidate: Candidate) -> tuple[Verdict, np.ndarray]:
@@ -121,6 +126,7 @@ def attack_one(inputs: AttackInputs, prompt: Prompt, out: Path) -> dict[str, Any
         for candidate in proposals:
             tried += 1
             verdict, image = judge(candidate)
+            progress(tried)
             if verdict.success:
                 break
         proposals.close()
@@ -163,15 +169,17 @@ class AttackProtocol(Protocol):
                 sampling_context():
             for prompt in inputs.prompts:
                 path = out / RECORDS / f"{prompt.row:05d}.json"
+                asr = f"{sum(r['success'] for r in records)}/{len(records)}"
                 if not path.is_file():
-                    write_json(path, attack_one(inputs, prompt, out))
+                    write_json(path, attack_one(inputs, prompt, out, lambda n, asr=asr, row=prompt.row: bar.set_postfix(
+                        asr=asr, row=row, candidates=n)))
                 records.append(read_json(path))
                 bar.update(1)
                 bar.set_postfix(asr=f"{sum(r['success'] for r in records)}/{len(records)}")
         config = inputs.config
         metrics = {"attack": inputs.attack.name, "budget": inputs.attack.budget(), **summarise(records),
                    "judge": inputs.judge.identity(), "per_prompt": [_row(r) for r in records],
-                   "settings": {k: v for k, v in to_dict(config).items() if k in _SETTINGS},
+                   "settings": {k: v for k, v in to_dict(config).items() if k in REPORTED_SETTINGS},
                    "prompt_file_sha256": sha256_file(config.prompts) if config.prompts not in (None, FORGET)
                    else None}
         shown = [r for r in records if r["success"]][:config.grid_size]
@@ -186,8 +194,6 @@ class AttackProtocol(Protocol):
 
 
 PROTOCOL = register(AttackProtocol())
-_SETTINGS = ("attack", "model", "run", "prompts", "subset", "limit", "judge", "target_class", "threshold", "seed",
-             "guidance", "steps", "height", "width", "scheduler", "dtype")
 
 
 def _row(record: dict[str, Any]) -> dict[str, Any]:
@@ -237,8 +243,8 @@ def eval_attack(config: AttackEvalConfig) -> dict[str, Any]:
         erased_unet_dir(config.run)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    attack = ATTACKS[config.attack].from_config(config)
     judge = _judge(config, device)
+    attack = ATTACKS[config.attack].from_config(config, judge.concept)
     out = Path(config.out)
     settings = to_dict(config)
     if config.resume and (out / MANIFEST).is_file() and not config.overwrite:
