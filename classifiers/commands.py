@@ -220,7 +220,7 @@ def _compare_seed(config: CompareConfig, folder: Path, accelerator: Accelerator)
 
 def _search(config: CompareConfig, method: str, original: str, retrain: str, folder: Path, data: Dataset,
             split: ForgetSplit, accelerator: Accelerator) -> dict[str, Any]:
-    """The method's grid search (each point a run in folder/search/<method>/point<i>), selected on validation."""
+    """The method's grid search (each point a run in folder/search/<method>/<settings>), selected on validation."""
     def run_point(out: Path, point: dict[str, Any]) -> None:
         settings = config.unlearn_config(method, point, original=original, out=str(out), retrain=retrain, resume=True)
         _once(out, lambda: unlearn(settings, accelerator))

@@ -22,19 +22,25 @@ from erasure.datasets import Dataset
 
 def search(space: dict[str, list[Any]], run_point: Callable[[Path, dict[str, Any]], Any], folder: Path,
            reference: nn.Module, data: Dataset, split: ForgetSplit, seed: int) -> dict[str, Any]:
-    """Run every point of `space` (run_point(out, settings)) in folder/point<i> and select the one closest
-    to `reference` (the retrained model) on validation data. Returns the space, each point's settings and
-    validation gap, and the selected point's index and folder."""
+    """Run every point of `space` (run_point(out, settings)) in a folder named after its settings and select
+    the one closest to `reference` (the retrained model) on validation data. Returns the space, each point's
+    settings and validation gap, and the selected point's index and folder. A wider grid over the same folder
+    reuses the points it shares with the narrower one."""
     target = evaluate(reference, data, split, seed, validation=True)
     points = []
-    for i, settings in enumerate(grid(space)):
-        out = folder / f"point{i}"
+    for settings in grid(space):
+        out = folder / point_name(settings)
         run_point(out, settings)
         model = load_model(out / MODEL_FILE).to(data.train.labels.device)
-        points.append({"settings": settings, "validation_gap": average_gap(
+        points.append({"settings": settings, "run": str(out), "validation_gap": average_gap(
             evaluate(model, data, split, seed, validation=True), target)})
     best = min(range(len(points)), key=lambda i: points[i]["validation_gap"])
-    return {"space": space, "points": points, "selected": best, "selected_run": str(folder / f"point{best}")}
+    return {"space": space, "points": points, "selected": best, "selected_run": points[best]["run"]}
+
+
+def point_name(settings: dict[str, Any]) -> str:
+    """The folder of a grid point: its settings, e.g. `epochs=5,lr=0.01`."""
+    return ",".join(f"{key}={value}" for key, value in sorted(settings.items()))
 
 
 def search_table(method: str, result: dict[str, Any]) -> str:

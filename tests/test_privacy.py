@@ -125,7 +125,8 @@ def test_compare_search_selects_on_validation_data_and_reports_every_point(digit
     assert [p["settings"] for p in result["points"]] == [{"epochs": 1, "lr": 1e-5}, {"epochs": 1, "lr": 0.05}]
     # lr 1e-5 leaves the original (which knows class 3) as it was: far from retrain; lr 0.05 fine-tunes it away.
     assert result["selected"] == 1
-    assert summary["methods"]["ft"] == read_json(tmp_path / "cmp" / "search" / "ft" / "point1" / "metrics.json")
+    selected = tmp_path / "cmp" / "search" / "ft" / "epochs=1,lr=0.05"
+    assert summary["methods"]["ft"] == read_json(selected / "metrics.json")
     assert validation_flags and all(validation_flags)  # the search never reads the test set
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "Settings search" in report and "| **1** | 1 | 0.05 |" in report
