@@ -54,6 +54,8 @@ COMMANDS: tuple[Command, ...] = (
     Command(("eval", "ddpm"),
             "class UA, retained-class accuracy and feature distance of a DDPM (protocol ddpm-cifar10-v1)",
             "pipelines.ddpm_config:DDPMEvalConfig", "pipelines.ddpm_commands:evaluate"),
+    Command(("testbed", "build"), "build the CIFAR-10 text-to-image testbed (a StableDiffusionPipeline) and its judge",
+            "pipelines.testbed_config:TestbedBuildConfig", "pipelines.testbed:build"),
     Command(("sample",), "generate images from a base or erased model for evaluation",
             "pipelines.config:SampleConfig", "pipelines.commands:sample"),
 )
@@ -109,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Without a subcommand, options mean `sd` (e.g. `accelerate launch erase.py --concept nudity`).",
     )
     parser.add_argument("--version", action="version", version=f"erasure {__version__}")
-    top = parser.add_subparsers(dest="command", metavar="{sd,ddpm,classifier,mask,eval,sample}")
+    top = parser.add_subparsers(dest="command", metavar="{sd,ddpm,classifier,mask,eval,testbed,sample}")
     groups: dict[str, argparse._SubParsersAction] = {}
     for command in COMMANDS:
         head, *rest = command.path
