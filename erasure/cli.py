@@ -56,6 +56,10 @@ COMMANDS: tuple[Command, ...] = (
             "pipelines.ddpm_config:DDPMEvalConfig", "pipelines.ddpm_commands:evaluate"),
     Command(("testbed", "build"), "build the CIFAR-10 text-to-image testbed (a StableDiffusionPipeline) and its judge",
             "pipelines.testbed_config:TestbedBuildConfig", "pipelines.testbed:build"),
+    Command(("testbed", "eval"), "judge testbed generations of 'a photo of a {class}' with the CIFAR-10 classifier",
+            "pipelines.testbed_config:TestbedEvalConfig", "pipelines.testbed_eval:evaluate"),
+    Command(("testbed", "export"), "copy a finished testbed build (pipeline + judge) in half precision",
+            "pipelines.testbed_config:TestbedExportConfig", "pipelines.testbed_eval:export"),
     Command(("sample",), "generate images from a base or erased model for evaluation",
             "pipelines.config:SampleConfig", "pipelines.commands:sample"),
 )

@@ -36,3 +36,27 @@ class TestbedBuildConfig:
                           ge=1)
     overwrite: bool = option(False, "replace an existing output directory")
     resume: bool = option(False, "continue an unfinished build: finished stages are kept, the running one resumes")
+
+
+@dataclass
+class TestbedEvalConfig:
+    """Judge generations from "a photo of a {class}" (the testbed's quality bar): per-class accuracy and mean."""
+
+    model: str = option("testbed", "the pipeline: a diffusers directory, or 'testbed' (the committed one)")
+    judge: str = option("testbed", "the judge: a classifier model.safetensors, a finished `erasure classifier train` "
+                                   "run, or 'testbed' (the committed one)")
+    per_class: int = option(50, "images per class", ge=1)
+    seed: int = option(0, "image i of a class is seeded with seed + i", ge=0)
+    steps: int = option(25, "sampling steps", ge=1)
+    guidance: float = option(3.0, "classifier-free guidance scale (diffusers' guidance_scale)", ge=1)
+    batch_size: int = option(100, "images per pipeline call", ge=1)
+    threads: int = option(1, "torch CPU threads", ge=1)
+
+
+@dataclass
+class TestbedExportConfig:
+    """Copy a finished build's pipeline and judge in half precision (the committed assets)."""
+
+    build: str = option("outputs/testbed", "the --out directory of a finished `erasure testbed build`")
+    out: str = option("pipelines/assets", "folder that receives testbed/ (pipeline) and testbed_judge/")
+    overwrite: bool = option(False, "replace existing testbed/ and testbed_judge/ folders")

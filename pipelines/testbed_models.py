@@ -13,6 +13,10 @@ from erasure.errors import ErasureError
 from pipelines.testbed_captions import all_words
 from pipelines.tiny import TOKENIZER_DIR
 
+TESTBED_NAME = "testbed"
+TESTBED_DIR = Path(__file__).parent / "assets" / "testbed"
+"""The committed testbed pipeline (`--model testbed`); its judge lies in JUDGE_DIR."""
+JUDGE_DIR = Path(__file__).parent / "assets" / "testbed_judge"
 RESOLUTION = 16
 LATENT_SIZE = 8
 LATENT_CHANNELS = 4
