@@ -57,6 +57,12 @@ COMMANDS: tuple[Command, ...] = (
     Command(("eval", "attack"),
             "attack an erased model's prompts and report the attack success rate (protocol attack-asr-v1)",
             "pipelines.attack_config:AttackEvalConfig", "pipelines.attacks.runner:eval_attack"),
+    Command(("testbed", "build"), "build the CIFAR-10 text-to-image testbed (a StableDiffusionPipeline) and its judge",
+            "pipelines.testbed_config:TestbedBuildConfig", "pipelines.testbed:build"),
+    Command(("testbed", "eval"), "judge testbed generations of 'a photo of a {class}' with the CIFAR-10 classifier",
+            "pipelines.testbed_config:TestbedEvalConfig", "pipelines.testbed_eval:evaluate"),
+    Command(("testbed", "export"), "copy a finished testbed build (pipeline + judge) in half precision",
+            "pipelines.testbed_config:TestbedExportConfig", "pipelines.testbed_eval:export"),
     Command(("sample",), "generate images from a base or erased model for evaluation",
             "pipelines.config:SampleConfig", "pipelines.commands:sample"),
 )
@@ -112,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Without a subcommand, options mean `sd` (e.g. `accelerate launch erase.py --concept nudity`).",
     )
     parser.add_argument("--version", action="version", version=f"erasure {__version__}")
-    top = parser.add_subparsers(dest="command", metavar="{sd,ddpm,classifier,mask,eval,sample}")
+    top = parser.add_subparsers(dest="command", metavar="{sd,ddpm,classifier,mask,eval,testbed,sample}")
     groups: dict[str, argparse._SubParsersAction] = {}
     for command in COMMANDS:
         head, *rest = command.path

@@ -15,6 +15,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from erasure.errors import ErasureError, first_line
 from pipelines.schedulers import scheduler_from
+from pipelines.testbed_models import TESTBED_DIR, TESTBED_NAME
 from pipelines.tiny import TINY_NAME, build_tiny_pipeline
 
 
@@ -24,7 +25,9 @@ class ModelLoadError(ErasureError):
 
 def load_base_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                        unet: UNet2DConditionModel | None = None) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline without safety checker from a hub id, a local directory or 'tiny'."""
+    """A StableDiffusionPipeline without safety checker from a hub id, a local directory, 'tiny' or 'testbed'."""
+    if model == TESTBED_NAME:
+        model = str(TESTBED_DIR)
     if model == TINY_NAME:
         pipe = build_tiny_pipeline()
         if unet is not None:
