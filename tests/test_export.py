@@ -117,3 +117,31 @@ def test_delta_and_diffusers_exports_are_exact_and_an_export_is_not_clobbered(ru
 def test_export_of_a_folder_that_is_no_run_says_what_to_pass(tmp_path, run_cli):
     status, text = run_cli("export", "--run", tmp_path, "--format", "lora")
     assert status == 2 and "no manifest.json" in text and "--out folder" in text
+
+
+@pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed:UserWarning")
+def test_a_lora_with_biases_carries_every_changed_linear_and_conv_parameter(run, tiny_sd_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "bias"
+    assert main(["export", "--run", str(run), "--format", "lora", "--rank", "100000", "--lora-bias",
+                 "--out", str(out)]) == 0
+    left_out = {row["parameter"] for row in read_json(out / "metrics.json")["left_out"]}
+    assert left_out and all("norm" in name for name in left_out)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(out))
+    expected = erased_pipeline(run, tiny_sd_dir).unet.state_dict()
+    checked = 0
+    for name, module in pipe.unet.named_modules():
+        if not getattr(module, "lora_B", None):
+            continue
+        (adapter,), base = list(module.lora_B), module.base_layer  # diffusers names the one adapter
+        torch.testing.assert_close(base.weight + module.get_delta_weight(adapter), expected[f"{name}.weight"],
+                                   rtol=0, atol=1e-5, msg=name)
+        bias = module.lora_B[adapter].bias + (base.bias if base.bias is not None else 0)
+        if base.bias is not None:
+            torch.testing.assert_close(bias, expected[f"{name}.bias"], rtol=0, atol=1e-6, msg=name)
+        else:
+            assert not bias.any(), name
+        checked += 1
+    assert checked == read_json(out / "metrics.json")["layers"]
