@@ -17,7 +17,7 @@ from erasure.io import RunDir, atomic_dir, atomic_path, finished_run
 from pipelines.delta import export_delta
 from pipelines.export_config import ExportConfig
 from pipelines.export_ldm import to_ldm_state_dict
-from pipelines.export_lora import WEIGHTS_NAME, lora_from_difference, summarise
+from pipelines.export_lora import WEIGHTS_NAME, fused_state, lora_from_difference, prediction_error, summarise
 from pipelines.loading import load_base_pipeline, load_erased_pipeline
 
 SINGLE_FILE = "model.safetensors"
@@ -47,7 +47,8 @@ def export_run(config: ExportConfig) -> dict[str, Any]:
                                                              bias=config.lora_bias)
             with atomic_path(out.path / WEIGHTS_NAME) as tmp:
                 save_file(tensors, str(tmp), metadata={"format": "pt"})
-            metrics.update(summarise(layers, left_out, config.rank), path=str(out.path / WEIGHTS_NAME))
+            metrics.update(summarise(layers, left_out, config.rank), path=str(out.path / WEIGHTS_NAME),
+                           prediction_error=prediction_error(erased.unet, base_state, fused_state(base_state, tensors)))
     out.finish(metrics)
     return metrics
 
@@ -67,7 +68,8 @@ def _base_unet_state(base_model: str) -> dict[str, torch.Tensor]:
 def export_command(config: ExportConfig) -> dict[str, Any]:
     """`erasure export`: write the export and print where it went."""
     metrics = export_run(config)
-    detail = (f", rank {metrics['rank']}, worst layer error {metrics['max_relative_error']:.3g}"
+    detail = (f", rank {metrics['rank']}, worst layer error {metrics['max_relative_error']:.3g}, "
+              f"prediction error {metrics['prediction_error']:.3g}"
               if config.format == "lora" else "")
     print(f"exported {config.run} as {config.format}{detail} -> {metrics['path']}")
     return metrics

@@ -71,6 +71,40 @@ def lora_from_difference(base: Mapping[str, Tensor], erased: nn.Module, rank: in
     return tensors, layers, left_out
 
 
+def fused_state(base: Mapping[str, Tensor], tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The base UNet state with each layer's B @ A (and LoRA bias) added: what loading and fusing the file gives."""
+    state = dict(base)
+    for key, b in tensors.items():
+        if not key.endswith(".lora_B.weight"):
+            continue
+        name = key.removeprefix(PREFIX).removesuffix(".lora_B.weight")
+        weight, a = base[f"{name}.weight"], tensors[f"{PREFIX}{name}.lora_A.weight"]
+        state[f"{name}.weight"] = weight + (b.flatten(1) @ a.flatten(1)).reshape(weight.shape)
+        bias = tensors.get(f"{PREFIX}{name}.lora_B.bias")
+        if bias is not None and f"{name}.bias" in base:
+            state[f"{name}.bias"] = base[f"{name}.bias"] + bias
+    return state
+
+
+@torch.no_grad()
+def prediction_error(unet: nn.Module, base: Mapping[str, Tensor], fused: Mapping[str, Tensor], seed: int = 0) -> float:
+    """||eps_lora - eps_erased|| / ||eps_erased - eps_base|| on seeded inputs: the share of the erasure's change of
+    the noise prediction that the LoRA misses (0: all of it kept). `unet` (the erased UNet) is restored afterwards."""
+    config, param = unet.config, next(unet.parameters())
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn(2, config.in_channels, config.sample_size, config.sample_size, generator=generator)
+    context = torch.randn(2, 77, config.cross_attention_dim, generator=generator)
+    inputs = (sample.to(param), torch.tensor([100, 700], device=param.device), context.to(param))
+    erased = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    outputs = []
+    for state in (erased, base, fused):
+        unet.load_state_dict(state)
+        outputs.append(unet(*inputs).sample.double())
+    unet.load_state_dict(erased)
+    change = torch.linalg.norm(outputs[0] - outputs[1])
+    return float(torch.linalg.norm(outputs[2] - outputs[0]) / change) if change > 0 else 0.0
+
+
 def summarise(layers: list[dict[str, Any]], left_out: list[dict[str, Any]], rank: int) -> dict[str, Any]:
     """The export's metrics: requested rank, layer count, worst and mean relative error, left-out parameters."""
     errors = [row["relative_error"] for row in layers]

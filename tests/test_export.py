@@ -88,6 +88,8 @@ def test_a_low_rank_lora_reports_the_error_it_has(run, tiny_sd_dir, tmp_path):
     after = erased_pipeline(run, tiny_sd_dir).unet.state_dict()
     layers = lora_layers(out / "pytorch_lora_weights.safetensors")
     assert metrics["max_relative_error"] > 0.01
+    full = read_json(run / "exports" / "lora" / "metrics.json")  # rank 16 from `sd --export`
+    assert 0 < full["prediction_error"] < metrics["prediction_error"]
     for row in metrics["per_layer"]:
         b, a = layers[row["layer"]]
         assert b.shape[1] == row["rank"] <= 2
