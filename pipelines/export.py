@@ -13,6 +13,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
 from erasure.config import to_dict
+from erasure.errors import ErasureError
 from erasure.io import RunDir, atomic_dir, atomic_path, finished_run
 from pipelines.delta import export_delta
 from pipelines.export_config import ExportConfig
@@ -26,7 +27,11 @@ DELTA_FILE = "delta.safetensors"
 
 def export_run(config: ExportConfig) -> dict[str, Any]:
     """Write `config.run` in `config.format` under `config.out`; returns the export's metrics."""
-    base_model = finished_run(config.run, "`erasure sd`")["config"]["model"]
+    manifest = finished_run(config.run, "`erasure sd`")
+    if manifest.get("kind") != "sd-erase":
+        raise ErasureError(f"'{config.run}' holds a {manifest.get('kind')} run, not a Stable Diffusion erasure; "
+                           "pass the --out folder of an `erasure sd` run to --run")
+    base_model = manifest["config"]["model"]
     out = RunDir(config.out, overwrite=config.overwrite)
     erased = load_erased_pipeline(base_model, config.run)
     out.start(to_dict(config), seed=None, device="cpu", kind=f"export-{config.format}")

@@ -116,9 +116,12 @@ def test_delta_and_diffusers_exports_are_exact_and_an_export_is_not_clobbered(ru
     assert run_cli("export", "--run", run, "--format", "delta", "--out", tmp_path / "delta", "--overwrite")[0] == 0
 
 
-def test_export_of_a_folder_that_is_no_run_says_what_to_pass(tmp_path, run_cli):
+def test_export_of_a_folder_that_is_no_sd_run_says_what_to_pass(tmp_path, run_cli):
     status, text = run_cli("export", "--run", tmp_path, "--format", "lora")
     assert status == 2 and "no manifest.json" in text and "--out folder" in text
+    (tmp_path / "manifest.json").write_text('{"status": "finished", "kind": "ddpm-unlearn", "config": {}}')
+    status, text = run_cli("export", "--run", tmp_path, "--format", "lora")
+    assert status == 2 and "ddpm-unlearn run" in text and "erasure sd" in text
 
 
 @pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed:UserWarning")
