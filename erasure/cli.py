@@ -33,6 +33,8 @@ class Command:
 COMMANDS: tuple[Command, ...] = (
     Command(("sd",), "erase a concept from Stable Diffusion (prompt remap + saliency mask)",
             "pipelines.sd_config:SDEraseConfig", "pipelines.sd_commands:erase_sd"),
+    Command(("export",), "write a finished SD run as a diffusers pipeline, single-file checkpoint, LoRA or delta",
+            "pipelines.export_config:ExportConfig", "pipelines.export:export_command"),
     Command(("ddpm", "train"), "train a class-conditional DDPM on CIFAR-10",
             "pipelines.ddpm_config:DDPMTrainConfig", "pipelines.ddpm_commands:train"),
     Command(("ddpm", "unlearn"), "unlearn a class from a class-conditional DDPM by remapping",
@@ -118,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Without a subcommand, options mean `sd` (e.g. `accelerate launch erase.py --concept nudity`).",
     )
     parser.add_argument("--version", action="version", version=f"erasure {__version__}")
-    top = parser.add_subparsers(dest="command", metavar="{sd,ddpm,classifier,mask,eval,testbed,sample}")
+    top = parser.add_subparsers(dest="command", metavar="{sd,export,ddpm,classifier,mask,eval,testbed,sample}")
     groups: dict[str, argparse._SubParsersAction] = {}
     for command in COMMANDS:
         head, *rest = command.path

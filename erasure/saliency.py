@@ -279,7 +279,7 @@ def _clip_scale(grads: list[Tensor], grad_clip: float | None) -> float:
 
 
 def select_mask(
-    scores: dict[str, Tensor], *, ratio: float | None = None, threshold: float | None = None
+    scores: dict[str, Tensor], *, ratio: float | None = None, threshold: float | None = None, sharded: bool = False
 ) -> tuple[dict[str, Tensor], float]:
     """Select entries of non-negative float32 `scores` globally; return bool masks and the cut used.
 
@@ -288,11 +288,18 @@ def select_mask(
     scores >= threshold. The cut is found by an exact two-pass radix select over the float32
     bit patterns (monotonic for non-negative floats), so the scores are never concatenated.
     NaN, inf and negative scores raise MaskError.
+
+    sharded: `scores` are this rank's part of scores spread over the ranks of the default
+    torch.distributed group (e.g. FSDP shards of the gradient). Only the 2^16-bucket histograms and
+    a few counts are all-reduced, never the scores; each rank gets the mask of its own part, and
+    together they are the mask one process selects from all scores, ties at the cut broken in
+    (rank, dict order, flat index) order: the global order when rank r holds the r-th consecutive piece.
     """
     _check_selection(ratio, threshold)
     _check_scores(scores)
     scores = {name: s.contiguous() for name, s in scores.items()}
-    high = _histogram(scores)
+    reduce = _sum_over_ranks if sharded else _identity
+    high = reduce(_histogram(scores))
     _check_finite(high)
     if threshold is not None:
         return {name: s >= threshold for name, s in scores.items()}, float(threshold)
@@ -300,26 +307,44 @@ def select_mask(
     k = int(ratio * n)
     if k == 0:
         raise MaskError(f"ratio={ratio} keeps no entry out of {n}; raise the ratio")
-    cut = _kth_largest(scores, high, k)
-    return _keep_top(scores, cut, k), _bits_to_float(cut)
+    cut = _kth_largest(scores, high, k, reduce)
+    return _keep_top(scores, cut, k, sharded), _bits_to_float(cut)
 
 
 def soft_mask(
-    scores: dict[str, Tensor], *, temperature: float, ratio: float | None = None, threshold: float | None = None
+    scores: dict[str, Tensor], *, temperature: float, ratio: float | None = None, threshold: float | None = None,
+    sharded: bool = False,
 ) -> tuple[dict[str, Tensor], float]:
     """A soft mask: sigmoid((score - cut) / (temperature * mean score)) per entry, and the cut.
 
     The cut is the one `select_mask` uses for the same ratio or threshold, so as temperature -> 0
     the weights tend to the hard mask's 0 and 1 (entries equal to the cut get 0.5). Weights are
     float32 in [0, 1]; the mean score makes `temperature` independent of the gradients' scale.
+    `sharded` as in `select_mask` (the cut and the mean are then those of all ranks' scores).
     """
     if not temperature > 0:
         raise MaskError(f"temperature must be > 0 (got {temperature}); use the hard mask (select_mask) for the limit 0")
-    _, cut = select_mask(scores, ratio=ratio, threshold=threshold)
-    total = sum(float(s.sum(dtype=torch.float64)) for s in scores.values())
-    mean = total / sum(s.numel() for s in scores.values())
+    _, cut = select_mask(scores, ratio=ratio, threshold=threshold, sharded=sharded)
+    device = next(iter(scores.values())).device
+    sums = torch.tensor([sum(float(s.sum(dtype=torch.float64)) for s in scores.values()),
+                         sum(s.numel() for s in scores.values())], dtype=torch.float64, device=device)
+    total, count = (_sum_over_ranks(sums) if sharded else sums).tolist()
+    mean = total / count
     scale = temperature * (mean if mean > 0 else 1.0)
     return {name: torch.sigmoid((s - cut) / scale) for name, s in scores.items()}, cut
+
+
+def _identity(counts: Tensor) -> Tensor:
+    return counts
+
+
+def _sum_over_ranks(counts: Tensor) -> Tensor:
+    """`counts` summed over the ranks of the default process group (in place)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise MaskError("sharded=True needs an initialised torch.distributed process group; run under "
+                        "`accelerate launch` (or torch.distributed.init_process_group), or pass sharded=False")
+    torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
+    return counts
 
 
 def _check_scores(scores: dict[str, Tensor]) -> None:
@@ -401,7 +426,7 @@ def _top_bucket(counts: Tensor, k: int) -> tuple[int, int]:
     return bucket, int(from_top[index]) - int(counts[bucket])
 
 
-def _kth_largest(scores: dict[str, Tensor], high: Tensor, k: int) -> int:
+def _kth_largest(scores: dict[str, Tensor], high: Tensor, k: int, reduce: Callable[[Tensor], Tensor]) -> int:
     """Pass 2: the bit pattern of the exact k-th largest score, from the low 16 bits in its bucket."""
     bucket, above = _top_bucket(high, k)
     counts = torch.zeros(_BUCKETS, dtype=torch.int64, device=high.device)
@@ -409,7 +434,7 @@ def _kth_largest(scores: dict[str, Tensor], high: Tensor, k: int) -> int:
         shifted = torch.bitwise_right_shift(block.bits, 16, out=block.ints)
         inside = block.bits[torch.eq(shifted, bucket, out=block.flags)]
         counts += torch.bincount(inside.bitwise_and_(0xFFFF), minlength=_BUCKETS).to(counts.device)
-    low, _ = _top_bucket(counts, k - above)
+    low, _ = _top_bucket(reduce(counts), k - above)
     return (bucket << 16) | low
 
 
@@ -418,14 +443,17 @@ def _bits_to_float(bits: int) -> float:
     return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
 
 
-def _keep_top(scores: dict[str, Tensor], cut: int, k: int) -> dict[str, Tensor]:
+def _keep_top(scores: dict[str, Tensor], cut: int, k: int, sharded: bool = False) -> dict[str, Tensor]:
     """Masks of the k largest: every score whose bits are >= `cut`, less the last surplus ties.
 
     Comparing bit patterns rather than floats keeps the result exact even where a device
     flushes subnormal floats to zero. Without ties at the cut there is no surplus to remove.
+    Sharded, the surplus ties are dropped from the last rank backwards.
     """
     masks = {name: s.view(torch.int32) >= cut for name, s in scores.items()}
     surplus = sum(int(torch.count_nonzero(m)) for m in masks.values()) - k
+    if sharded:
+        surplus = _surplus_of_this_rank(scores, masks, cut, k)
     for name in reversed(scores):
         if surplus == 0:
             break
@@ -433,6 +461,22 @@ def _keep_top(scores: dict[str, Tensor], cut: int, k: int) -> dict[str, Tensor]:
         masks[name].view(-1)[ties] = False
         surplus -= ties.numel()
     return masks
+
+
+def _surplus_of_this_rank(scores: dict[str, Tensor], masks: dict[str, Tensor], cut: int, k: int) -> int:
+    """How many of its ties at the cut this rank drops: the global surplus, taken from the last rank's ties first."""
+    device = next(iter(scores.values())).device
+    mine = torch.tensor([sum(int(torch.count_nonzero(m)) for m in masks.values()),
+                         sum(int(torch.count_nonzero(s.view(torch.int32) == cut)) for s in scores.values())],
+                        dtype=torch.int64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(every, mine)
+    kept, ties = zip(*(t.tolist() for t in every), strict=True)
+    surplus, drops = sum(kept) - k, []
+    for rank_ties in reversed(ties):
+        drops.append(min(rank_ties, surplus))
+        surplus -= drops[-1]
+    return drops[::-1][torch.distributed.get_rank()]
 
 
 # ---------------------------------------------------------------------------- the mask

@@ -3,15 +3,24 @@ from __future__ import annotations
 
 import os
 
+from pipelines.export_config import ExportConfig
 from pipelines.sd_config import SDEraseConfig
 
 
 def erase_sd(config: SDEraseConfig) -> None:
-    """`erasure sd`: erase a concept from Stable Diffusion and save the UNet, mask, delta and grid."""
+    """`erasure sd`: erase a concept from Stable Diffusion and save the UNet, mask, delta and grid (+ `--export`s)."""
     from pipelines.stable_diffusion import erase
 
     metrics = erase(config)
-    if os.environ.get("RANK", "0") == "0":
-        print(f"erased '{config.forget_prompt}' ({config.method}): forget objective "
-              f"{metrics['forget_objective_before']:.4g} -> {metrics['forget_objective_after']:.4g} "
-              f"in {metrics['steps']} steps -> {config.out}")
+    if os.environ.get("RANK", "0") != "0":
+        return
+    print(f"erased '{config.forget_prompt}' ({config.method}): forget objective "
+          f"{metrics['forget_objective_before']:.4g} -> {metrics['forget_objective_after']:.4g} "
+          f"in {metrics['steps']} steps -> {config.out}")
+    if config.export:
+        from pipelines.export import export_command
+
+        for fmt in config.export:
+            export = ExportConfig(run=config.out, format=fmt, overwrite=config.overwrite)
+            export.validate()
+            export_command(export)

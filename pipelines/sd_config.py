@@ -23,6 +23,7 @@ from erasure.config import (
 )
 from erasure.errors import ConfigError
 from erasure.evaluation.config import DEFAULT_BASE_MODEL
+from pipelines.export_config import FORMATS
 from pipelines.method_settings import SD_METHOD_SETTINGS, SD_METHODS
 
 PRESET_DIR = files("configs") / "concepts"  # package data: found from an installed wheel too
@@ -84,6 +85,8 @@ class SDEraseSharedConfig(TrackerConfig):
     checkpoint_every: int = option(100, "optimizer steps between resumable checkpoints (0: only at the end)", ge=0)
     grid_seeds: int = option(4, "images per prompt in the before/after sample grid (0: no grid)", ge=0)
     export_delta: bool = option(True, "also write delta.safetensors (the changed UNet tensors)")
+    export: list[str] = option([], "when the run finishes, also export it in these formats (comma-separated) to "
+                                   "<out>/exports/<format>; `erasure export` does the same later", choices=FORMATS)
     seed: int = option(0, "random seed", ge=0)
     overwrite: bool = option(False, "replace an existing output directory")
     resume: bool = option(False, "continue an unfinished run from its last checkpoint")

@@ -1,0 +1,51 @@
+"""Sharded selection: two CPU processes, each holding a piece of the scores, select the one-process mask."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from helpers.launch import REPO, accelerate_launch, log_of
+
+from erasure.errors import MaskError
+from erasure.saliency import select_mask, soft_mask
+
+WORKER = REPO / "tests" / "helpers" / "sharded_select_worker.py"
+
+
+def load_worker() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("sharded_select_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def joined(masks: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    return torch.cat([m[name] for m in masks for name in ("a", "b")])
+
+
+def test_two_ranks_select_exactly_the_one_process_top_k_ties_included(tmp_path: Path) -> None:
+    result = accelerate_launch(WORKER, tmp_path, timeout=120)
+    log = log_of(result)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]  # judged by the files, not the exit code
+    assert [r["world"] for r in ranks] == [2, 2], log
+    worker = load_worker()
+    scores = worker.global_scores()
+    for case, selection in worker.CASES.items():
+        single, single_cut = select_mask({"all": scores}, **selection)
+        assert torch.equal(joined([r[case][0] for r in ranks]), single["all"]), (case, log)
+        assert all(r[case][1] == single_cut for r in ranks), case
+        if "ratio" in selection:  # ties at the cut lie on both ranks, and only some are kept: the tie-break counts
+            at_cut = scores == single_cut
+            assert at_cut[:worker.SPLIT].any() and at_cut[worker.SPLIT:].any(), case
+            assert 0 < int(single["all"][at_cut].sum()) < int(at_cut.sum()), case
+    soft, soft_cut = soft_mask({"all": scores}, temperature=worker.TEMPERATURE, ratio=0.3)
+    torch.testing.assert_close(joined([r["soft"][0] for r in ranks]), soft["all"])
+    assert all(r["soft"][1] == soft_cut for r in ranks)
+
+
+def test_sharded_selection_without_a_process_group_says_how_to_run_it() -> None:
+    with pytest.raises(MaskError, match="process group"):
+        select_mask({"a": torch.rand(10)}, ratio=0.5, sharded=True)
