@@ -18,6 +18,7 @@ from classifiers.metrics import average_gap, evaluate
 from classifiers.models import MODEL_FILE, load_model
 from erasure.config import grid
 from erasure.datasets import Dataset
+from erasure.errors import ErasureError, NonFiniteLossError
 
 
 def search(space: dict[str, list[Any]], run_point: Callable[[Path, dict[str, Any]], Any], folder: Path,
@@ -30,11 +31,18 @@ def search(space: dict[str, list[Any]], run_point: Callable[[Path, dict[str, Any
     points = []
     for settings in grid(space):
         out = folder / point_name(settings)
-        run_point(out, settings)
+        try:
+            run_point(out, settings)
+        except NonFiniteLossError as error:  # a diverging point is a result of the search, not its end
+            points.append({"settings": settings, "run": str(out), "validation_gap": None, "diverged": str(error)})
+            continue
         model = load_model(out / MODEL_FILE).to(data.train.labels.device)
         points.append({"settings": settings, "run": str(out), "validation_gap": average_gap(
             evaluate(model, data, split, seed, validation=True), target)})
-    best = min(range(len(points)), key=lambda i: points[i]["validation_gap"])
+    finite = [i for i, point in enumerate(points) if point["validation_gap"] is not None]
+    if not finite:
+        raise ErasureError(f"every point of the search in '{folder}' diverged; add lower learning rates to its grid")
+    best = min(finite, key=lambda i: points[i]["validation_gap"])
     return {"space": space, "points": points, "selected": best, "selected_run": points[best]["run"]}
 
 
@@ -51,6 +59,10 @@ def search_table(method: str, result: dict[str, Any]) -> str:
              "| point | " + " | ".join(keys) + " | validation Avg.Gap |", "|" + "---|" * (len(keys) + 2)]
     for i, point in enumerate(result["points"]):
         mark = "**" if i == result["selected"] else ""
-        cells = [f"{mark}{i}{mark}", *(str(point["settings"][k]) for k in keys), f"{point['validation_gap']:.2f}"]
+        cells = [f"{mark}{i}{mark}", *(str(point["settings"][k]) for k in keys), _gap(point)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _gap(point: dict[str, Any]) -> str:
+    return "diverged" if point["validation_gap"] is None else f"{point['validation_gap']:.2f}"

@@ -118,18 +118,19 @@ def test_compare_search_selects_on_validation_data_and_reports_every_point(digit
     monkeypatch.setattr("classifiers.search.evaluate", spy)
     config = from_dict(CompareConfig, {"original": str(digits_original), "retrain": str(retrain), "methods": ["ft"],
                                        "forget": "class:3", "out": str(tmp_path / "cmp"),
-                                       "search": {"ft": {"lr": [1e-5, 0.05], "epochs": [1]}},
+                                       "search": {"ft": {"lr": [1e-5, 0.05, 1e6], "epochs": [1]}},
                                        "unlearn": {"checkpoint_every": 0}})
     summary = compare(config)
     result = summary["search"]["ft"]
-    assert [p["settings"] for p in result["points"]] == [{"epochs": 1, "lr": 1e-5}, {"epochs": 1, "lr": 0.05}]
+    assert [p["settings"] for p in result["points"]] == [{"epochs": 1, "lr": lr} for lr in (1e-5, 0.05, 1e6)]
+    assert result["points"][2]["validation_gap"] is None and "became" in result["points"][2]["diverged"]
     # lr 1e-5 leaves the original (which knows class 3) as it was: far from retrain; lr 0.05 fine-tunes it away.
     assert result["selected"] == 1
     selected = tmp_path / "cmp" / "search" / "ft" / "epochs=1,lr=0.05"
     assert summary["methods"]["ft"] == read_json(selected / "metrics.json")
     assert validation_flags and all(validation_flags)  # the search never reads the test set
     report = (tmp_path / "cmp" / "report.md").read_text()
-    assert "Settings search" in report and "| **1** | 1 | 0.05 |" in report
+    assert "Settings search" in report and "| **1** | 1 | 0.05 |" in report and "| diverged |" in report
 
 
 def test_a_search_must_name_a_compared_method_and_list_values():
