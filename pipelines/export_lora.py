@@ -56,14 +56,15 @@ def lora_from_difference(base: Mapping[str, Tensor], erased: nn.Module, rank: in
         tensors[f"{key}.lora_A.weight"] = a.to(weight.dtype).contiguous()
         if bias and module.bias is not None:
             tensors[f"{key}.lora_B.bias"] = (module.bias.detach().cpu() - base[f"{name}.bias"]).contiguous()
-        layers.append({"layer": name, "rank": used, "full_rank": min(delta.shape[0], delta[0].numel()),
+        layers.append({"layer": name, "rank": used, "max_rank": min(delta.shape[0], delta[0].numel()),
                        "relative_error": error})
     left_out = []
     for name, value in erased.state_dict().items():
         value, old = value.detach().cpu(), base[name]
         if name not in covered and not torch.equal(value, old):
-            change = float(torch.linalg.norm(value.double() - old.double()) / torch.linalg.norm(old.double()))
-            left_out.append({"parameter": name, "relative_change": change})
+            change, size = (float(torch.linalg.norm(t.double())) for t in (value - old, old))
+            left_out.append({"parameter": name, "change_norm": change,
+                             "relative_change": change / size if size > 0 else None})
     if any(key.endswith("lora_B.bias") for key in tensors):  # peft then gives every adapted layer a bias
         for row in layers:
             b = tensors[f"{PREFIX}{row['layer']}.lora_B.weight"]

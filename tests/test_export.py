@@ -150,3 +150,48 @@ def test_a_lora_with_biases_carries_every_changed_linear_and_conv_parameter(run,
             assert not bias.any(), name
         checked += 1
     assert checked == read_json(out / "metrics.json")["layers"]
+
+
+def sd_shaped_pipeline(seed: int):
+    """SD v1.4's block structure (4 levels, 2 layers per block, attention in the first 3) at toy width."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from pipelines.tiny import HIDDEN, tiny_text_encoder, tiny_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(8, 16, 16, 16), layers_per_block=2, cross_attention_dim=HIDDEN,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=4, norm_num_groups=4)
+    vae = AutoencoderKL(block_out_channels=(8, 16, 16, 16), layers_per_block=2, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        norm_num_groups=4, sample_size=32)
+    tokenizer = tiny_tokenizer()
+    return StableDiffusionPipeline(vae=vae, text_encoder=tiny_text_encoder(tokenizer), tokenizer=tokenizer, unet=unet,
+                                   scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def test_the_single_file_layout_holds_for_sd_v1_block_structure(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from pipelines.export import write_single_file
+
+    pipe = sd_shaped_pipeline(seed=0)
+    sd_shaped_pipeline(seed=1).save_pretrained(tmp_path / "configs-only")
+    write_single_file(pipe, tmp_path / "model.safetensors")
+    keys = load_file(tmp_path / "model.safetensors")
+    for key in ("model.diffusion_model.input_blocks.11.0.out_layers.3.weight",  # SD v1.4 names
+                "model.diffusion_model.output_blocks.2.1.conv.weight",
+                "model.diffusion_model.output_blocks.5.2.conv.weight",
+                "model.diffusion_model.middle_block.1.proj_in.weight",
+                "first_stage_model.decoder.up.0.block.2.conv2.weight",
+                "first_stage_model.encoder.down.2.downsample.conv.weight"):
+        assert key in keys, key
+    back = StableDiffusionPipeline.from_single_file(str(tmp_path / "model.safetensors"),
+                                                    config=str(tmp_path / "configs-only"), local_files_only=True,
+                                                    safety_checker=None, requires_safety_checker=False)
+    for part in ("unet", "vae", "text_encoder"):
+        want, got = getattr(pipe, part).state_dict(), getattr(back, part).state_dict()
+        assert set(want) == set(got), part
+        assert all(torch.equal(got[name], value) for name, value in want.items()), part
