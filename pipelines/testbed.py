@@ -8,6 +8,7 @@ with captions from pipelines.testbed_captions, EMA weights saved). The pipeline 
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from collections.abc import Callable
@@ -73,6 +74,12 @@ def _stage(out: Path, name: str, config: TestbedBuildConfig,
         run.start(to_dict(config), seed=config.seed, device="cpu", kind=f"testbed-{name}")
         run.finish(work(run))
     return finished_manifest(folder)  # type: ignore[return-value]
+
+
+def _elapsed(manifest: dict[str, Any]) -> float:
+    """Seconds from a stage's first start to its end, across resumes (a manifest's wall_seconds is the last run's)."""
+    start, end = (dt.datetime.fromisoformat(manifest[key]) for key in ("started", "ended"))
+    return (end - start).total_seconds()
 
 
 def train_judge(config: TestbedBuildConfig, out: Path) -> dict[str, Any]:
@@ -211,7 +218,7 @@ def build(config: TestbedBuildConfig) -> dict[str, Any]:
     manifests["latents"] = _stage(out, "latents", config, lambda r: encode_latents(
         data, AutoencoderKL.from_pretrained(out / "vae" / "model"), r))
     manifests["unet"] = _stage(out, "unet", config, lambda r: train_unet(config, out, r))
-    summary = {f"{name}_seconds": manifests[name]["wall_seconds"] for name in STAGES}
+    summary = {f"{name}_seconds": _elapsed(manifests[name]) for name in STAGES}
     summary.update(judge_test_acc=manifests["judge"]["metrics"]["test_acc"],
                    pipeline=str(out / PIPELINE_DIR), this_run_seconds=round(time.perf_counter() - started, 1))
     run.finish(summary)

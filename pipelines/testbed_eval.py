@@ -76,10 +76,10 @@ def export(config: TestbedExportConfig) -> dict[str, str]:
         if target.exists() and not config.overwrite:
             raise ConfigError(f"'{target}' exists; pass --overwrite to replace it")
         shutil.rmtree(target, ignore_errors=True)
-    pipe = StableDiffusionPipeline.from_pretrained(build / PIPELINE_DIR, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(build / PIPELINE_DIR, torch_dtype=torch.float16, safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
     with atomic_dir(targets["pipeline"]) as tmp:
-        pipe.to(torch.float16).save_pretrained(tmp)
+        pipe.save_pretrained(tmp)
     with atomic_dir(targets["judge"]) as tmp:
         save_model(load_judge(build / "judge").half(), tmp / MODEL_FILE)
     return {name: str(path) for name, path in targets.items()}
