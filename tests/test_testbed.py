@@ -10,8 +10,9 @@ from helpers.data import needs_cifar10
 from pipelines.testbed_captions import CLASSES, HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, all_words, training_captions
 from pipelines.testbed_models import JUDGE_DIR, MAX_TOKENS, TESTBED_DIR, build_tokenizer
 
-COMMITTED_BAR = 40.0
-"""The committed pipeline's judge accuracy on 3 images per class (seed 0, 20 DDIM steps) must clear this."""
+COMMITTED_BAR = 30.0
+"""The committed pipeline's judge accuracy on 3 images per class (seed 0, 20 DDIM steps; 53.3 % measured, chance 10 %)
+must clear this."""
 
 
 def test_held_out_templates_are_never_trained():
