@@ -1,8 +1,11 @@
 """Diffusion objectives shared by Stable Diffusion and the class-conditional DDPM.
 
-Each takes `predict(x_t, t, condition) -> epsilon`, so it does not care whether the condition is a
-text embedding (SD) or a class label (DDPM). Noise and timesteps come from an explicit generator,
-which makes a step reproducible from (seed, step) and resume exact.
+Each takes `predict(x_t, t, condition) -> prediction`, so it does not care whether the condition is a
+text embedding (SD) or a class label (DDPM). What the model predicts follows the scheduler's
+`prediction_type`, as diffusers' training scripts choose it: the noise (`epsilon`, SD 1.x, SD 2 base),
+the velocity (`v_prediction`, SD 2.x at 768 px) or the clean sample (`sample`); every loss here trains
+against that target. Noise and timesteps come from an explicit generator, which makes a step
+reproducible from (seed, step) and resume exact.
 """
 from __future__ import annotations
 
@@ -38,26 +41,40 @@ def guided_epsilon(conditional: Tensor, unconditional: Tensor, weight: float) ->
     return (1.0 + weight) * conditional - weight * unconditional
 
 
+def training_target(scheduler: Any, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """What the model should predict at x_t = add_noise(x0, noise, t), by `scheduler.config.prediction_type`."""
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    if kind == "sample":
+        return x0
+    raise ValueError(f"the scheduler's prediction_type '{kind}' is not supported; use epsilon, v_prediction or sample")
+
+
 def noised(scheduler: Any, x0: Tensor, generator: torch.Generator, *,
            antithetic: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Draw timesteps and noise on the CPU generator and return (x_t, noise, t) on x0's device."""
+    """Draw timesteps and noise on the CPU generator and return (x_t, target, t) on x0's device; the target
+    is what the model predicts (`training_target`: the noise for an epsilon model)."""
     return noised_rows(scheduler, x0, generator, slice(None), x0.shape[0], antithetic=antithetic)
 
 
 def diffusion_loss(predict: Predict, scheduler: Any, x0: Tensor, condition: Any, generator: torch.Generator, *,
                    reduction: str = "mean", antithetic: bool = False) -> Tensor:
-    """The ordinary epsilon-prediction loss: squared error of eps(x_t, t, c) against the noise."""
-    x_t, noise, t = noised(scheduler, x0, generator, antithetic=antithetic)
-    return squared_error(predict(x_t, t, condition), noise, reduction)
+    """The ordinary diffusion loss: squared error of the prediction at (x_t, t, c) against its training target."""
+    x_t, target, t = noised(scheduler, x0, generator, antithetic=antithetic)
+    return squared_error(predict(x_t, t, condition), target, reduction)
 
 
 def guided_diffusion_loss(predict: Predict, scheduler: Any, x0: Tensor, condition: Any, null: Any, weight: float,
                           generator: torch.Generator, *, reduction: str = "mean", antithetic: bool = False) -> Tensor:
-    """Squared error of the guided prediction (1 + w) eps(c) - w eps(null) against the true noise (SalUn's mask loss
-    for SD, and with reduction 'sum' and w = 2 for the DDPM)."""
-    x_t, noise, t = noised(scheduler, x0, generator, antithetic=antithetic)
+    """Squared error of the guided prediction (1 + w) eps(c) - w eps(null) against the training target (SalUn's
+    mask loss for SD, and with reduction 'sum' and w = 2 for the DDPM; guidance is linear, so it applies to a
+    velocity alike)."""
+    x_t, target, t = noised(scheduler, x0, generator, antithetic=antithetic)
     guided = guided_epsilon(predict(x_t, t, condition), predict(x_t, t, null), weight)
-    return squared_error(guided, noise, reduction)
+    return squared_error(guided, target, reduction)
 
 
 def remap_loss(predict: Predict, scheduler: Any, x0: Tensor, forget: Any, remap: Any,
@@ -92,12 +109,13 @@ def noised_rows(scheduler: Any, x0: Tensor, generator: torch.Generator, rows: sl
                 total: int, *, antithetic: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """`noised` for the rows `rows` of a global batch of `total`: the whole batch's timesteps and noise are
     drawn (in `noised`'s order) and only `rows` kept, so a data-parallel shard gets exactly the noise that
-    its samples get in a one-process run. With rows=slice(None) and total=len(x0) it equals `noised`."""
+    its samples get in a one-process run. With rows=slice(None) and total=len(x0) it equals `noised`.
+    Returns (x_t, target, t), the target as `training_target` gives it."""
     steps = scheduler.config.num_train_timesteps
     t = timesteps(steps, total, generator, antithetic=antithetic)[rows].to(x0.device)
     noise = torch.randn((total, *x0.shape[1:]), generator=generator, dtype=torch.float32)[rows]
     noise = noise.to(x0.device, x0.dtype)
-    return scheduler.add_noise(x0, noise, t), noise, t
+    return scheduler.add_noise(x0, noise, t), training_target(scheduler, x0, noise, t), t
 
 
 def esd_target(predict: Predict, x_t: Tensor, t: Tensor, concept: Any, null: Any, eta: float) -> Tensor:

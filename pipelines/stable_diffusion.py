@@ -206,11 +206,11 @@ class Eraser:
 
     def forget_chunk(self, x0: Tensor, gen: torch.Generator, rows: slice, total: int) -> Chunk:
         """The forget rows of a forward pass under the configured method."""
-        x_t, noise, t = noised_rows(self.scheduler, x0, gen, rows, total)
+        x_t, diffusion_target, t = noised_rows(self.scheduler, x0, gen, rows, total)
         c = self.conditions
         forget = c.forget.expand(x0.shape[0], -1, -1)
         if self.config.method == "ga":
-            return Chunk(x_t, t, forget, noise, -1.0)
+            return Chunk(x_t, t, forget, diffusion_target, -1.0)
         if self.config.method == "esd":
             target = esd_target(predictor(self.frozen), x_t, t, forget, c.null.expand_as(forget),
                                 self.config.esd.guidance)
@@ -221,8 +221,8 @@ class Eraser:
 
     def retain_chunk(self, x0: Tensor, index: Tensor, gen: torch.Generator, rows: slice, total: int) -> Chunk:
         """The retain rows: the ordinary diffusion loss on retain latents `x0` with their prompts, weight alpha."""
-        x_t, noise, t = noised_rows(self.scheduler, x0, gen, rows, total)
-        return Chunk(x_t, t, self.conditions.retain[self.retain.prompt[index]], noise, self.config.alpha)
+        x_t, target, t = noised_rows(self.scheduler, x0, gen, rows, total)
+        return Chunk(x_t, t, self.conditions.retain[self.retain.prompt[index]], target, self.config.alpha)
 
     def chunks_loss(self, model: torch.nn.Module, chunks: list[Chunk]) -> Tensor:
         """One UNet forward over all chunks' rows; the weighted sum of each chunk's MSE."""
