@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from helpers.data import needs_cifar10
 from helpers.launch import REPO, accelerate_launch, log_of
@@ -20,6 +21,7 @@ UNLEARN = ["ddpm", "unlearn", "--forget", "cat", "--steps", "2", "--forget-batch
            "--retain-batch-size", "4", "--mask-batches", "3", "--lr", "1e-3", "--checkpoint-every", "0"]
 
 
+@pytest.mark.slow  # 45 s: two-process equivalence is also tested for the mask engine and SD in the default suite
 def test_two_processes_train_and_unlearn_with_the_one_process_mask(tmp_path: Path, run_cli) -> None:
     from pipelines.ddpm import load_model
 

@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from helpers.data import needs_cifar10
 
@@ -30,6 +31,7 @@ def tiny_story(folder: Path) -> dict[str, str]:
     return {name: str(folder / f"{name}.yaml") for name in configs}
 
 
+@pytest.mark.slow  # 25 s: the story end to end; its stages are tested one by one in test_ddpm.py
 def test_the_story_runs_every_stage_then_reuses_them(tmp_path: Path, monkeypatch, capsys) -> None:
     spec = importlib.util.spec_from_file_location("ddpm_story", SCRIPT)
     story = importlib.util.module_from_spec(spec)
