@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import importlib
 import sys
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -108,9 +109,26 @@ def _add_field_flags(parser: argparse._ActionsContainer, cls: type, prefix: str 
         if field_type(cls, f) is bool:
             parser.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=_describe(cls, f, key))
+        elif _is_list(field_type(cls, f)):
+            parser.add_argument(flag, dest=key, default=argparse.SUPPRESS, metavar="VALUE", action=_JoinAction,
+                                help=_describe(cls, f, key) + "; repeat the flag to add more")
         else:
             parser.add_argument(flag, dest=key, default=argparse.SUPPRESS, metavar="VALUE",
                                 help=_describe(cls, f, key))
+
+
+def _is_list(tp: Any) -> bool:
+    """Whether a field's type is a list (or an optional list)."""
+    return any(typing.get_origin(t) is list for t in (tp, *typing.get_args(tp)))
+
+
+class _JoinAction(argparse.Action):
+    """A list flag: each use adds its comma-separated items (`--concept a --concept b` is `--concept a,b`)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        previous = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, values if previous is None else f"{previous},{values}")
 
 
 def build_parser() -> argparse.ArgumentParser:

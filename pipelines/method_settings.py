@@ -1,9 +1,9 @@
-"""Each diffusion unlearning method's own settings, and one registry of method names per domain.
+"""The DDPM unlearning methods' own settings and their registry (Stable Diffusion's methods are modules of
+`pipelines.methods`).
 
-Light on purpose (no torch/diffusers): the registries feed `--method` choices, `--help` and YAML validation. A
-method's settings live under its name in a config (`salun: {mask_ratio: 0.5}`, `esd: {guidance: 1.0}`); the
-historical flags (`--mask-ratio`, `--remap`, `--remap-prompt`, `--esd-guidance`) keep working. The settings every
-method shares (retain weight, optimiser, data) stay on the command's config.
+Light on purpose (no torch/diffusers): the registry feeds `--method` choices, `--help` and YAML validation. A
+method's settings live under its name in a config (`salun: {mask_ratio: 0.5}`); the historical flags
+(`--mask-ratio`, `--remap`) keep working. The settings every method shares stay on the command's config.
 """
 from __future__ import annotations
 
@@ -35,21 +35,3 @@ class DDPMSalUnSettings:
 
 DDPM_METHOD_SETTINGS: dict[str, type] = {"salun": DDPMSalUnSettings, "ga": NoSettings, "rl": NoSettings}
 DDPM_METHODS = tuple(DDPM_METHOD_SETTINGS)
-
-
-@dataclass
-class SDSalUnSettings:
-    """SD `salun`: remap the forget prompt to another prompt."""
-
-    remap_prompt: str | None = option(None, "what the forget prompt should produce instead", flag="remap-prompt")
-
-
-@dataclass
-class ESDSettings:
-    """SD `esd`: negative guidance away from the concept."""
-
-    guidance: float = option(1.0, "negative guidance eta of the esd target", ge=0)
-
-
-SD_METHOD_SETTINGS: dict[str, type] = {"salun": SDSalUnSettings, "esd": ESDSettings, "ga": NoSettings}
-SD_METHODS = tuple(SD_METHOD_SETTINGS)

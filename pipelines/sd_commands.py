@@ -14,9 +14,12 @@ def erase_sd(config: SDEraseConfig) -> None:
     metrics = erase(config)
     if os.environ.get("RANK", "0") != "0":
         return
-    print(f"erased '{config.forget_prompt}' ({config.method}): forget objective "
-          f"{metrics['forget_objective_before']:.4g} -> {metrics['forget_objective_after']:.4g} "
-          f"in {metrics['steps']} steps -> {config.out}")
+    concepts = ", ".join(f"'{c['forget']}'" for c in metrics["concepts"])
+    if "forget_objective_before" in metrics:
+        print(f"erased {concepts} ({config.method}): forget objective {metrics['forget_objective_before']:.4g} -> "
+              f"{metrics['forget_objective_after']:.4g} in {metrics['steps']} steps -> {config.out}")
+    else:
+        print(f"erased {concepts} ({config.method}, closed form) in {metrics['edit_seconds']:.2f}s -> {config.out}")
     if config.export:
         from pipelines.export import export_command
 

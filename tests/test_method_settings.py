@@ -33,20 +33,22 @@ def test_ddpm_methods_have_their_own_sections_and_keep_their_flags():
 
 
 def test_sd_methods_have_their_own_sections_and_presets_fill_them_unless_given():
-    from pipelines.method_settings import SD_METHOD_SETTINGS, SD_METHODS
+    from pipelines.methods import SD_METHODS
     from pipelines.sd_config import SDEraseConfig
 
     args = vars(build_parser().parse_args(["sd", "--esd-guidance", "2", "--remap-prompt", "a dog"]))
-    assert (args["esd.guidance"], args["salun.remap_prompt"]) == ("2", "a dog")
+    assert (args["esd.guidance"], args["remap_prompt"]) == ("2", "a dog")
     preset = load_config(SDEraseConfig, None, {"concept": "nudity"})
-    assert preset.salun.remap_prompt == "a photo of a person wearing clothes" and preset.esd.guidance == 1.0
-    given = load_config(SDEraseConfig, None, {"concept": "nudity", "salun.remap_prompt": "a dog", "esd.guidance": 3})
-    assert (given.salun.remap_prompt, given.esd.guidance, given.retain_prompts) == (
+    assert preset.remap_prompt == "a photo of a person wearing clothes" and preset.esd.guidance == 1.0
+    given = load_config(SDEraseConfig, None, {"concept": "nudity", "remap_prompt": "a dog", "esd.guidance": 3})
+    assert (given.remap_prompt, given.esd.guidance, given.retain_prompts) == (
         "a dog", 3.0, ["a photo of a person wearing clothes"])
     with pytest.raises(ConfigError, match="config key 'esd.guidance' must be >= 0"):
         load_config(SDEraseConfig, None, {"concept": "nudity", "esd.guidance": -1})
     method = next(f for f in dataclasses.fields(SDEraseConfig) if f.name == "method")
-    assert method.metadata["choices"] == SD_METHODS == tuple(SD_METHOD_SETTINGS)
+    assert method.metadata["choices"] == tuple(SD_METHODS)
+    variants = load_config(SDEraseConfig, None, {"concept": "nudity", "method": "esd-u", "esd.start_guidance": 2})
+    assert variants.esd.start_guidance == 2.0 and not hasattr(variants, "esd-u")
 
 
 def _training_configs():

@@ -12,6 +12,7 @@ from diffusers import DDPMScheduler
 
 from erasure.config import load_config
 from erasure.io import RunDir
+from pipelines.methods.base import Draw
 from pipelines.objectives import diffusion_loss, timesteps, training_target
 from pipelines.sd_config import SDEraseConfig
 from pipelines.stable_diffusion import Conditions, Eraser, Latents, encode_prompts
@@ -51,13 +52,13 @@ def test_sd_gradient_ascent_and_retain_terms_of_a_v_prediction_pipeline_use_the_
     config = load_config(SDEraseConfig, None, {"concept": "nudity", "model": "tiny", "method": "ga", "batch_size": 4})
     x0 = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     latents = Latents(x0.expand(6, -1, -1, -1).clone(), torch.zeros(6, 4, 4, 4), torch.zeros(6, dtype=torch.long))
-    embeddings = encode_prompts(pipe, [config.forget_prompt, config.salun.remap_prompt, "", "a photo"])
+    embeddings = encode_prompts(pipe, [config.forget_prompt, config.remap_prompt, "", "a photo"])
     conditions = Conditions(embeddings[0:1], embeddings[1:2], embeddings[2:3], embeddings[3:])
-    eraser = Eraser(config, pipe, Accelerator(cpu=True), RunDir(tmp_path / "run"), latents, latents, conditions)
+    eraser = Eraser(config, pipe, Accelerator(cpu=True), RunDir(tmp_path / "run"),
+                    {"forget": latents, "retain": latents}, conditions)
     batch = x0.expand(4, -1, -1, -1)
-    for chunk in (eraser.forget_chunk(batch, torch.Generator().manual_seed(3), slice(None), 4),
-                  eraser.retain_chunk(batch, torch.zeros(4, dtype=torch.long), torch.Generator().manual_seed(4),
-                                      slice(None), 4)):
+    draws = [Draw(0, torch.Generator().manual_seed(seed), slice(None), 4, 0) for seed in (3, 4)]
+    for chunk in (eraser.method.forget_chunk(eraser, draws[0]), eraser.retain_chunk(draws[1])):
         alphas = eraser.scheduler.alphas_cumprod[chunk.t][:, None, None, None]
         noise = (chunk.x_t - alphas.sqrt() * x0) / (1 - alphas).sqrt()
         velocity = eraser.scheduler.get_velocity(batch, noise, chunk.t)

@@ -164,14 +164,14 @@ def test_concept_presets_fill_unset_options_and_flags_win():
     assert config.forget_prompt == "a painting in the style of Van Gogh" and config.alpha == 0.5
     assert config.out == "outputs/sd-van-gogh" and config.mask_ratio == 0.5
     nudity = load_config(SDEraseConfig, None, {"concept": "nudity"})
-    assert nudity.retain_prompts == [nudity.salun.remap_prompt] and nudity.alpha == 0.1
+    assert nudity.retain_prompts == [nudity.remap_prompt] and nudity.alpha == 0.1
     assert load_config(SDEraseConfig, None, {"concept": "church", "method": "esd"}).mask_ratio is None
 
 
 @pytest.mark.parametrize("data, words", [
     ({"concept": "dragons"}, ["unknown concept 'dragons'", "nudity"]),
     ({}, ["no forget prompt", "--concept"]),
-    ({"forget_prompt": "a cat"}, ["remap prompt"]),
+    ({"forget_prompt": "a cat"}, ["remap) prompt", "--remap-prompt"]),
     ({"concept": "nudity", "resolution": "60"}, ["multiple of 8"]),
 ])
 def test_bad_sd_configs_say_what_to_do(data, words):

@@ -24,7 +24,8 @@ from pipelines.tiny import build_tiny_pipeline
 
 def _eraser(tmp_path: Path, method: str) -> Eraser:
     config = load_config(SDEraseConfig, None, {"concept": "nudity", "model": "tiny", "method": method,
-                                               "batch_size": 4, "alpha": 0.3, "esd.guidance": 1.5})
+                                               "batch_size": 4, "alpha": 0.3, "esd.guidance": 1.5,
+                                               "resolution": 32})
     pipe = build_tiny_pipeline()
     generator = torch.Generator().manual_seed(0)
     shape = (6, 4, 4, 4)
@@ -32,16 +33,17 @@ def _eraser(tmp_path: Path, method: str) -> Eraser:
                      torch.zeros(6, dtype=torch.long))
     retain = Latents(torch.randn(shape, generator=generator), torch.rand(shape, generator=generator) * 0.1,
                      torch.zeros(6, dtype=torch.long))
-    embeddings = encode_prompts(pipe, [config.forget_prompt, config.salun.remap_prompt, "", config.salun.remap_prompt])
+    embeddings = encode_prompts(pipe, [config.forget_prompt, config.remap_prompt, "", config.remap_prompt])
     conditions = Conditions(embeddings[0:1], embeddings[1:2], embeddings[2:3], embeddings[3:])
-    return Eraser(config, pipe, Accelerator(cpu=True), RunDir(tmp_path / "run"), forget, retain, conditions)
+    return Eraser(config, pipe, Accelerator(cpu=True), RunDir(tmp_path / "run"), {"forget": forget, "retain": retain},
+                  conditions)
 
 
 def _eps(unet, x_t, t, condition):
     return unet(x_t, t, encoder_hidden_states=condition.expand(x_t.shape[0], -1, -1)).sample
 
 
-@pytest.mark.parametrize("method", ["salun", "esd", "ga"])
+@pytest.mark.parametrize("method", ["salun", "esd", "esd-x", "ga"])
 def test_each_method_loss_is_its_reference_formula(tmp_path: Path, method: str) -> None:
     eraser = _eraser(tmp_path, method)
     captured = []
@@ -52,13 +54,13 @@ def test_each_method_loss_is_its_reference_formula(tmp_path: Path, method: str) 
     forget = captured[0]
     out = _eps(unet, forget.x_t, forget.t, c.forget)
     if method == "salun":
-        pseudo = _eps(unet, forget.x_t, forget.t, c.remap).detach()
+        pseudo = _eps(unet, forget.x_t, forget.t, c.target).detach()
         retain = captured[1]
         reference = F.mse_loss(out, pseudo) + 0.3 * F.mse_loss(_eps(unet, retain.x_t, retain.t, c.retain),
                                                                 retain.target)
-    elif method == "esd":
+    elif method.startswith("esd"):
         with torch.no_grad():
-            null, cond = _eps(eraser.frozen, forget.x_t, forget.t, c.null), _eps(eraser.frozen, forget.x_t,
+            null, cond = _eps(eraser.base, forget.x_t, forget.t, c.null), _eps(eraser.base, forget.x_t,
                                                                                   forget.t, c.forget)
         reference = F.mse_loss(out, null - 1.5 * (cond - null))
     else:

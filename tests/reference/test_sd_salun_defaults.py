@@ -15,7 +15,7 @@ from pipelines.sd_config import SDEraseConfig
 
 def test_nudity_defaults_are_the_reference_recipe() -> None:
     config = load_config(SDEraseConfig, None, {"concept": "nudity"})
-    assert (config.forget_prompt, config.salun.remap_prompt) == ("a photo of a nude person",
+    assert (config.forget_prompt, config.remap_prompt) == ("a photo of a nude person",
                                                            "a photo of a person wearing clothes")
     assert config.total_steps(config.num_images) == 100 and config.num_images == 800 and config.batch_size == 8
     assert config.alpha == 0.1 and config.lr == 1e-5 and config.grad_clip is None and config.posterior == "sample"
@@ -27,7 +27,7 @@ def test_object_defaults_remap_to_the_next_imagenette_class_for_five_epochs() ->
                   "garbage truck", "gas pump", "golf ball", "parachute"]
     forgotten = imagenette.index("church")
     assert config.forget_prompt == "an image of a church"
-    assert config.salun.remap_prompt == f"an image of a {imagenette[(forgotten + 1) % 10]}"
+    assert config.remap_prompt == f"an image of a {imagenette[(forgotten + 1) % 10]}"
     assert config.alpha == 0.5 and config.total_steps(config.num_images) == 5 * 100
 
 

@@ -1,0 +1,24 @@
+"""Diffusion erasure methods by name: one module each (see `base` for the seam), registered here.
+
+Adding a method: write `pipelines/methods/<name>.py` with its settings dataclass, implementation and `SPEC`, add
+the module to `_MODULES`, a test, and a line in the README's method table. `--method` choices, `--help` and the
+config's per-method sections come from this registry.
+"""
+from __future__ import annotations
+
+from pipelines.methods import esd, ga, salun, uce
+from pipelines.methods.base import MethodSpec
+
+_MODULES = (salun, esd, ga, uce)
+SD_METHODS: dict[str, MethodSpec] = {spec.name: spec for module in _MODULES
+                                     for spec in getattr(module, "SPECS", None) or (module.SPEC,)}
+
+
+def method_sections(registry: dict[str, MethodSpec]) -> dict[str, type]:
+    """The config section of each method's settings, by section name (variants of a method share one)."""
+    return {spec.section_name: spec.settings for spec in registry.values()}
+
+
+def method_help(registry: dict[str, MethodSpec]) -> str:
+    """'name (summary)' for every method, for `--help`."""
+    return "; ".join(f"{name}: {spec.summary}" for name, spec in registry.items())

@@ -1,0 +1,141 @@
+"""The seam every diffusion erasure method plugs into: its description (`MethodSpec`), the two kinds of method
+(trained by the shared masked loop, or a one-shot weight edit) and what a method may ask of the run (`Session`).
+
+A method is one module in this package: its settings dataclass, its `MethodSpec` and its implementation. The
+module imports nothing heavy at the top (torch-side helpers are imported inside its functions) so that the
+registry, `--method` choices and `--help` stay fast. Objectives see the model only through
+`predict(x_t, t, condition)` callables, so they do not care whether a condition is a text embedding (Stable
+Diffusion) or a class label (DDPM).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+TRAINED, EDIT = "trained", "edit"
+IMAGE_SETS = ("forget", "retain", "anchor")
+"""Image sets a trained method can ask for: forget (generated from the forget prompts), retain (from the retain
+and preserve prompts) and anchor (from each concept's target prompt)."""
+
+
+@dataclass
+class Chunk:
+    """Rows of one UNet forward pass, with the target and loss weight of their mean squared error."""
+
+    x_t: Tensor
+    t: Tensor
+    condition: Any
+    target: Tensor
+    weight: float
+
+
+@dataclass(frozen=True)
+class Draw:
+    """Which rows of which global batch a chunk is for: the step (seeds its images), the noise generator, this
+    rank's rows of the `total` rows, the stream its images are drawn from, and the generator of their VAE
+    posterior samples (None: posterior means)."""
+
+    step: int
+    noise: torch.Generator
+    rows: slice
+    total: int
+    stream: int
+    posterior: torch.Generator | None = None
+
+
+class Session(Protocol):
+    """What a run offers a trained method (Stable Diffusion's `Eraser` implements it)."""
+
+    scheduler: Any
+    concepts: int
+    latent_shape: tuple[int, ...]
+
+    def images(self, name: str, draw: Draw) -> tuple[Tensor, Tensor]:
+        """x0 of this draw's rows from image set `name`, and the concept index of each row."""
+
+    def condition(self, role: str, concept: Tensor) -> Any:
+        """The conditions of `concept` rows: role 'forget' (the concept's prompt), 'target' (its remap or anchor
+        prompt) or 'null' (the empty prompt)."""
+
+    def noised(self, x0: Tensor, draw: Draw) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_t, training target, t) for x0, with this draw's noise and timesteps."""
+
+    def current(self, x_t: Tensor, t: Tensor, condition: Any) -> Tensor:
+        """The prediction of the model being trained, without gradient."""
+
+    def frozen(self, x_t: Tensor, t: Tensor, condition: Any) -> Tensor:
+        """The prediction of the frozen base model (without gradient)."""
+
+    def concept_of_step(self, draw: Draw, count: int) -> Tensor:
+        """`count` concept indices for rows that draw no image, seeded by the draw."""
+
+    def sample(self, noise: Tensor, condition: Any, *, steps: int, stop: int, guidance: float) -> Tensor:
+        """The first `stop` of `steps` DDIM steps (eta 0) from `noise` by the model being trained, with
+        classifier-free guidance `guidance` under `condition` (no gradient)."""
+
+
+class TrainedMethod(Protocol):
+    """A method trained by the shared masked loop: the forget rows of each step."""
+
+    images: tuple[str, ...]
+    """The image sets its forget rows read (of IMAGE_SETS; the retain set is added when the spec has a retain
+    term)."""
+    needs_frozen: bool
+    """Whether its targets come from the frozen base model (the run keeps a copy)."""
+
+    def forget_chunk(self, session: Session, draw: Draw) -> Chunk:
+        """The forget rows of this draw: their input, condition, target and weight."""
+
+
+class EditMethod(Protocol):
+    """A one-shot weight edit (no images, no training)."""
+
+    def edit(self, pipe: Any, concepts: list[tuple[str, str]], preserve: list[str]) -> dict[str, Any]:
+        """Edit `pipe`'s UNet in place to erase (forget, target) `concepts` while keeping `preserve` prompts;
+        returns what to record in the run's metrics."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method as the registry, the config and the run see it.
+
+    `section` names the config section holding `settings` (variants of one method share it); `scope` picks the
+    UNet parameters the method may change (None: all); `defaults` fills shared options the user left unset
+    (e.g. ESD's 1000 steps of batch 1); `build(settings)` returns the implementation."""
+
+    name: str
+    summary: str
+    source: str
+    kind: str
+    settings: type
+    build: Callable[[Any], TrainedMethod | EditMethod]
+    section: str | None = None
+    needs_target: bool = False
+    retain_term: bool = True
+    default_mask_ratio: float | None = None
+    scope: Callable[[str], bool] | None = None
+    scope_name: str = "all UNet parameters"
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def trains(self) -> bool:
+        return self.kind == TRAINED
+
+    @property
+    def section_name(self) -> str:
+        return self.section or self.name
+
+
+def cross_attention(name: str) -> bool:
+    """The cross-attention (text-conditioned) parameters of a diffusers UNet: every `attn2` module."""
+    return ".attn2." in name
+
+
+def cross_attention_key_value(name: str) -> bool:
+    """The key and value projections of the cross-attention (what UCE and Concept Ablation edit by default)."""
+    return ".attn2.to_k." in name or ".attn2.to_v." in name
