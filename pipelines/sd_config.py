@@ -180,7 +180,12 @@ def read_concept_file(path: str) -> list[tuple[str, str]]:
         with file.open(newline="") as handle:
             rows = list(csv.DictReader(handle))
     elif file.suffix.lower() in (".yaml", ".yml"):
-        rows = read_yaml(file) if file.stat().st_size else []
+        import yaml
+
+        try:
+            rows = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config key 'concepts': '{path}' is not valid YAML ({exc}); fix the syntax") from None
     else:
         raise ConfigError(f"config key 'concepts': '{path}' must be a .yaml or .csv file")
     if not isinstance(rows, list) or not rows:

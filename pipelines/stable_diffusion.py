@@ -404,8 +404,9 @@ class Eraser:
 def ddim_prefix(predict: Predict, scheduler_config: Any, noise: Tensor, condition: Tensor, null: Tensor, *,
                 steps: int, stop: int, guidance: float) -> Tensor:
     """The latent after the first `stop` of `steps` DDIM steps (eta 0) from `noise`, with classifier-free guidance
-    eps(null) + guidance (eps(c) - eps(null)) (ESD's `quick_sample_till_t`), without gradient."""
-    scheduler = DDIMScheduler.from_config(scheduler_config)
+    eps(null) + guidance (eps(c) - eps(null)) (ESD's `quick_sample_till_t`), without gradient. Like the
+    reference's DDIM sampler (and unlike diffusers' DDIM default) the predicted x0 is not clipped."""
+    scheduler = DDIMScheduler.from_config(scheduler_config, clip_sample=False)
     scheduler.set_timesteps(steps)
     latents = noise * scheduler.init_noise_sigma
     with torch.no_grad():
