@@ -48,12 +48,9 @@ from pipelines.ddpm_config import (
     DDPMUnlearnConfig,
     class_index,
 )
-from pipelines.objectives import (
-    diffusion_loss,
-    gradient_ascent_loss,
-    guided_diffusion_loss,
-    remap_loss,
-)
+from pipelines.methods import DDPM_METHODS
+from pipelines.methods.base import Chunk, Draw
+from pipelines.objectives import diffusion_loss, guided_diffusion_loss, noised, squared_error
 
 MASK_FILE = "mask.safetensors"
 GRID_FILE = "grid/grid.png"
@@ -133,28 +130,72 @@ def _batches(data: ImageSet, batch_size: int, count: int, seed: int, stream: int
         yield x0, labels, index
 
 
+class DDPMSession:
+    """The `Session` (pipelines.methods.base) a method sees on one DDPM batch: the batch's images and labels,
+    conditions as class labels, the reference's antithetic timesteps and summed diffusion loss, and, in
+    training, label dropout to the null class in every forward (the reference model's train-mode
+    `cond_drop_prob`), drawn from one generator per batch in call order."""
+
+    reduction = "sum"
+    concepts = 1
+
+    def __init__(self, config: DDPMUnlearnConfig, scheduler: Any, model: nn.Module, batch: Batch,
+                 train_mode: bool) -> None:
+        self.config, self.scheduler, self.batch = config, scheduler, batch
+        self.latent_shape = tuple(batch[0].shape[1:])
+        index = batch[2]
+        self.predict = _training_predictor(model, config, stream_generator(config.seed, DROPOUT_STREAM, index),
+                                           train_mode)
+
+    def images(self, name: str, draw: Draw) -> tuple[Tensor, Tensor]:
+        return self.batch[0], self.batch[1]
+
+    def condition(self, role: str, labels: Tensor) -> Tensor:
+        if role == "forget":
+            return labels
+        if role == "other":
+            return other_labels(labels, stream_generator(self.config.seed, LABEL_STREAM, self.batch[2]))
+        return torch.full_like(labels, {"target": self.config.remap_class, "null": NULL_CLASS}[role])
+
+    def noised(self, x0: Tensor, draw: Draw) -> tuple[Tensor, Tensor, Tensor]:
+        return noised(self.scheduler, x0, draw.noise, antithetic=self.config.antithetic)
+
+    def current(self, x_t: Tensor, t: Tensor, condition: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.predict(x_t, t, condition)
+
+    def frozen(self, x_t: Tensor, t: Tensor, condition: Tensor) -> Tensor:
+        raise ConfigError(f"method {self.config.method} needs a frozen base model, which `erasure ddpm unlearn` "
+                          "does not keep")
+
+    def concept_of_step(self, draw: Draw, count: int) -> Tensor:
+        return torch.full((count,), self.config.forget_class)
+
+    def sample(self, noise: Tensor, condition: Tensor, *, steps: int, stop: int, guidance: float) -> Tensor:
+        raise ConfigError(f"method {self.config.method} samples its inputs, which `erasure ddpm unlearn` does not")
+
+    def loss(self, chunk: Chunk) -> Tensor:
+        """The chunk's weighted squared error, the prediction made with this batch's label dropout."""
+        return chunk.weight * squared_error(self.predict(chunk.x_t, chunk.t, chunk.condition), chunk.target,
+                                            chunk.reduction)
+
+
 def forget_objective(config: DDPMUnlearnConfig, scheduler: Any, *,
                      train_mode: bool = True) -> Callable[[nn.Module, Batch], Tensor]:
     """The method's forget term as `loss(model, (x0, labels, index))`, with noise seeded by (seed, index).
 
-    As in the SalUn DDPM reference: salun's remap term is a mean MSE (`nn.MSELoss()`), ga and rl use the diffusion
-    loss summed per sample, timesteps are antithetic, and in training every forward drops its labels to the null
-    class at `label_dropout`, independently (the reference model's train-mode `cond_drop_prob`);
-    `train_mode=False` (the before/after probe) drops nothing.
+    The method (pipelines.methods) makes the chunk; the DDPM session gives it the SalUn DDPM reference's
+    conventions (see `DDPMSession`); `train_mode=False` (the before/after probe) drops no labels.
     """
+    method = DDPM_METHODS[config.method].build(getattr(config, config.method, None)
+                                               or DDPM_METHODS[config.method].settings())
+
     def loss(model: nn.Module, batch: Batch) -> Tensor:
-        x0, labels, index = batch
-        noise = stream_generator(config.seed, NOISE_STREAM, index)
-        predict = _training_predictor(model, config, stream_generator(config.seed, DROPOUT_STREAM, index), train_mode)
-        if config.method == "salun":
-            remap = torch.full_like(labels, config.remap_class)
-            return remap_loss(predict, scheduler, x0, labels, remap, noise, antithetic=config.antithetic)
-        if config.method == "rl":
-            shuffled = other_labels(labels, stream_generator(config.seed, LABEL_STREAM, index))
-            return diffusion_loss(predict, scheduler, x0, shuffled, noise, reduction="sum",
-                                  antithetic=config.antithetic)
-        return gradient_ascent_loss(predict, scheduler, x0, labels, noise, reduction="sum",
-                                    antithetic=config.antithetic)
+        x0, _, index = batch
+        session = DDPMSession(config, scheduler, model, batch, train_mode)
+        draw = Draw(index, stream_generator(config.seed, NOISE_STREAM, index), slice(None), x0.shape[0],
+                    FORGET_STREAM)
+        return session.loss(method.forget_chunk(session, draw))
 
     return loss
 

@@ -8,7 +8,8 @@ from erasure.config import TrackerConfig, option, with_method_sections
 from erasure.config import class_index as shared_class_index
 from erasure.errors import ConfigError
 from erasure.evaluation.config import SCHEDULERS, check_device
-from pipelines.method_settings import DDPM_METHOD_SETTINGS, DDPM_METHODS, DEFAULT_GUIDANCE
+from pipelines.methods import DDPM_METHODS, method_help, method_sections
+from pipelines.methods.salun import DEFAULT_GUIDANCE
 
 DDPM_PRESETS = ("tiny", "cpu", "fast", "paper")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -57,8 +58,8 @@ class DDPMUnlearnSharedConfig(TrackerConfig):
 
     run: str = option("", "the --out directory of a finished `erasure ddpm train` run")
     forget: str = option("airplane", "the class to forget (name or index)")
-    method: str = option("salun", "salun (remap, masked), ga (gradient ascent), rl (random other-class labels); "
-                                  "its own settings: the section of its name", choices=DDPM_METHODS)
+    method: str = option("salun", method_help(DDPM_METHODS) + "; its own settings: the section of its name",
+                         choices=tuple(DDPM_METHODS))
     alpha: float = option(1e-3, "weight of the retain term, the diffusion loss SUMMED over each image's channels and "
                                 "pixels (the reference's units: 1e-3 is its setting)", ge=0)
     label_dropout: float = option(0.1, "share of labels dropped to the null class in every training forward (the "
@@ -99,7 +100,7 @@ class DDPMUnlearnSharedConfig(TrackerConfig):
 
 
 DDPMUnlearnConfig = with_method_sections(
-    "DDPMUnlearnConfig", DDPMUnlearnSharedConfig, DDPM_METHOD_SETTINGS, module=__name__,
+    "DDPMUnlearnConfig", DDPMUnlearnSharedConfig, method_sections(DDPM_METHODS), module=__name__,
     doc="Unlearn a class from a trained class-conditional DDPM (SalUn: remap + saliency mask; or ga, rl): the shared "
         "settings plus one section per method (e.g. `salun: {mask_ratio: 0.5}`, flag --mask-ratio).")
 

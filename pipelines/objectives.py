@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 Predict = Callable[[Tensor, Tensor, Any], Tensor]
@@ -77,22 +76,6 @@ def guided_diffusion_loss(predict: Predict, scheduler: Any, x0: Tensor, conditio
     return squared_error(guided, target, reduction)
 
 
-def remap_loss(predict: Predict, scheduler: Any, x0: Tensor, forget: Any, remap: Any,
-               generator: torch.Generator, *, antithetic: bool = False) -> Tensor:
-    """MSE(eps(x_t, t, forget), stop-grad eps(x_t, t, remap)) on the same noised input and timestep (a mean over
-    elements, as the reference's `nn.MSELoss()` for SD and DDPM alike)."""
-    x_t, _, t = noised(scheduler, x0, generator, antithetic=antithetic)
-    with torch.no_grad():
-        target = predict(x_t, t, remap)
-    return F.mse_loss(predict(x_t, t, forget).float(), target.float())
-
-
-def gradient_ascent_loss(predict: Predict, scheduler: Any, x0: Tensor, condition: Any,
-                         generator: torch.Generator, *, reduction: str = "mean", antithetic: bool = False) -> Tensor:
-    """The negated diffusion loss on forget data (gradient ascent; diverges without a bound)."""
-    return -diffusion_loss(predict, scheduler, x0, condition, generator, reduction=reduction, antithetic=antithetic)
-
-
 # ---------------------------------------------------------------------------- data-parallel shards and targets
 
 
@@ -116,10 +99,3 @@ def noised_rows(scheduler: Any, x0: Tensor, generator: torch.Generator, rows: sl
     noise = torch.randn((total, *x0.shape[1:]), generator=generator, dtype=torch.float32)[rows]
     noise = noise.to(x0.device, x0.dtype)
     return scheduler.add_noise(x0, noise, t), training_target(scheduler, x0, noise, t), t
-
-
-def esd_target(predict: Predict, x_t: Tensor, t: Tensor, concept: Any, null: Any, eta: float) -> Tensor:
-    """ESD's negative-guidance target eps(null) - eta (eps(c) - eps(null)) from a frozen `predict` (no grad)."""
-    with torch.no_grad():
-        unconditional = predict(x_t, t, null)
-        return unconditional - eta * (predict(x_t, t, concept) - unconditional)

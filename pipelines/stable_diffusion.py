@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -39,7 +38,7 @@ from pipelines.delta import export_delta
 from pipelines.loading import load_base_pipeline
 from pipelines.methods import SD_METHODS
 from pipelines.methods.base import IMAGE_SETS, Chunk, Draw
-from pipelines.objectives import Predict, guided_diffusion_loss, noised_rows
+from pipelines.objectives import Predict, guided_diffusion_loss, noised_rows, squared_error
 from pipelines.sampling import generate_batch, sampling_context
 from pipelines.sd_config import SDEraseConfig
 from pipelines.sd_data import ImageSet, generate_set, plan, prompt_texts, read_set
@@ -223,6 +222,8 @@ class Eraser:
     """One trained erasure run: the method's chunks, the mask, and the `Trainer` that runs them. It is the
     `Session` a trained method sees (pipelines.methods.base)."""
 
+    reduction = "mean"
+
     def __init__(self, config: SDEraseConfig, pipe: StableDiffusionPipeline, accelerator: Accelerator,
                  run: RunDir, sets: dict[str, Latents], conditions: Conditions) -> None:
         self.config, self.pipe, self.accelerator, self.run = config, pipe, accelerator, run
@@ -257,6 +258,8 @@ class Eraser:
         return latents.draw(index, draw.posterior, draw.rows, draw.total), latents.prompt[index]
 
     def condition(self, role: str, concept: Tensor) -> Tensor:
+        if role == "other":
+            raise ConfigError(f"method {self.config.method} needs class labels; Stable Diffusion has prompts")
         if role == "null":
             return self.conditions.null.expand(concept.shape[0], -1, -1)
         table = {"forget": self.conditions.forget, "target": self.conditions.target}[role]
@@ -298,7 +301,7 @@ class Eraser:
         out = predictor(model)(torch.cat([c.x_t for c in chunks]), torch.cat([c.t for c in chunks]),
                                torch.cat([c.condition for c in chunks]))
         parts = out.split([c.x_t.shape[0] for c in chunks])
-        return sum(c.weight * F.mse_loss(o.float(), c.target.float()) for c, o in zip(chunks, parts, strict=False))
+        return sum(c.weight * squared_error(o, c.target, c.reduction) for c, o in zip(chunks, parts, strict=True))
 
     def step_loss(self, step: int, micro: int = 0) -> Tensor:
         """This rank's loss on its share of micro-step `micro` of optimizer step `step`.

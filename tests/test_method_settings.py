@@ -12,7 +12,7 @@ from erasure.errors import ConfigError
 
 def test_ddpm_methods_have_their_own_sections_and_keep_their_flags():
     from pipelines.ddpm_config import DDPMUnlearnConfig, DDPMUnlearnSharedConfig
-    from pipelines.method_settings import DDPM_METHOD_SETTINGS, DDPM_METHODS
+    from pipelines.methods import DDPM_METHODS, method_sections
 
     args = vars(build_parser().parse_args(["ddpm", "unlearn", "--mask-ratio", "0.3", "--remap", "dog",
                                            "--mask-batches", "2", "--mask-guidance", "0"]))
@@ -27,9 +27,9 @@ def test_ddpm_methods_have_their_own_sections_and_keep_their_flags():
     with pytest.raises(ConfigError, match="unknown config key 'mask_ratio'.*salun"):
         load_config(DDPMUnlearnConfig, None, {"run": "x", "mask_ratio": 0.5})
     method = next(f for f in dataclasses.fields(DDPMUnlearnConfig) if f.name == "method")
-    assert method.metadata["choices"] == DDPM_METHODS == tuple(DDPM_METHOD_SETTINGS)
+    assert method.metadata["choices"] == tuple(DDPM_METHODS) == ("salun", "ga", "rl")
     shared = {f.name for f in dataclasses.fields(DDPMUnlearnSharedConfig)}
-    assert not shared & {f.name for s in DDPM_METHOD_SETTINGS.values() for f in dataclasses.fields(s)}
+    assert not shared & {f.name for s in method_sections(DDPM_METHODS).values() for f in dataclasses.fields(s)}
 
 
 def test_sd_methods_have_their_own_sections_and_presets_fill_them_unless_given():

@@ -1,17 +1,20 @@
 """Diffusion erasure methods by name: one module each (see `base` for the seam), registered here.
 
 Adding a method: write `pipelines/methods/<name>.py` with its settings dataclass, implementation and `SPEC`, add
-the module to `_MODULES`, a test, and a line in the README's method table. `--method` choices, `--help` and the
-config's per-method sections come from this registry.
+it to `_SD_MODULES` (and `DDPM_METHODS` where it applies), a test, and a line in the README's method table.
+`--method` choices, `--help` and the config's per-method sections come from this registry.
 """
 from __future__ import annotations
 
-from pipelines.methods import esd, ga, salun, uce
+from pipelines.methods import esd, ga, rl, salun, uce
 from pipelines.methods.base import MethodSpec
 
-_MODULES = (salun, esd, ga, uce)
-SD_METHODS: dict[str, MethodSpec] = {spec.name: spec for module in _MODULES
+_SD_MODULES = (salun, esd, ga, uce)
+SD_METHODS: dict[str, MethodSpec] = {spec.name: spec for module in _SD_MODULES
                                      for spec in getattr(module, "SPECS", None) or (module.SPEC,)}
+DDPM_METHODS: dict[str, MethodSpec] = {"salun": salun.DDPM_SPEC, "ga": ga.SPEC, "rl": rl.SPEC}
+"""The methods of `erasure ddpm unlearn` (a class-conditional DDPM has no text encoder, so no cross-attention
+edit; each objective restates the SalUn DDPM reference)."""
 
 
 def method_sections(registry: dict[str, MethodSpec]) -> dict[str, type]:

@@ -25,13 +25,15 @@ and preserve prompts) and anchor (from each concept's target prompt)."""
 
 @dataclass
 class Chunk:
-    """Rows of one UNet forward pass, with the target and loss weight of their mean squared error."""
+    """Rows of one UNet forward pass, with the target and loss weight of their squared error, reduced as
+    `pipelines.objectives.squared_error` says ('mean', or 'sum' per sample then the batch mean)."""
 
     x_t: Tensor
     t: Tensor
     condition: Any
     target: Tensor
     weight: float
+    reduction: str = "mean"
 
 
 @dataclass(frozen=True)
@@ -54,13 +56,16 @@ class Session(Protocol):
     scheduler: Any
     concepts: int
     latent_shape: tuple[int, ...]
+    reduction: str
+    """How this domain's reference reduces a diffusion loss: 'mean' (SD's scripts) or 'sum' (the DDPM's)."""
 
     def images(self, name: str, draw: Draw) -> tuple[Tensor, Tensor]:
         """x0 of this draw's rows from image set `name`, and the concept index of each row."""
 
     def condition(self, role: str, concept: Tensor) -> Any:
-        """The conditions of `concept` rows: role 'forget' (the concept's prompt), 'target' (its remap or anchor
-        prompt) or 'null' (the empty prompt)."""
+        """The conditions of `concept` rows: role 'forget' (the concept's prompt or class), 'target' (its remap or
+        anchor prompt or class), 'null' (the empty prompt or null class) or, for class-conditional models,
+        'other' (a random other class per row)."""
 
     def noised(self, x0: Tensor, draw: Draw) -> tuple[Tensor, Tensor, Tensor]:
         """(x_t, training target, t) for x0, with this draw's noise and timesteps."""
@@ -69,7 +74,7 @@ class Session(Protocol):
         """The prediction of the model being trained, without gradient."""
 
     def frozen(self, x_t: Tensor, t: Tensor, condition: Any) -> Tensor:
-        """The prediction of the frozen base model (without gradient)."""
+        """The prediction of the frozen base model (without gradient; only for methods with `needs_frozen`)."""
 
     def concept_of_step(self, draw: Draw, count: int) -> Tensor:
         """`count` concept indices for rows that draw no image, seeded by the draw."""

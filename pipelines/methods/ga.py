@@ -1,6 +1,8 @@
 """Gradient ascent: the negated diffusion loss on forget images (the classic baseline; diverges without a bound).
 
-Used as a baseline in the SalUn paper's tables. No retain term: only the forget images are seen.
+Used as a baseline in the SalUn paper's tables, reduced as each domain's reference reduces its diffusion loss
+(SD `gradient_ascent.py`: the mean; DDPM: the sum per image). On Stable Diffusion no retain term (only the forget
+images are seen, as the reference); the DDPM command adds its alpha-weighted retain term to every method.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ class GradientAscent:
     def forget_chunk(self, session: Session, draw: Draw) -> Chunk:
         x0, concept = session.images("forget", draw)
         x_t, target, t = session.noised(x0, draw)
-        return Chunk(x_t, t, session.condition("forget", concept), target, -1.0)
+        return Chunk(x_t, t, session.condition("forget", concept), target, -1.0, session.reduction)
 
 
 SPEC = MethodSpec(

@@ -1,15 +1,22 @@
-"""SalUn (Fan et al., ICLR 2024): remap each forget prompt to its target prompt under a weight-saliency mask.
+"""SalUn (Fan et al., ICLR 2024): remap each forget prompt (or class) to its target under a weight-saliency mask.
 
-Reference: OPTML-Group/Unlearn-Saliency, `SD/train-scripts/random_label.py` and `nsfw_removal.py`. On a noised
-forget image x_t the model's prediction for the forget prompt is pulled to its own (stop-gradient) prediction for
-the remap prompt, MSE(eps(x_t, t, c_forget), sg eps(x_t, t, c_remap)), plus alpha times the ordinary diffusion
-loss on retain images; only the top half of the weights by |gradient| of the guided forget loss move.
+Reference: OPTML-Group/Unlearn-Saliency, `SD/train-scripts/random_label.py` and `nsfw_removal.py` for Stable
+Diffusion, `DDPM/runners/diffusion.py` for the DDPM. On a noised forget image x_t the model's prediction for the
+forget prompt is pulled to its own (stop-gradient) prediction for the remap prompt,
+MSE(eps(x_t, t, c_forget), sg eps(x_t, t, c_remap)) (a mean, `nn.MSELoss()`, in both references), plus alpha
+times the ordinary diffusion loss on retain images; only the top half of the weights by |gradient| of the
+guided forget loss move.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from erasure.config import option
 from pipelines.methods.base import TRAINED, Chunk, Draw, MethodSpec, Session
+
+DEFAULT_GUIDANCE = 2.0
+"""The DDPM's guidance w, (1 + w) eps(c) - w eps(null): the reference's mask and sampling value."""
 
 
 @dataclass
@@ -32,7 +39,23 @@ class SalUn:
         return Chunk(x_t, t, session.condition("forget", concept), target, 1.0)
 
 
+@dataclass
+class DDPMSalUnSettings:
+    """DDPM `salun`: remap the forgotten class, under a saliency mask."""
+
+    remap: str | None = option(None, "the class the forgotten one is mapped to (default: (forget + 1) mod 10)",
+                               flag="remap")
+    mask_ratio: float = option(0.5, "share of UNet weights the saliency mask keeps", gt=0, lt=1, flag="mask-ratio")
+    mask_batches: int | None = option(None, "forget batches whose clipped gradients make the mask (default: the "
+                                            "whole forget class, as the reference)", ge=1, flag="mask-batches")
+    mask_guidance: float = option(DEFAULT_GUIDANCE, "guidance w of the mask loss (1 + w) eps(c) - w eps(null), as "
+                                                    "the reference (2); 0 is the unguided conditional loss", ge=0,
+                                  flag="mask-guidance")
+
+
 SPEC = MethodSpec(
     name="salun", summary="remap the forget prompt to the remap prompt, under a saliency mask",
     source="Fan et al. 2024, OPTML-Group/Unlearn-Saliency SD/train-scripts", kind=TRAINED, settings=SalUnSettings,
     build=SalUn, needs_target=True, default_mask_ratio=0.5)
+DDPM_SPEC = dataclasses.replace(SPEC, settings=DDPMSalUnSettings, summary="remap the forgotten class to another "
+                                "class, under a saliency mask")
