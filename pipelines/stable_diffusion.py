@@ -196,7 +196,7 @@ def build_method(config: SDEraseConfig) -> Any:
 def image_sets(config: SDEraseConfig, method: Any) -> tuple[str, ...]:
     """The sets a trained run reads: the method's, retain when it has a retain term, forget when a mask is made."""
     names = set(method.images)
-    if SD_METHODS[config.method].retain_term and config.alpha > 0:
+    if method.retain_term and config.alpha > 0:
         names.add("retain")
     if config.mask_ratio is not None and config.mask is None:
         names.add("forget")
@@ -280,8 +280,10 @@ class Eraser:
     def concept_of_step(self, draw: Draw, count: int) -> Tensor:
         return torch.randint(self.concepts, (count,), generator=draw.noise)
 
-    def sample(self, noise: Tensor, condition: Tensor, *, steps: int, stop: int, guidance: float) -> Tensor:
-        return ddim_prefix(predictor(self.unwrapped), self.pipe.scheduler.config, noise.to(condition.device),
+    def sample(self, noise: Tensor, condition: Tensor, *, steps: int, stop: int, guidance: float,
+               base: bool = False) -> Tensor:
+        predict = self.frozen if base else predictor(self.unwrapped)
+        return ddim_prefix(predict, self.pipe.scheduler.config, noise.to(condition.device),
                            condition, self.condition("null", torch.zeros(noise.shape[0], dtype=torch.long)),
                            steps=steps, stop=stop, guidance=guidance)
 
@@ -315,7 +317,7 @@ class Eraser:
         draw = Draw(step, stream_generator(seed, NOISE_STREAM, step), rows, size, FORGET_STREAM,
                     self._posterior_generator(POSTERIOR_STREAM, step))
         chunks = [self.method.forget_chunk(self, draw)]
-        if self.spec.retain_term and self.config.alpha > 0:
+        if self.method.retain_term and self.config.alpha > 0:
             chunks.append(self.retain_chunk(draw))
         with self.accelerator.autocast():
             return self.chunks_loss(self.unet, chunks)
@@ -358,11 +360,11 @@ class Eraser:
         batches = [{"index": i, "rows": torch.arange(start, min(start + size, len(forget)))}
                    for i, start in enumerate(range(0, len(forget), size))]
         mask = compute_mask(self.pipe.unet, batches, self._mask_loss, ratio=self.config.mask_ratio,
-                            params=self.spec.scope, accelerator=self.accelerator,
+                            params=self.method.scope.includes, accelerator=self.accelerator,
                             loss_name=f"guided diffusion loss (w={self.config.mask_guidance})",
                             progress=self.accelerator.is_main_process)
         mask.metadata.update(base_model=self.config.model, forget_prompt=self.config.forget_prompt,
-                             scope=self.spec.scope_name)
+                             scope=self.method.scope.name)
         return mask
 
     def _mask_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> Tensor:
@@ -383,7 +385,7 @@ class Eraser:
         """Mask, optimizer over the method's scope (and the mask), and the Trainer (which prepares both,
         protecting the unmasked weights)."""
         self.mask = self.build_mask()
-        unet, config, scope = self.pipe.unet, self.config, self.spec.scope or (lambda _: True)
+        unet, config, scope = self.pipe.unet, self.config, self.method.scope.includes
         allowed = {id(p) for p in masked_parameters(unet, self.mask)} if self.mask is not None else None
         params = [p for name, p in unet.named_parameters()
                   if scope(name) and (allowed is None or id(p) in allowed)]
@@ -502,10 +504,11 @@ def erase(config: SDEraseConfig, accelerator: Accelerator | None = None) -> dict
         unet, mask = eraser.unwrapped.eval(), eraser.mask
         metrics.update(forget_objective_before=objective_before, forget_objective_after=eraser.forget_objective(),
                        images={name: len(latents) for name, latents in eraser.sets.items()},
-                       scope=spec.scope_name, **stats)
+                       scope=eraser.method.scope.name, **stats)
     else:
         started = time.perf_counter()
-        metrics.update(build_method(config).edit(pipe, pairs, list(config.preserve)), scope=spec.scope_name,
+        method = build_method(config)
+        metrics.update(method.edit(pipe, pairs, list(config.preserve)), scope=method.scope.name,
                        edit_seconds=round(time.perf_counter() - started, 3))
         unet = pipe.unet.eval()
     if accelerator.is_main_process:

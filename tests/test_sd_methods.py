@@ -14,7 +14,8 @@ from erasure.config import load_config
 from erasure.errors import ConfigError
 from erasure.io import read_json
 from pipelines.methods import SD_METHODS
-from pipelines.methods.base import TRAINED, cross_attention, cross_attention_key_value
+from pipelines.methods.base import CROSS_ATTENTION, CROSS_ATTENTION_KEY_VALUE, TRAINED
+from pipelines.methods.esd import UNCONDITIONED
 from pipelines.sd_config import SDEraseConfig
 
 
@@ -43,7 +44,7 @@ def sets_run(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return out
 
 
-@pytest.mark.parametrize("method, scope", [("esd-x", cross_attention), ("esd-u", lambda n: not cross_attention(n))])
+@pytest.mark.parametrize("method, scope", [("esd-x", CROSS_ATTENTION), ("esd-u", UNCONDITIONED)])
 def test_esd_variants_change_only_their_scope_and_a_mask_keeps_the_rest_bit_identical(
         method, scope, sets_run, tiny_sd_dir, tmp_path):
     out = tmp_path / method
@@ -51,16 +52,16 @@ def test_esd_variants_change_only_their_scope_and_a_mask_keeps_the_rest_bit_iden
                            "--esd-ddim-steps", 4, "--mask-ratio", 0.5, "--grid-seeds", 0, "--no-export-delta")) == 0
     base, after = unet_state(tiny_sd_dir / "unet"), unet_state(out / "unet")
     changed = _changed(base, after)
-    assert changed and all(scope(name) for name in changed)
+    assert changed and all(scope.includes(name) for name in changed)
     from erasure.saliency import Mask
 
     mask = Mask.load(out / "mask.safetensors")
-    assert set(mask) and all(scope(name) for name in mask)
+    assert set(mask) and all(scope.includes(name) for name in mask)
     for name in mask:
         kept = ~mask[name].bool()
         assert torch.equal(after[name][kept], base[name][kept]), name
     metrics = read_json(out / "metrics.json")
-    assert metrics["scope"] == SD_METHODS[method].scope_name and metrics["images"] == {"forget": 8}
+    assert metrics["scope"] == scope.name and metrics["images"] == {"forget": 8}
 
 
 def test_ddim_prefix_is_the_reference_ddim_update_stopped_at_t_enc():
@@ -95,24 +96,44 @@ def test_ddim_prefix_is_the_reference_ddim_update_stopped_at_t_enc():
                                noise)
 
 
-def test_esd_trains_at_the_reference_timestep_of_its_stop_index(monkeypatch):
-    """t_enc ~ U{0..ddim_steps-1}; t ~ U[round(t_enc / ddim_steps * T), round((t_enc + 1) / ddim_steps * T))."""
+def test_esd_u_leaves_out_what_the_reference_noxattn_leaves_out():
+    names = ["time_embedding.linear_1.weight", "conv_out.weight", "conv_norm_out.bias", "conv_in.weight",
+             "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+             "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.weight", "mid_block.resnets.0.conv1.weight"]
+    assert [n for n in names if UNCONDITIONED.includes(n)] == [names[3], names[5], names[6]]
+    assert [n for n in names if CROSS_ATTENTION.includes(n)] == [names[4]]
+
+
+def test_esd_samples_and_trains_where_the_reference_does():
+    """t_enc ~ U{0..ddim_steps-1}; the reference's DDIM loop with `till_T = t_enc` decides how many steps x_t gets;
+    t ~ U[round(t_enc / ddim_steps * T), round((t_enc + 1) / ddim_steps * T))."""
     from types import SimpleNamespace
 
     from pipelines.methods.base import Draw
-    from pipelines.methods.esd import ESD, ESDSettings
+    from pipelines.methods.esd import ESD, ESDSettings, reference_steps
 
-    stops = []
+    def ldm_steps_taken(till: int, steps: int) -> int:  # ldm/models/diffusion/ddim.py, ddim_sampling
+        taken = 0
+        for i in range(steps):
+            index = steps - i - 1
+            taken += 1
+            if index + 1 == till:
+                break
+        return taken
+
+    assert [reference_steps(t, 50) for t in range(50)] == [ldm_steps_taken(t, 50) for t in range(50)]
+    taken = []
     session = SimpleNamespace(scheduler=SimpleNamespace(config=SimpleNamespace(num_train_timesteps=1000)),
                               latent_shape=(4, 2, 2), condition=lambda role, concept: torch.zeros(len(concept), 1, 1),
-                              sample=lambda noise, c, steps, stop, guidance: stops.append(stop) or noise)
+                              sample=lambda noise, c, steps, stop, guidance, base: taken.append(stop) or noise)
     method = ESD(ESDSettings(ddim_steps=50))
     for step in range(40):
         draw = Draw(step, torch.Generator().manual_seed(step), slice(None), 3, 0)
         _, t = method.sampled_inputs(session, torch.zeros(3, dtype=torch.long), draw)
-        low, high = round(stops[-1] / 50 * 1000), round((stops[-1] + 1) / 50 * 1000)
-        assert ((t >= low) & (t < high)).all()
-    assert len(set(stops)) > 10
+        t_enc = int(torch.randint(50, (1,), generator=torch.Generator().manual_seed(step)))
+        assert taken[-1] == reference_steps(t_enc, 50)
+        assert ((t >= round(t_enc / 50 * 1000)) & (t < round((t_enc + 1) / 50 * 1000))).all(), (t_enc, t)
+    assert len(set(taken)) > 10
 
 
 def _uce_objective_gradient(layer_before: torch.Tensor, layer_after: torch.Tensor, erase, kept, settings, scale):
@@ -140,7 +161,7 @@ def test_uce_is_the_minimiser_of_its_objective_and_edits_only_cross_attention_ke
     after = pipe.unet.state_dict()
     changed = _changed(before, after)
     assert changed == {f"{name}.weight" for name in edited_layers(pipe.unet, keys=True)}
-    assert all(cross_attention_key_value(name) for name in changed) and metrics["preserve_scale"] == 0.5
+    assert all(CROSS_ATTENTION_KEY_VALUE.includes(name) for name in changed) and metrics["preserve_scale"] == 0.5
     erase = [aligned_tokens(pipe, f, t) for f, t in concepts]
     kept = [aligned_tokens(pipe, text, text)[0] for text in preserve]
     for name in changed:

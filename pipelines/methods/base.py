@@ -79,19 +79,24 @@ class Session(Protocol):
     def concept_of_step(self, draw: Draw, count: int) -> Tensor:
         """`count` concept indices for rows that draw no image, seeded by the draw."""
 
-    def sample(self, noise: Tensor, condition: Any, *, steps: int, stop: int, guidance: float) -> Tensor:
-        """The first `stop` of `steps` DDIM steps (eta 0) from `noise` by the model being trained, with
-        classifier-free guidance `guidance` under `condition` (no gradient)."""
+    def sample(self, noise: Tensor, condition: Any, *, steps: int, stop: int, guidance: float,
+               base: bool = False) -> Tensor:
+        """The first `stop` of `steps` DDIM steps (eta 0) from `noise` by the model being trained (or the frozen
+        base model), with classifier-free guidance `guidance` under `condition` (no gradient)."""
 
 
 class TrainedMethod(Protocol):
     """A method trained by the shared masked loop: the forget rows of each step."""
 
     images: tuple[str, ...]
-    """The image sets its forget rows read (of IMAGE_SETS; the retain set is added when the spec has a retain
-    term)."""
+    """The image sets its forget rows read (of IMAGE_SETS)."""
     needs_frozen: bool
     """Whether its targets come from the frozen base model (the run keeps a copy)."""
+    retain_term: bool
+    """Whether alpha times the ordinary diffusion loss on retain images joins each step (Stable Diffusion; the
+    DDPM command adds its retain term to every method, as its reference)."""
+    scope: Scope
+    """The UNet parameters it trains."""
 
     def forget_chunk(self, session: Session, draw: Draw) -> Chunk:
         """The forget rows of this draw: their input, condition, target and weight."""
@@ -99,6 +104,9 @@ class TrainedMethod(Protocol):
 
 class EditMethod(Protocol):
     """A one-shot weight edit (no images, no training)."""
+
+    scope: Scope
+    """The UNet parameters it edits."""
 
     def edit(self, pipe: Any, concepts: list[tuple[str, str]], preserve: list[str]) -> dict[str, Any]:
         """Edit `pipe`'s UNet in place to erase (forget, target) `concepts` while keeping `preserve` prompts;
@@ -109,9 +117,9 @@ class EditMethod(Protocol):
 class MethodSpec:
     """A method as the registry, the config and the run see it.
 
-    `section` names the config section holding `settings` (variants of one method share it); `scope` picks the
-    UNet parameters the method may change (None: all); `defaults` fills shared options the user left unset
-    (e.g. ESD's 1000 steps of batch 1); `build(settings)` returns the implementation."""
+    `section` names the config section holding `settings` (variants of one method share it); `defaults` fills
+    shared options the user left unset (e.g. ESD's 1000 steps of batch 1); `build(settings)` returns the
+    implementation."""
 
     name: str
     summary: str
@@ -121,10 +129,7 @@ class MethodSpec:
     build: Callable[[Any], TrainedMethod | EditMethod]
     section: str | None = None
     needs_target: bool = False
-    retain_term: bool = True
     default_mask_ratio: float | None = None
-    scope: Callable[[str], bool] | None = None
-    scope_name: str = "all UNet parameters"
     defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -136,11 +141,27 @@ class MethodSpec:
         return self.section or self.name
 
 
-def cross_attention(name: str) -> bool:
-    """The cross-attention (text-conditioned) parameters of a diffusers UNet: every `attn2` module."""
+@dataclass(frozen=True)
+class Scope:
+    """A named set of UNet parameters, by parameter name."""
+
+    name: str
+    includes: Callable[[str], bool]
+
+
+def _cross_attention(name: str) -> bool:
     return ".attn2." in name
 
 
-def cross_attention_key_value(name: str) -> bool:
-    """The key and value projections of the cross-attention (what UCE and Concept Ablation edit by default)."""
+def _cross_attention_key_value(name: str) -> bool:
     return ".attn2.to_k." in name or ".attn2.to_v." in name
+
+
+def _attention_projections(name: str) -> bool:
+    return any(f".{part}." in name for part in ("to_q", "to_k", "to_v", "to_out"))
+
+
+EVERYTHING = Scope("the whole UNet", lambda name: True)
+CROSS_ATTENTION = Scope("cross-attention (attn2)", _cross_attention)
+CROSS_ATTENTION_KEY_VALUE = Scope("cross-attention key and value projections", _cross_attention_key_value)
+ATTENTION = Scope("every attention projection (q, k, v, out)", _attention_projections)

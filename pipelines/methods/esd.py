@@ -1,30 +1,45 @@
 """ESD, Erased Stable Diffusion (Gandikota et al., ICCV 2023): fine-tune the model so that its prediction for
 the concept follows the frozen model's negatively guided one, eps(null) - eta (eps(c) - eps(null)).
 
-Reference: rohitgandikota/erasing, `train-scripts/train-esd.py`. Each iteration draws a stop index
-t_enc ~ U{0..ddim_steps-1}, samples from fresh noise with DDIM (ddim_steps, eta 0) under the concept prompt with
-guidance `start_guidance` (3), *by the model being trained*, for t_enc steps, and trains at a DDPM timestep drawn
-uniformly from [round(t_enc / ddim_steps * T), round((t_enc + 1) / ddim_steps * T)). (The reference pairs the
-latent after t_enc denoising steps with that timestep as written; we keep its pairing.) The target comes from the
-frozen base model. Parameter scopes as the reference's `train_method`: `esd-x` ('xattn') trains the cross-
-attention only (styles and objects), `esd-u` ('noxattn') everything but the cross-attention (nudity), `esd`
-('full') the whole UNet. Reference defaults: 1000 iterations of one image, Adam lr 1e-5, eta 1.
+Reference: rohitgandikota/erasing `train-scripts/train-esd.py` (the paper's code, at 414dc94^). Each iteration
+draws t_enc ~ U{0..ddim_steps-1} and, from fresh noise, samples with DDIM (ddim_steps, eta 0, guidance
+`start_guidance` 3 under the concept prompt) *by the model being trained*, through its sampler's `till_T`: the
+steps of index ddim_steps-1 down to t_enc-1, i.e. ddim_steps - t_enc + 1 steps (all of them for t_enc = 0). The
+UNet is trained at a DDPM timestep drawn from [round(t_enc / ddim_steps * T), round((t_enc + 1) / ddim_steps * T)),
+the target from the frozen base model, loss `nn.MSELoss()`. Parameter scopes as its `train_method`: `esd-x`
+('xattn', every attn2 parameter; styles and objects), `esd-u` ('noxattn': everything but attn2, the time
+embedding and the output layers `out.`, in diffusers `time_embedding`, `conv_norm_out`, `conv_out`; nudity) and
+`esd` ('full'). Its defaults: 1000 iterations of one image, Adam lr 1e-5, eta 1, start guidance 3, 50 DDIM steps.
 
+The repository's later diffusers script (`esd_sd.py`) differs: the *base* model samples x_t (`sampler: base`
+here), training uses the sampler's own timestep, the target is written eps(c) - eta' (eps(c) - eps(null)) with
+eta' = 2 (the same target as eta = 1 here), 200 iterations at lr 5e-5, and only Linear/Conv weights train.
 Departure, as an option: `inputs: noised` forward-noises generated forget images instead of sampling x_t (what
 `erasure sd --method esd` did before the reference sampling was the default).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from erasure.config import option
-from pipelines.methods.base import TRAINED, Chunk, Draw, MethodSpec, Session, cross_attention
+from pipelines.methods.base import (
+    CROSS_ATTENTION,
+    EVERYTHING,
+    TRAINED,
+    Chunk,
+    Draw,
+    MethodSpec,
+    Scope,
+    Session,
+)
 
 if TYPE_CHECKING:
     from torch import Tensor
 
 INPUTS = ("sampled", "noised")
+SAMPLERS = ("trained", "base")
 
 
 @dataclass
@@ -34,17 +49,20 @@ class ESDSettings:
     guidance: float = option(1.0, "negative guidance eta of the target eps(null) - eta (eps(c) - eps(null))", ge=0)
     start_guidance: float = option(3.0, "guidance scale of the DDIM sampling that makes x_t (reference: 3)", ge=0)
     ddim_steps: int = option(50, "DDIM steps of that sampling; each iteration stops it at a random step", ge=1)
-    inputs: str = option("sampled", "x_t: 'sampled' by the model being trained (the reference) or 'noised' "
-                                    "(forward-noised generated forget images)", choices=INPUTS)
+    inputs: str = option("sampled", "x_t: 'sampled' by DDIM (the reference) or 'noised' (forward-noised generated "
+                                    "forget images)", choices=INPUTS)
+    sampler: str = option("trained", "which model samples x_t: the one being 'trained' (train-esd.py, the paper) or "
+                                     "the frozen 'base' (the later esd_sd.py)", choices=SAMPLERS)
 
 
 class ESD:
     """The negative-guidance objective on the reference's self-sampled latents (or noised forget images)."""
 
-    def __init__(self, settings: ESDSettings) -> None:
-        self.settings = settings
+    def __init__(self, settings: ESDSettings, scope: Scope = EVERYTHING) -> None:
+        self.settings, self.scope = settings, scope
         self.images = ("forget",) if settings.inputs == "noised" else ()
         self.needs_frozen = True
+        self.retain_term = False
 
     def forget_chunk(self, session: Session, draw: Draw) -> Chunk:
         if self.settings.inputs == "noised":
@@ -60,39 +78,42 @@ class ESD:
         return Chunk(x_t, t, condition, target, 1.0)
 
     def sampled_inputs(self, session: Session, concept: Tensor, draw: Draw) -> tuple[Tensor, Tensor]:
-        """The reference's x_t: t_enc DDIM steps from fresh noise under the concept prompt (guidance
-        `start_guidance`) by the model being trained, and a DDPM timestep in t_enc's slice of [0, T)."""
+        """The reference's x_t: DDIM from fresh noise under the concept prompt (guidance `start_guidance`) stopped
+        as its `till_T = t_enc` stops it, and a DDPM timestep in t_enc's slice of [0, T)."""
         import torch
 
         steps, total = self.settings.ddim_steps, session.scheduler.config.num_train_timesteps
-        stop = int(torch.randint(steps, (1,), generator=draw.noise))
-        low, high = round(stop / steps * total), round((stop + 1) / steps * total)
+        t_enc = int(torch.randint(steps, (1,), generator=draw.noise))
+        low, high = round(t_enc / steps * total), round((t_enc + 1) / steps * total)
         t = torch.randint(low, max(high, low + 1), (draw.total,), generator=draw.noise)[draw.rows]
         noise = torch.randn((draw.total, *session.latent_shape), generator=draw.noise)[draw.rows]
-        x_t = session.sample(noise, session.condition("forget", concept), steps=steps, stop=stop,
-                             guidance=self.settings.start_guidance)
+        x_t = session.sample(noise, session.condition("forget", concept), steps=steps,
+                             stop=reference_steps(t_enc, steps), guidance=self.settings.start_guidance,
+                             base=self.settings.sampler == "base")
         return x_t, t.to(x_t.device)
 
 
-def _full(name: str) -> bool:
-    return True
+def reference_steps(t_enc: int, steps: int) -> int:
+    """How many DDIM steps the reference's sampler takes with `till_T = t_enc`: it runs indices steps-1, steps-2, ...
+    and breaks after index t_enc - 1 (never, for t_enc = 0)."""
+    return steps if t_enc == 0 else steps - t_enc + 1
 
 
-def _not_cross_attention(name: str) -> bool:
-    return not cross_attention(name)
-
-
-def _spec(name: str, scope_name: str, scope, summary: str) -> MethodSpec:  # noqa: ANN001
+def _spec(name: str, scope: Scope, reference: str, summary: str) -> MethodSpec:
     return MethodSpec(name=name, summary=summary, source="Gandikota et al. 2023, rohitgandikota/erasing "
-                      "train-scripts/train-esd.py", kind=TRAINED, settings=ESDSettings, build=ESD, section="esd",
-                      retain_term=False, scope=scope, scope_name=scope_name,
+                      f"train-scripts/train-esd.py (train_method '{reference}')", kind=TRAINED, settings=ESDSettings,
+                      build=functools.partial(ESD, scope=scope), section="esd",
                       defaults={"steps": 1000, "batch_size": 1, "lr": 1e-5})
 
 
+def _unconditioned(name: str) -> bool:
+    """ESD-u's parameters: not cross-attention, not the time embedding, not the output layers."""
+    return not (".attn2." in name or name.startswith(("time_embedding.", "conv_norm_out.", "conv_out.")))
+
+
+UNCONDITIONED = Scope("everything but cross-attention, the time embedding and the output layers", _unconditioned)
 SPECS = (
-    _spec("esd", "the whole UNet (the reference's 'full')", _full, "ESD, negative guidance, the whole UNet"),
-    _spec("esd-x", "cross-attention (attn2) only (the reference's 'xattn')", cross_attention,
-          "ESD on the cross-attention only (the variant for styles and objects)"),
-    _spec("esd-u", "everything but cross-attention (the reference's 'noxattn')", _not_cross_attention,
-          "ESD on everything but the cross-attention (the variant for nudity)"),
+    _spec("esd", EVERYTHING, "full", "ESD, negative guidance, the whole UNet"),
+    _spec("esd-x", CROSS_ATTENTION, "xattn", "ESD on the cross-attention only (the variant for styles and objects)"),
+    _spec("esd-u", UNCONDITIONED, "noxattn", "ESD on everything but the cross-attention (the variant for nudity)"),
 )

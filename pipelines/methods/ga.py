@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.methods.base import TRAINED, Chunk, Draw, MethodSpec, Session
+from pipelines.methods.base import EVERYTHING, TRAINED, Chunk, Draw, MethodSpec, Session
 
 
 @dataclass
@@ -23,6 +23,8 @@ class GradientAscent:
         self.settings = settings
         self.images = ("forget",)
         self.needs_frozen = False
+        self.retain_term = False
+        self.scope = EVERYTHING
 
     def forget_chunk(self, session: Session, draw: Draw) -> Chunk:
         x0, concept = session.images("forget", draw)
@@ -32,5 +34,4 @@ class GradientAscent:
 
 SPEC = MethodSpec(
     name="ga", summary="gradient ascent on the forget images' diffusion loss",
-    source="baseline of Fan et al. 2024 (SalUn)", kind=TRAINED, settings=GASettings, build=GradientAscent,
-    retain_term=False)
+    source="baseline of Fan et al. 2024 (SalUn)", kind=TRAINED, settings=GASettings, build=GradientAscent)

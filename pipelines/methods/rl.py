@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.methods.base import TRAINED, Chunk, Draw, MethodSpec, Session
+from pipelines.methods.base import EVERYTHING, TRAINED, Chunk, Draw, MethodSpec, Session
 
 
 @dataclass
@@ -20,6 +20,8 @@ class RandomLabels:
         self.settings = settings
         self.images = ("forget",)
         self.needs_frozen = False
+        self.retain_term = False
+        self.scope = EVERYTHING
 
     def forget_chunk(self, session: Session, draw: Draw) -> Chunk:
         x0, labels = session.images("forget", draw)

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from erasure.config import option
-from pipelines.methods.base import TRAINED, Chunk, Draw, MethodSpec, Session
+from pipelines.methods.base import EVERYTHING, TRAINED, Chunk, Draw, MethodSpec, Session
 
 DEFAULT_GUIDANCE = 2.0
 """The DDPM's guidance w, (1 + w) eps(c) - w eps(null): the reference's mask and sampling value."""
@@ -31,6 +31,8 @@ class SalUn:
         self.settings = settings
         self.images = ("forget",)
         self.needs_frozen = False
+        self.retain_term = True
+        self.scope = EVERYTHING
 
     def forget_chunk(self, session: Session, draw: Draw) -> Chunk:
         x0, concept = session.images("forget", draw)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from erasure.config import option
-from pipelines.methods.base import EDIT, MethodSpec, cross_attention_key_value
+from pipelines.methods.base import CROSS_ATTENTION_KEY_VALUE, EDIT, MethodSpec
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -48,6 +48,7 @@ class UCE:
 
     def __init__(self, settings: UCESettings) -> None:
         self.settings = settings
+        self.scope = CROSS_ATTENTION_KEY_VALUE
 
     def edit(self, pipe: Any, concepts: list[tuple[str, str]], preserve: list[str]) -> dict[str, Any]:
         erase = [aligned_tokens(pipe, forget, target) for forget, target in concepts]
@@ -64,7 +65,7 @@ class UCE:
 def edited_layers(unet: nn.Module, keys: bool) -> dict[str, nn.Linear]:
     """The cross-attention value (and key) projections of a UNet, by module name."""
     return {name: module for name, module in unet.named_modules()
-            if cross_attention_key_value(name + ".") and (keys or ".to_v" in name + ".")}
+            if CROSS_ATTENTION_KEY_VALUE.includes(name + ".") and (keys or ".to_v" in name + ".")}
 
 
 def aligned_tokens(pipe: Any, text: str, target: str) -> tuple[Tensor, Tensor]:
@@ -118,5 +119,4 @@ def edit_layer(layer: nn.Linear, erase: list[tuple[Tensor, Tensor]], kept: list[
 SPEC = MethodSpec(
     name="uce", summary="closed-form edit of the cross-attention keys and values (seconds, no images)",
     source="Gandikota et al. 2024, rohitgandikota/unified-concept-editing train-scripts/train_erase.py", kind=EDIT,
-    settings=UCESettings, build=UCE, scope=cross_attention_key_value,
-    scope_name="cross-attention key and value projections")
+    settings=UCESettings, build=UCE)
