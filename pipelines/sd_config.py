@@ -79,7 +79,8 @@ class SDEraseSharedConfig(TrackerConfig):
     mask_guidance: float = option(7.5, "w of the guided mask loss (1 + w) eps(c) - w eps(null)", ge=0)
     alpha: float | None = option(None, f"weight of the retain diffusion loss (default {DEFAULT_ALPHA})", ge=0)
     lr: float | None = option(None, f"Adam learning rate (default: the method's, else {DEFAULT_LR})", gt=0)
-    weight_decay: float = option(0.0, "AdamW weight decay (never moves unmasked weights)", ge=0)
+    weight_decay: float | None = option(None, "AdamW weight decay, never moving unmasked weights (default: the "
+                                              "method's (ca: 1e-2), else 0)", ge=0)
     steps: int | None = option(None, "optimizer steps (default: the method's (esd: 1000), else `epochs` passes "
                                       "over the forget set: num_images / batch_size per epoch, as the reference)",
                                ge=1)
@@ -146,8 +147,8 @@ class SDEraseSharedConfig(TrackerConfig):
                               "--mask/--mask-ratio or pick a trained method")
         if self.retain_prompts is None:
             self.retain_prompts = list(dict.fromkeys(target for _, target in pairs))
-        for key, value in {"alpha": DEFAULT_ALPHA, "lr": DEFAULT_LR, "batch_size": DEFAULT_BATCH_SIZE,
-                           **spec.defaults}.items():
+        for key, value in {**{"alpha": DEFAULT_ALPHA, "lr": DEFAULT_LR, "batch_size": DEFAULT_BATCH_SIZE,
+                              "weight_decay": 0.0}, **spec.defaults}.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
         if self.mask_ratio is None and self.mask is None and spec.trains:

@@ -29,7 +29,7 @@ def test_every_registered_method_is_a_module_with_settings_and_a_summary_in_help
         assert spec.name == name and dataclasses.is_dataclass(spec.settings) and spec.source
         assert name in text
         assert spec.build(spec.settings()) is not None
-    assert {"salun", "esd", "esd-x", "esd-u", "ga", "uce"} <= set(SD_METHODS)
+    assert {"salun", "esd", "esd-x", "esd-u", "ga", "ca", "uce"} <= set(SD_METHODS)
 
 
 def _changed(base: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
@@ -62,6 +62,21 @@ def test_esd_variants_change_only_their_scope_and_a_mask_keeps_the_rest_bit_iden
         assert torch.equal(after[name][kept], base[name][kept]), name
     metrics = read_json(out / "metrics.json")
     assert metrics["scope"] == scope.name and metrics["images"] == {"forget": 8}
+
+
+def test_concept_ablation_trains_cross_attention_keys_and_values_on_anchor_images(sets_run, tiny_sd_dir, tmp_path):
+    out = tmp_path / "ca"
+    assert main(erase_args(tiny_sd_dir, out, "--method", "ca", "--steps", 3, "--lr", 1e-3, "--batch-size", 4,
+                           "--grid-seeds", 0, "--no-export-delta")) == 0
+    base, after = unet_state(tiny_sd_dir / "unet"), unet_state(out / "unet")
+    changed = _changed(base, after)
+    assert changed and all(CROSS_ATTENTION_KEY_VALUE.includes(name) for name in changed)
+    metrics = read_json(out / "metrics.json")
+    assert metrics["images"] == {"anchor": 8} and metrics["forget_objective_after"] < metrics["forget_objective_before"]
+    records = (out / "data" / "anchor" / "prompts.jsonl").read_text()
+    assert "a photo of a person wearing clothes" in records and "nude" not in records
+    config = load_config(SDEraseConfig, None, {"concept": "van_gogh", "method": "ca"})
+    assert (config.steps, config.batch_size, config.lr, config.weight_decay) == (100, 8, 1.6e-5, 1e-2)
 
 
 def test_ddim_prefix_is_the_reference_ddim_update_stopped_at_t_enc():

@@ -3,7 +3,9 @@
 salun: `SD/train-scripts/nsfw_removal.py` of OPTML-Group/Unlearn-Saliency (a6e89fd):
 loss = MSELoss(eps(x_t, c_forget), eps(x_t, c_remap).detach()) + alpha * MSELoss(eps(x_r_t, c_r), noise_r).
 esd: rohitgandikota/erasing: MSE(eps(x_t, c), eps*(x_t, null) - eta (eps*(x_t, c) - eps*(x_t, null))) with eps*
-the frozen base model. ga: `SD/train-scripts/gradient_ascent.py`: -MSE(eps(x_t, c_forget), noise).
+the frozen base model. ca: nupurkmr9/concept-ablation `diffusers/train.py` (model-based): on anchor latents,
+MSE(eps(x_t, c_concept), eps(x_t, c_anchor) under no_grad), the same model making both predictions.
+ga: `SD/train-scripts/gradient_ascent.py`: -MSE(eps(x_t, c_forget), noise).
 Our batch (latents, timesteps, noise) is taken from the eraser; the reference loss is recomputed from it.
 """
 from __future__ import annotations
@@ -35,20 +37,22 @@ def _eraser(tmp_path: Path, method: str) -> Eraser:
                      torch.zeros(6, dtype=torch.long))
     embeddings = encode_prompts(pipe, [config.forget_prompt, config.remap_prompt, "", config.remap_prompt])
     conditions = Conditions(embeddings[0:1], embeddings[1:2], embeddings[2:3], embeddings[3:])
-    return Eraser(config, pipe, Accelerator(cpu=True), RunDir(tmp_path / "run"), {"forget": forget, "retain": retain},
-                  conditions)
+    return Eraser(config, pipe, Accelerator(cpu=True), RunDir(tmp_path / "run"),
+                  {"forget": forget, "retain": retain, "anchor": retain}, conditions)
 
 
 def _eps(unet, x_t, t, condition):
     return unet(x_t, t, encoder_hidden_states=condition.expand(x_t.shape[0], -1, -1)).sample
 
 
-@pytest.mark.parametrize("method", ["salun", "esd", "esd-x", "ga"])
+@pytest.mark.parametrize("method", ["salun", "esd", "esd-x", "ga", "ca"])
 def test_each_method_loss_is_its_reference_formula(tmp_path: Path, method: str) -> None:
     eraser = _eraser(tmp_path, method)
     captured = []
     original = eraser.chunks_loss
     eraser.chunks_loss = lambda model, chunks: captured.extend(chunks) or original(model, chunks)
+    read, images = [], eraser.images
+    eraser.images = lambda name, draw: read.append(name) or images(name, draw)
     ours = eraser.step_loss(0, 0)
     unet, c = eraser.pipe.unet, eraser.conditions
     forget = captured[0]
@@ -63,6 +67,10 @@ def test_each_method_loss_is_its_reference_formula(tmp_path: Path, method: str) 
             null, cond = _eps(eraser.base, forget.x_t, forget.t, c.null), _eps(eraser.base, forget.x_t,
                                                                                   forget.t, c.forget)
         reference = F.mse_loss(out, null - 1.5 * (cond - null))
+    elif method == "ca":
+        assert read == ["anchor"], "ca trains on anchor images"
+        reference = F.mse_loss(out, _eps(unet, forget.x_t, forget.t, c.target).detach())
+        assert len(captured) == 1, "no prior preservation by default"
     else:
         reference = -F.mse_loss(out, forget.target)
         assert len(captured) == 1, "gradient ascent has no retain term"
