@@ -29,7 +29,7 @@ def test_every_registered_method_is_a_module_with_settings_and_a_summary_in_help
         assert spec.name == name and dataclasses.is_dataclass(spec.settings) and spec.source
         assert name in text
         assert spec.build(spec.settings()) is not None
-    assert {"salun", "esd", "esd-x", "esd-u", "ga", "ca", "uce"} <= set(SD_METHODS)
+    assert {"salun", "esd", "esd-x", "esd-u", "ga", "ca", "uce", "rece"} <= set(SD_METHODS)
 
 
 def _changed(base: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
@@ -214,6 +214,38 @@ def test_uce_runs_end_to_end_in_seconds_without_images_and_refuses_a_mask(tiny_s
     assert metrics["preserve"] == ["a photo of a cat"] and (out / "samples" / "before_after.png").is_file()
     with pytest.raises(ConfigError, match="closed-form edit and takes no saliency mask"):
         load_config(SDEraseConfig, None, {"concept": "nudity", "method": "uce", "mask_ratio": 0.5})
+
+
+def test_rece_adversarial_embedding_is_its_closed_form_minimiser():
+    from pipelines.methods.rece import adversarial_embedding, full_tokens
+    from pipelines.methods.uce import UCE, UCESettings, edited_layers
+    from pipelines.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    layers = edited_layers(pipe.unet, keys=True)
+    original = {name: layer.weight.detach().double().clone() for name, layer in layers.items()}
+    UCE(UCESettings()).edit(pipe, [("a photo of a nude person", "")], [])
+    concept = full_tokens(pipe, "a photo of a nude person").double()
+    e = adversarial_embedding(concept.float(), layers, original, 0.1).double().requires_grad_(True)
+    objective = 0.1 * e.square().sum() + sum(
+        (e @ layer.weight.detach().double().T - concept @ original[name].T).square().sum()
+        for name, layer in layers.items())
+    objective.backward()
+    assert float(e.grad.abs().max()) < 1e-3 * float(concept.abs().max())
+    assert e.shape == (77, concept.shape[1])
+
+
+def test_rece_runs_in_seconds_edits_only_keys_and_values_and_each_round_leaves_less_to_recover(tiny_sd_dir,
+                                                                                                tmp_path):
+    out = tmp_path / "rece"
+    assert main(erase_args(tiny_sd_dir, out, "--method", "rece", "--concept", "nudity", "--concept", "van_gogh",
+                           "--grid-seeds", 0)) == 0
+    metrics = read_json(out / "metrics.json")
+    assert metrics["edit_seconds"] < 10 and len(metrics["concepts"]) == 2
+    gaps = metrics["adversarial_gap_by_epoch"]
+    assert len(gaps) == 3 and gaps[0] < gaps[-1]
+    changed = _changed(unet_state(tiny_sd_dir / "unet"), unet_state(out / "unet"))
+    assert changed and all(CROSS_ATTENTION_KEY_VALUE.includes(name) for name in changed)
 
 
 def test_several_concepts_come_from_repeated_presets_and_a_concepts_file(tmp_path):

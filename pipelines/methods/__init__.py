@@ -6,10 +6,10 @@ it to `_SD_MODULES` (and `DDPM_METHODS` where it applies), a test, and a line in
 """
 from __future__ import annotations
 
-from pipelines.methods import ca, esd, ga, rl, salun, uce
+from pipelines.methods import ca, esd, ga, rece, rl, salun, uce
 from pipelines.methods.base import MethodSpec
 
-_SD_MODULES = (salun, esd, ga, ca, uce)
+_SD_MODULES = (salun, esd, ga, ca, uce, rece)
 SD_METHODS: dict[str, MethodSpec] = {spec.name: spec for module in _SD_MODULES
                                      for spec in getattr(module, "SPECS", None) or (module.SPEC,)}
 DDPM_METHODS: dict[str, MethodSpec] = {"salun": salun.DDPM_SPEC, "ga": ga.SPEC, "rl": rl.SPEC}
