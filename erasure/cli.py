@@ -66,6 +66,8 @@ COMMANDS: tuple[Command, ...] = (
             "pipelines.testbed_config:TestbedEvalConfig", "pipelines.testbed_eval:evaluate"),
     Command(("testbed", "export"), "copy a finished testbed build (pipeline + judge) in half precision",
             "pipelines.testbed_config:TestbedExportConfig", "pipelines.testbed_eval:export"),
+    Command(("bench", "erase"), "erase testbed classes with every method: forgetting, retention and cost side by side",
+            "pipelines.bench_config:BenchEraseConfig", "pipelines.bench_erase:bench"),
     Command(("sample",), "generate images from a base or erased model for evaluation",
             "pipelines.config:SampleConfig", "pipelines.commands:sample"),
 )
@@ -138,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Without a subcommand, options mean `sd` (e.g. `accelerate launch erase.py --concept nudity`).",
     )
     parser.add_argument("--version", action="version", version=f"erasure {__version__}")
-    top = parser.add_subparsers(dest="command", metavar="{sd,export,ddpm,classifier,mask,eval,testbed,sample}")
+    top = parser.add_subparsers(dest="command", metavar="{sd,export,ddpm,classifier,mask,eval,testbed,bench,sample}")
     groups: dict[str, argparse._SubParsersAction] = {}
     for command in COMMANDS:
         head, *rest = command.path

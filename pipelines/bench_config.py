@@ -1,0 +1,58 @@
+"""Config of `erasure bench erase` (data only: no torch import, so `--help` stays fast)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from erasure.config import option
+from erasure.errors import ConfigError
+from pipelines.methods import SD_METHODS
+from pipelines.testbed_captions import CLASSES
+
+CONCEPT_SEPARATOR = "+"
+
+
+@dataclass
+class BenchEraseConfig:
+    """Erase testbed classes with every method and measure forgetting, retention and cost side by side."""
+
+    model: str = option("testbed", "the base pipeline: 'testbed' (committed) or a testbed build's pipeline directory")
+    judge: str = option("testbed", "the judge classifier: 'testbed' (committed), a classifier run or model file")
+    concepts: list[str] = option(["airplane"], "what each row set erases: a class, or classes joined by '+' for "
+                                               "several in one run (airplane+ship)")
+    methods: list[str] = option(list(SD_METHODS), "the methods to compare", choices=tuple(SD_METHODS))
+    target: str = option("a photo", "every concept's remap / anchor / target prompt")
+    erase: dict[str, Any] = option({}, "more `erasure sd` options for every method run (e.g. {num_images: 200})")
+    retrained: dict[str, str] = option({}, "gold standard per concept set: a pipeline built without those classes "
+                                           "(e.g. {airplane: outputs/testbed-no-airplane/pipeline})")
+    seeds: list[int] = option([0], "seeds of each method run (and its evaluation images); 3 give mean +- std")
+    per_prompt: int = option(50, "evaluation images per prompt", ge=2)
+    steps: int = option(25, "sampling steps of the evaluation images (the testbed's DDIM)", ge=1)
+    guidance: float = option(3.0, "guidance scale of the evaluation images", ge=1)
+    batch_size: int = option(100, "images per pipeline call", ge=1)
+    threads: int = option(1, "torch CPU threads (one was fastest on this busy 2-core machine)", ge=1)
+    out: str = option("outputs/bench-erase", "output directory: runs/, report.md, metrics.json, grid.png")
+    overwrite: bool = option(False, "replace an existing output directory")
+    resume: bool = option(False, "keep finished method runs and evaluations of an unfinished benchmark")
+
+    def class_sets(self) -> list[list[str]]:
+        """Each concept set as its list of classes."""
+        return [entry.split(CONCEPT_SEPARATOR) for entry in self.concepts]
+
+    def validate(self) -> None:
+        """Check classes, the retrained keys and the `erase` options before any model is loaded."""
+        for i, classes in enumerate(self.class_sets()):
+            unknown = [name for name in classes if name not in CLASSES]
+            if unknown or len(set(classes)) != len(classes):
+                raise ConfigError(f"config key 'concepts[{i}]': '{self.concepts[i]}' must name distinct testbed "
+                                  f"classes joined by '+' ({', '.join(CLASSES)})")
+        extra = set(self.retrained) - set(self.concepts)
+        if extra:
+            raise ConfigError(f"config key 'retrained': '{sorted(extra)[0]}' is not one of the concepts "
+                              f"{self.concepts}")
+        if not self.seeds:
+            raise ConfigError("config key 'seeds' must list at least one seed")
+        for key in ("model", "out", "method", "concept", "concepts", "forget_prompt", "remap_prompt", "seed",
+                    "overwrite", "resume", "preserve", "retain_prompts"):
+            if key in self.erase:
+                raise ConfigError(f"config key 'erase.{key}' is set by the benchmark itself; remove it")

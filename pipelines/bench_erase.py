@@ -1,0 +1,223 @@
+"""`erasure bench erase`: erase testbed classes with every method, judge what is forgotten and what is kept.
+
+For each concept set and seed, every method runs as its own `erasure sd` process (so its wall time and peak
+memory are its own) on the base pipeline, with every erased class's quality prompt as a concept (target: the
+`target` prompt) and the other classes' quality prompts to preserve. Each result is judged by the testbed's
+classifier on the same prompts and seeds as the base model (and the retrained gold standard when given):
+
+- forgetting: the share of images judged as an erased class, from its quality prompt, from the templates held
+  out of training, and from its synonyms (lower is better; UA = 100 - it);
+- retention: the judge's accuracy on the other classes' quality prompts, and the Fréchet distance of the judge's
+  penultimate features of those images to the base model's (a feature distance, not FID);
+- cost: seconds and peak resident memory of the erasure process.
+
+Finished method runs and evaluations are kept (`--resume`), so an interrupted benchmark continues.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import mean, stdev
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from torch import Tensor, nn
+
+from classifiers.metrics import predict_proba
+from classifiers.models import to_input
+from erasure.config import load_config, to_dict
+from erasure.datasets import ImageSet
+from erasure.evaluation.fid import fid_kid
+from erasure.io import RunDir, atomic_open, read_json
+from erasure.media import image_grid, save_png
+from pipelines.bench_config import CONCEPT_SEPARATOR, BenchEraseConfig
+from pipelines.loading import load_base_pipeline, load_erased_pipeline
+from pipelines.sd_config import SDEraseConfig
+from pipelines.testbed_captions import CLASSES, HELD_OUT_TEMPLATES, QUALITY_PROMPT, SYNONYMS, caption
+from pipelines.testbed_eval import generate, load_judge
+
+GROUPS = ("forget", "held_out", "synonyms")
+COST_FILE, EVAL_FILE = "cost.json", "bench.json"
+
+
+def prompt_groups(classes: list[str]) -> dict[str, list[tuple[str, int]]]:
+    """(prompt, class index) of each evaluation group: the erased classes' quality prompts, held-out templates
+    and synonyms, and the retained classes' quality prompts."""
+    def pairs(texts_of: Any, names: list[str]) -> list[tuple[str, int]]:
+        return [(text, CLASSES.index(name)) for name in names for text in texts_of(name)]
+
+    return {"forget": pairs(lambda n: [caption(QUALITY_PROMPT, n)], classes),
+            "held_out": pairs(lambda n: [caption(t, n) for t in HELD_OUT_TEMPLATES], classes),
+            "synonyms": pairs(lambda n: [caption(QUALITY_PROMPT, s) for s in SYNONYMS[n] if s != n], classes),
+            "retained": pairs(lambda n: [caption(QUALITY_PROMPT, n)], [c for c in CLASSES if c not in classes])}
+
+
+def judge_pipeline(pipe: StableDiffusionPipeline, judge: nn.Module, classes: list[str], seed: int,
+                   config: BenchEraseConfig) -> tuple[dict[str, Any], Tensor, dict[str, np.ndarray]]:
+    """Forgetting per group, retained accuracy, the retained images' judge features and one image per prompt."""
+    groups = prompt_groups(classes)
+    erased = torch.tensor([CLASSES.index(name) for name in classes])
+    result: dict[str, Any] = {}
+    features, samples = None, {}
+    for name, pairs in groups.items():
+        prompts = [text for text, _ in pairs for _ in range(config.per_prompt)]
+        labels = torch.tensor([label for _, label in pairs]).repeat_interleave(config.per_prompt)
+        seeds = [seed * 100_000 + i % config.per_prompt for i in range(len(prompts))]
+        images = generate(pipe, prompts, seeds, steps=config.steps, guidance=config.guidance,
+                          batch_size=config.batch_size)
+        predicted = predict_proba(judge, ImageSet(images, labels)).argmax(1)
+        if name == "retained":
+            result["retained_accuracy"] = round(100.0 * float((predicted == labels).float().mean()), 2)
+            with torch.no_grad():
+                features = torch.cat([judge.features(to_input(images[i:i + 500])) for i in
+                                      range(0, len(images), 500)])
+        else:
+            result[f"{name}_erased_pct"] = round(100.0 * float(torch.isin(predicted, erased).float().mean()), 2)
+        for (text, _), start in zip(pairs, range(0, len(prompts), config.per_prompt), strict=True):
+            samples[text] = images[start].permute(1, 2, 0).numpy()
+    return result, features, samples
+
+
+def erase_args(config: BenchEraseConfig, classes: list[str], method: str, seed: int, out: Path) -> dict[str, Any]:
+    """The `erasure sd` config of one method run."""
+    others = [caption(QUALITY_PROMPT, c) for c in CLASSES if c not in classes]
+    concepts = [{"forget": caption(QUALITY_PROMPT, c), "target": config.target} for c in classes]
+    values = {"model": config.model, "method": method, "seed": seed, "out": str(out), "preserve": others,
+              "grid_seeds": 0, "export_delta": False, "resolution": 16, "generation_steps": config.steps,
+              "generation_guidance": config.guidance, **config.erase}
+    values["forget_prompt"], values["remap_prompt"] = concepts[0]["forget"], concepts[0]["target"]
+    return {"values": values, "concepts": concepts[1:]}
+
+
+def run_method(config: BenchEraseConfig, classes: list[str], method: str, seed: int, folder: Path) -> dict[str, Any]:
+    """Erase in a child process (kept when already finished); returns its cost."""
+    cost_file, run = folder / COST_FILE, folder / "run"
+    if cost_file.is_file() and (run / "manifest.json").is_file() and \
+            read_json(run / "manifest.json").get("status") == "finished":
+        return read_json(cost_file)
+    spec = erase_args(config, classes, method, seed, run)
+    folder.mkdir(parents=True, exist_ok=True)
+    values = dict(spec["values"], overwrite=True)
+    if spec["concepts"]:
+        concepts_file = folder / "concepts.yaml"  # JSON is YAML
+        concepts_file.write_text(json.dumps(spec["concepts"]))
+        values["concepts"] = str(concepts_file)
+    config_file = folder / "erase.yaml"
+    config_file.write_text(json.dumps(values))
+    env = dict(os.environ, OMP_NUM_THREADS=str(config.threads), HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-c", "import sys; from erasure.cli import main; sys.exit(main(sys.argv[1:]))",
+               "sd", "--config", str(config_file)]
+    started = time.perf_counter()
+    with open(folder / "log.txt", "w") as log:
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        tail = (folder / "log.txt").read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"{method} on {'+'.join(classes)} (seed {seed}) failed: {tail[0]}; see {folder}/log.txt")
+    cost = {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    with atomic_open(cost_file, "w") as handle:
+        json.dump(cost, handle)
+    return cost
+
+
+def evaluate_run(config: BenchEraseConfig, pipe: StableDiffusionPipeline, judge: nn.Module, classes: list[str],
+                 seed: int, base_features: Tensor, folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Judge one pipeline (cached in <folder>/bench.json; its sample images are regenerated for the grid)."""
+    cached = folder / EVAL_FILE
+    result, features, samples = judge_pipeline(pipe, judge, classes, seed, config) if not cached.is_file() else (
+        read_json(cached), None, {})
+    if features is not None:
+        result["feature_distance"] = round(fid_kid(features, base_features, seed=seed)["fid"], 3) \
+            if base_features is not None else 0.0
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_open(cached, "w") as handle:
+            json.dump(result, handle)
+    return result, samples
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean (and std over seeds) of every number in a method's per-seed rows."""
+    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float))]
+    return {k: {"mean": round(mean(r[k] for r in rows), 3),
+                "std": round(stdev(r[k] for r in rows), 3) if len(rows) > 1 else None} for k in keys}
+
+
+COLUMNS = (("forget_erased_pct", "forget prompt %"), ("held_out_erased_pct", "held-out templates %"),
+           ("synonyms_erased_pct", "synonyms %"), ("retained_accuracy", "retained acc. %"),
+           ("feature_distance", "feature dist."), ("seconds", "seconds"), ("peak_rss_mb", "peak MB"))
+
+
+def report(config: BenchEraseConfig, results: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """report.md: one table per concept set, rows base / retrained / methods."""
+    lines = ["# Erasure benchmark on the CPU testbed", "",
+             f"Command: `erasure bench erase` with {json.dumps(to_dict(config))}", "",
+             "Percentages of images the judge calls an erased class (lower is better), the judge's accuracy on the "
+             "other classes, the Fréchet distance of its features to the base model's generations of them (not "
+             "FID), and the erasure's wall time and peak memory; mean ± std over the seeds.", ""]
+    for concept, rows in results.items():
+        lines += [f"## {concept}", "", "| model | " + " | ".join(label for _, label in COLUMNS) + " |",
+                  "|---" * (len(COLUMNS) + 1) + "|"]
+        for name, summary in rows.items():
+            cells = []
+            for key, _ in COLUMNS:
+                value = summary.get(key)
+                cells.append("—" if value is None else f"{value['mean']:g}" +
+                             (f" ± {value['std']:g}" if value["std"] is not None else ""))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def bench(config: BenchEraseConfig) -> dict[str, Any]:
+    """Run the benchmark; writes metrics.json, report.md and grid.png under `out`."""
+    torch.set_num_threads(config.threads)
+    for method in config.methods:  # every method's options are checked before any work
+        for classes in config.class_sets():
+            load_config(SDEraseConfig, None, erase_args(config, classes, method, config.seeds[0], Path("x"))["values"])
+    run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume)
+    run.start(to_dict(config), seed=config.seeds[0], device="cpu", kind="bench-erase")
+    judge = load_judge(config.judge)
+    base = load_base_pipeline(config.model)
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    grid_rows: list[tuple[str, dict[str, np.ndarray]]] = []
+    for concept, classes in zip(config.concepts, config.class_sets(), strict=True):
+        per_model: dict[str, list[dict[str, Any]]] = {}
+        for seed in config.seeds:
+            base_result, base_features, base_samples = judge_pipeline(base, judge, classes, seed, config)
+            per_model.setdefault("base", []).append(dict(base_result, feature_distance=0.0))
+            if seed == config.seeds[0] and concept == config.concepts[0]:
+                grid_rows.append(("base", base_samples))
+            if concept in config.retrained:
+                gold = load_base_pipeline(config.retrained[concept])
+                folder = run.path / "runs" / concept / "retrained" / f"seed{seed}"
+                result, samples = evaluate_run(config, gold, judge, classes, seed, base_features, folder)
+                per_model.setdefault("retrained", []).append(result)
+                if seed == config.seeds[0] and concept == config.concepts[0] and samples:
+                    grid_rows.append(("retrained", samples))
+            for method in config.methods:
+                folder = run.path / "runs" / concept / method / f"seed{seed}"
+                cost = run_method(config, classes, method, seed, folder)
+                erased = load_erased_pipeline(config.model, folder / "run")
+                result, samples = evaluate_run(config, erased, judge, classes, seed, base_features, folder)
+                per_model.setdefault(method, []).append({**result, **cost})
+                if seed == config.seeds[0] and concept == config.concepts[0] and samples:
+                    grid_rows.append((method, samples))
+        results[concept] = {name: summarise(rows) for name, rows in per_model.items()}
+    if grid_rows:
+        prompts = list(grid_rows[0][1])[:8]
+        save_png(run.path / "grid.png", image_grid([row[1][p] for row in grid_rows for p in prompts if p in row[1]],
+                                                   columns=len(prompts), cell=64))
+    with atomic_open(run.path / "report.md", "w") as handle:
+        handle.write(report(config, results))
+    metrics = {"concepts": results, "separator": CONCEPT_SEPARATOR}
+    run.finish(metrics)
+    print(json.dumps({concept: {name: {k: v["mean"] for k, v in row.items()} for name, row in rows.items()}
+                      for concept, rows in results.items()}))
+    return metrics

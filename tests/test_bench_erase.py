@@ -1,0 +1,47 @@
+"""`erasure bench erase` on the committed testbed: one closed-form method, few images, seconds."""
+from __future__ import annotations
+
+import pytest
+
+from erasure.cli import main
+from erasure.config import load_config
+from erasure.errors import ConfigError
+from erasure.io import read_json
+from pipelines.bench_config import BenchEraseConfig
+from pipelines.bench_erase import prompt_groups
+
+
+def test_the_benchmark_judges_base_and_method_writes_its_report_and_resumes(tmp_path):
+    out = tmp_path / "bench"
+    args = ["bench", "erase", "--concepts", "airplane", "--methods", "uce", "--per-prompt", "2", "--out", str(out)]
+    assert main(args) == 0
+    rows = read_json(out / "metrics.json")["concepts"]["airplane"]
+    assert set(rows) == {"base", "uce"}
+    assert rows["uce"]["seconds"]["mean"] > 0 and rows["uce"]["peak_rss_mb"]["mean"] > 100
+    assert rows["base"]["feature_distance"]["mean"] == 0.0
+    assert rows["uce"]["forget_erased_pct"]["mean"] <= rows["base"]["forget_erased_pct"]["mean"]
+    report = (out / "report.md").read_text()
+    assert "| uce |" in report and "held-out templates %" in report and (out / "grid.png").is_file()
+    cost = out / "runs" / "airplane" / "uce" / "seed0" / "cost.json"
+    stamp = cost.stat().st_mtime_ns
+    (out / "manifest.json").write_text((out / "manifest.json").read_text().replace('"finished"', '"running"'))
+    assert main([*args, "--resume"]) == 0
+    assert cost.stat().st_mtime_ns == stamp, "a finished method run is kept on resume"
+
+
+def test_evaluation_prompts_cover_the_held_out_templates_synonyms_and_every_other_class():
+    groups = prompt_groups(["airplane", "ship"])
+    assert [text for text, _ in groups["forget"]] == ["a photo of an airplane", "a photo of a ship"]
+    assert len(groups["held_out"]) == 6 and ("a photo of a jet", 0) in groups["synonyms"]
+    assert len(groups["retained"]) == 8 and all(label not in (0, 8) for _, label in groups["retained"])
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"concepts": ["dragon"]}, "concepts[0]"),
+    ({"concepts": ["airplane+airplane"]}, "distinct testbed classes"),
+    ({"erase": {"method": "ga"}}, "erase.method"),
+    ({"retrained": {"ship": "x"}}, "config key 'retrained'"),
+])
+def test_bad_benchmark_configs_name_the_key(values, words):
+    with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        load_config(BenchEraseConfig, None, values)
