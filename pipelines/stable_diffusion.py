@@ -231,7 +231,8 @@ class Eraser:
         self.spec, self.method = SD_METHODS[config.method], build_method(config)
         self.concepts = conditions.forget.shape[0]
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.latent_shape = (pipe.unet.config.in_channels, config.resolution // 8, config.resolution // 8)
+        size = config.resolution // pipe.vae_scale_factor
+        self.latent_shape = (pipe.unet.config.in_channels, size, size)
         self.base = self._frozen_copy() if self.method.needs_frozen else None
         self.mask: Mask | None = None
         self.unet: torch.nn.Module = pipe.unet

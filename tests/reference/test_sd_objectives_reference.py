@@ -27,7 +27,7 @@ from pipelines.tiny import build_tiny_pipeline
 def _eraser(tmp_path: Path, method: str) -> Eraser:
     config = load_config(SDEraseConfig, None, {"concept": "nudity", "model": "tiny", "method": method,
                                                "batch_size": 4, "alpha": 0.3, "esd.guidance": 1.5,
-                                               "resolution": 32})
+                                               "resolution": 8})
     pipe = build_tiny_pipeline()
     generator = torch.Generator().manual_seed(0)
     shape = (6, 4, 4, 4)
@@ -55,6 +55,7 @@ def test_each_method_loss_is_its_reference_formula(tmp_path: Path, method: str) 
     eraser.images = lambda name, draw: read.append(name) or images(name, draw)
     ours = eraser.step_loss(0, 0)
     unet, c = eraser.pipe.unet, eraser.conditions
+    assert eraser.latent_shape == tuple(eraser.sets["forget"].x0.shape[1:]), "self-sampled latents match the VAE's"
     forget = captured[0]
     out = _eps(unet, forget.x_t, forget.t, c.forget)
     if method == "salun":
