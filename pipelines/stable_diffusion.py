@@ -472,7 +472,7 @@ def erase(config: SDEraseConfig, accelerator: Accelerator | None = None) -> dict
     """Run `erasure sd`: the method's edit, or sets -> mask -> masked training; then unet/, mask, delta, grid,
     metrics."""
     pairs = config.concept_pairs()
-    prompt_texts(config.retain_prompts)
+    prompt_texts(config.retain_prompts)  # a missing prompt file fails now, before the model loads
     for folder in (config.forget_images, config.retain_images):
         if folder is not None:
             list_images(folder)

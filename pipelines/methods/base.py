@@ -165,3 +165,16 @@ EVERYTHING = Scope("the whole UNet", lambda name: True)
 CROSS_ATTENTION = Scope("cross-attention (attn2)", _cross_attention)
 CROSS_ATTENTION_KEY_VALUE = Scope("cross-attention key and value projections", _cross_attention_key_value)
 ATTENTION = Scope("every attention projection (q, k, v, out)", _attention_projections)
+
+
+class ImageObjective:
+    """Defaults of a trained method whose forget rows are the forget images, trained over the whole UNet, with
+    no frozen copy and no retain term; subclasses override what differs."""
+
+    images: tuple[str, ...] = ("forget",)
+    needs_frozen = False
+    retain_term = False
+    scope = EVERYTHING
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings

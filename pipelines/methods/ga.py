@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.methods.base import EVERYTHING, TRAINED, Chunk, Draw, MethodSpec, Session
+from pipelines.methods.base import TRAINED, Chunk, Draw, ImageObjective, MethodSpec, Session
 
 
 @dataclass
@@ -16,15 +16,8 @@ class GASettings:
     """Gradient ascent has no settings of its own."""
 
 
-class GradientAscent:
+class GradientAscent(ImageObjective):
     """Ascend the diffusion loss of the forget prompt on forget images."""
-
-    def __init__(self, settings: GASettings) -> None:
-        self.settings = settings
-        self.images = ("forget",)
-        self.needs_frozen = False
-        self.retain_term = False
-        self.scope = EVERYTHING
 
     def forget_chunk(self, session: Session, draw: Draw) -> Chunk:
         x0, concept = session.images("forget", draw)

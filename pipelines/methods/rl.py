@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.methods.base import EVERYTHING, TRAINED, Chunk, Draw, MethodSpec, Session
+from pipelines.methods.base import TRAINED, Chunk, Draw, ImageObjective, MethodSpec, Session
 
 
 @dataclass
@@ -13,15 +13,8 @@ class RLSettings:
     """Random labels have no settings of their own."""
 
 
-class RandomLabels:
+class RandomLabels(ImageObjective):
     """The ordinary diffusion loss of forget images under random other classes."""
-
-    def __init__(self, settings: RLSettings) -> None:
-        self.settings = settings
-        self.images = ("forget",)
-        self.needs_frozen = False
-        self.retain_term = False
-        self.scope = EVERYTHING
 
     def forget_chunk(self, session: Session, draw: Draw) -> Chunk:
         x0, labels = session.images("forget", draw)

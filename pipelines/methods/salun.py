@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from erasure.config import option
-from pipelines.methods.base import EVERYTHING, TRAINED, Chunk, Draw, MethodSpec, Session
+from pipelines.methods.base import TRAINED, Chunk, Draw, ImageObjective, MethodSpec, Session
 
 DEFAULT_GUIDANCE = 2.0
 """The DDPM's guidance w, (1 + w) eps(c) - w eps(null): the reference's mask and sampling value."""
@@ -24,15 +24,10 @@ class SalUnSettings:
     """SalUn has no settings beyond the shared ones (remap prompt, mask ratio, alpha)."""
 
 
-class SalUn:
+class SalUn(ImageObjective):
     """The remap objective."""
 
-    def __init__(self, settings: SalUnSettings) -> None:
-        self.settings = settings
-        self.images = ("forget",)
-        self.needs_frozen = False
-        self.retain_term = True
-        self.scope = EVERYTHING
+    retain_term = True
 
     def forget_chunk(self, session: Session, draw: Draw) -> Chunk:
         x0, concept = session.images("forget", draw)
