@@ -10,6 +10,9 @@ from pipelines.methods import SD_METHODS
 from pipelines.testbed_captions import CLASSES
 
 CONCEPT_SEPARATOR = "+"
+RESERVED = ("model", "out", "method", "concept", "concepts", "forget_prompt", "remap_prompt", "seed", "overwrite",
+            "resume", "preserve", "retain_prompts")
+"""`erasure sd` options the benchmark sets for every run."""
 
 
 @dataclass
@@ -23,6 +26,8 @@ class BenchEraseConfig:
     methods: list[str] = option(list(SD_METHODS), "the methods to compare", choices=tuple(SD_METHODS))
     target: str = option("a photo", "every concept's remap / anchor / target prompt")
     erase: dict[str, Any] = option({}, "more `erasure sd` options for every method run (e.g. {num_images: 200})")
+    per_method: dict[str, Any] = option({}, "more `erasure sd` options for one method, by method name (e.g. "
+                                            "{salun: {alpha: 0.5, epochs: 5}}: SalUn's object recipe)")
     retrained: dict[str, str] = option({}, "gold standard per concept set: a pipeline built without those classes "
                                            "(e.g. {airplane: outputs/testbed-no-airplane/pipeline})")
     seeds: list[int] = option([0], "seeds of each method run (and its evaluation images); 3 give mean +- std")
@@ -52,7 +57,13 @@ class BenchEraseConfig:
                               f"{self.concepts}")
         if not self.seeds:
             raise ConfigError("config key 'seeds' must list at least one seed")
-        for key in ("model", "out", "method", "concept", "concepts", "forget_prompt", "remap_prompt", "seed",
-                    "overwrite", "resume", "preserve", "retain_prompts"):
-            if key in self.erase:
-                raise ConfigError(f"config key 'erase.{key}' is set by the benchmark itself; remove it")
+        unknown = set(self.per_method) - set(SD_METHODS)
+        if unknown:
+            raise ConfigError(f"config key 'per_method': '{sorted(unknown)[0]}' is not a method "
+                              f"({', '.join(SD_METHODS)})")
+        for where, options in [("erase", self.erase), *((f"per_method.{m}", o) for m, o in self.per_method.items())]:
+            if not isinstance(options, dict):
+                raise ConfigError(f"config key '{where}' must be a mapping of `erasure sd` options")
+            for key in RESERVED:
+                if key in options:
+                    raise ConfigError(f"config key '{where}.{key}' is set by the benchmark itself; remove it")

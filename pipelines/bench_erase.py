@@ -90,7 +90,7 @@ def erase_args(config: BenchEraseConfig, classes: list[str], method: str, seed: 
     concepts = [{"forget": caption(QUALITY_PROMPT, c), "target": config.target} for c in classes]
     values = {"model": config.model, "method": method, "seed": seed, "out": str(out), "preserve": others,
               "grid_seeds": 0, "export_delta": False, "resolution": 16, "generation_steps": config.steps,
-              "generation_guidance": config.guidance, **config.erase}
+              "generation_guidance": config.guidance, **config.erase, **config.per_method.get(method, {})}
     values["forget_prompt"], values["remap_prompt"] = concepts[0]["forget"], concepts[0]["target"]
     return {"values": values, "concepts": concepts[1:]}
 

@@ -41,6 +41,8 @@ def test_evaluation_prompts_cover_the_held_out_templates_synonyms_and_every_othe
     ({"concepts": ["airplane+airplane"]}, "distinct testbed classes"),
     ({"erase": {"method": "ga"}}, "erase.method"),
     ({"retrained": {"ship": "x"}}, "config key 'retrained'"),
+    ({"per_method": {"dragon": {}}}, "config key 'per_method'"),
+    ({"per_method": {"salun": {"seed": 3}}}, "per_method.salun.seed"),
 ])
 def test_bad_benchmark_configs_name_the_key(values, words):
     with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
