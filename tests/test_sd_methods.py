@@ -294,3 +294,29 @@ def test_a_two_concept_salun_run_trains_each_row_on_its_own_concept(sets_run, ti
     rows = [int(torch.argmin((forget - c).abs().flatten(1).sum(1))) for c in chunk.condition]
     assert set(rows) == {0, 1}
     assert SD_METHODS["salun"].kind == TRAINED
+
+
+@pytest.mark.slow
+def test_a_resumed_esd_run_with_self_sampled_inputs_is_bit_identical(sets_run, tiny_sd_dir, tmp_path, monkeypatch):
+    from pipelines.stable_diffusion import Eraser
+
+    flags = ["--method", "esd-x", "--steps", 4, "--lr", 1e-3, "--esd-ddim-steps", 3, "--checkpoint-every", 2,
+             "--grid-seeds", 0, "--no-export-delta"]
+    whole = tmp_path / "whole"
+    assert main(erase_args(tiny_sd_dir, whole, *flags)) == 0
+    original = Eraser.step_loss
+
+    def crash_at_step_3(self, step, micro=0):
+        if step == 3:
+            raise RuntimeError("simulated crash")
+        return original(self, step, micro)
+
+    monkeypatch.setattr(Eraser, "step_loss", crash_at_step_3)
+    resumed = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(erase_args(tiny_sd_dir, resumed, *flags))
+    monkeypatch.setattr(Eraser, "step_loss", original)
+    assert main(erase_args(tiny_sd_dir, resumed, *flags, "--resume")) == 0
+    assert read_json(resumed / "metrics.json")["resumed_from_step"] == 2
+    expected, got = unet_state(whole / "unet"), unet_state(resumed / "unet")
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
