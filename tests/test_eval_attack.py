@@ -89,6 +89,21 @@ def test_prefix_attacks_lower_their_own_objective(pipe, erased, reference, attac
     assert found[-1].ids.shape == (1, 77) and found[-1].ids[0, 4:4 + 11].tolist() == original[0, 1:12].tolist()
 
 
+def test_unlearndiffatk_aims_at_the_velocity_of_a_v_prediction_model(pipe) -> None:
+    """Its goal is the diffusion training target: the noise (the reference, epsilon models) or the velocity."""
+    from diffusers import DDPMScheduler
+
+    x0, noise = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
+    attack, target = UnlearnDiffAtk(UnlearnDiffAtkSettings()), Target(pipe, lambda: pipe, lambda _: None)
+    assert torch.equal(attack.goal(target, x0, 300, noise, None, x0), noise)
+    velocity_pipe = build_tiny_pipeline()
+    velocity_pipe.scheduler = DDPMScheduler.from_config(velocity_pipe.scheduler.config, prediction_type="v_prediction")
+    goal = attack.goal(Target(velocity_pipe, lambda: velocity_pipe, lambda _: None), x0, 300, noise, None, x0)
+    expected = velocity_pipe.scheduler.get_velocity(x0, noise, torch.tensor([300]))
+    torch.testing.assert_close(goal, expected)
+    assert not torch.allclose(goal, noise)
+
+
 def test_ringabell_lowers_its_own_objective(pipe) -> None:
     """More generations bring the prompt's embedding closer to prompt + eta * concept vector."""
     pairs = [("a nude person", "a person"), ("a naked man", "a man")]

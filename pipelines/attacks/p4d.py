@@ -40,7 +40,8 @@ class P4D(PrefixTokenAttack):
     def chosen(self, parameter: Tensor, table: Tensor) -> Tensor:
         return nearest_tokens(parameter, table)
 
-    def goal(self, target: Target, noisy: Tensor, timestep: int, noise: Tensor, original: Tensor) -> Tensor:
+    def goal(self, target: Target, noisy: Tensor, timestep: int, noise: Tensor, original: Tensor,
+             x0: Tensor) -> Tensor:
         base = target.base()
         with torch.no_grad():
             condition = encode_ids(base.text_encoder, original)

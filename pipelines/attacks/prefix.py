@@ -80,8 +80,10 @@ class PrefixTokenAttack(Attack):
         """The k discrete token ids the parameter stands for now."""
 
     @abstractmethod
-    def goal(self, target: Target, noisy: Tensor, timestep: int, noise: Tensor, original: Tensor) -> Tensor:
-        """What the erased UNet's prediction on `noisy` should match (no gradient)."""
+    def goal(self, target: Target, noisy: Tensor, timestep: int, noise: Tensor, original: Tensor,
+             x0: Tensor) -> Tensor:
+        """What the erased UNet's prediction on `noisy` (x0 noised to `timestep` with `noise`) should match (no
+        gradient)."""
 
     def loss(self, target: Target, alphas: Tensor, x0: Tensor, timestep: int, condition: Tensor, noise: Tensor,
              original: Tensor) -> Tensor:
@@ -89,7 +91,7 @@ class PrefixTokenAttack(Attack):
         noisy = add_noise(alphas, x0, timestep, noise)
         prediction = target.pipe.unet(noisy, timestep, encoder_hidden_states=condition).sample
         target.cost.unet_calls += 1
-        return F.mse_loss(prediction.float(), self.goal(target, noisy, timestep, noise, original).float())
+        return F.mse_loss(prediction.float(), self.goal(target, noisy, timestep, noise, original, x0).float())
 
     def objective(self, target: Target, x0: Tensor, ids: Tensor, original: Tensor, timesteps: list[int],
                   seed: int) -> float:

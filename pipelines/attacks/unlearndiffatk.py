@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 from torch import Tensor
 
 from pipelines.attacks.base import Target
 from pipelines.attacks.prefix import PrefixTokenAttack
+from pipelines.objectives import training_target
 
 
 class SampleOneHot(torch.autograd.Function):
@@ -62,5 +64,9 @@ class UnlearnDiffAtk(PrefixTokenAttack):
     def chosen(self, parameter: Tensor, table: Tensor) -> Tensor:
         return parameter.argmax(-1)
 
-    def goal(self, target: Target, noisy: Tensor, timestep: int, noise: Tensor, original: Tensor) -> Tensor:
-        return noise
+    def goal(self, target: Target, noisy: Tensor, timestep: int, noise: Tensor, original: Tensor,
+             x0: Tensor) -> Tensor:
+        """The diffusion training target: the noise for an epsilon model (the reference), the velocity for a
+        v-prediction one (SD 2.x at 768 px), by the scheduler's `prediction_type`."""
+        schedule = DDPMScheduler.from_config(target.pipe.scheduler.config)
+        return training_target(schedule, x0, noise, torch.tensor([timestep]))
