@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -175,10 +176,11 @@ def train_unet(config: TestbedBuildConfig, out: Path, run: RunDir) -> dict[str, 
                             config.ema_decay)
     loop = DiffusionLoop(denoiser, settings, run, make_accelerator(), name="unet")
     scheduler = training_scheduler()
-    n = len(latents["labels"])
+    excluded = torch.tensor([CLASSES.index(name) for name in config.exclude], dtype=latents["labels"].dtype)
+    kept = torch.nonzero(~torch.isin(latents["labels"], excluded)).flatten()
 
     def loss_at(model: nn.Module, step: int) -> Tensor:
-        index = epoch_batch(n, config.batch_size, step, config.seed, DATA_STREAM)
+        index = kept[epoch_batch(len(kept), config.batch_size, step, config.seed, DATA_STREAM)]
         noise = torch.randn(latents["mean"][index].shape, generator=stream_generator(config.seed, LATENT_STREAM, step))
         z = (latents["mean"][index] + latents["std"][index] * noise) * scaling
         mirror = torch.rand(len(index), generator=stream_generator(config.seed, FLIP_STREAM, step)) < 0.5
@@ -200,7 +202,8 @@ def train_unet(config: TestbedBuildConfig, out: Path, run: RunDir) -> dict[str, 
                                    requires_safety_checker=False)
     with atomic_dir(out / PIPELINE_DIR) as tmp:
         pipe.save_pretrained(tmp)
-    return {"unet_parameters": sum(p.numel() for p in final.unet.parameters()),
+    return {"unet_parameters": sum(p.numel() for p in final.unet.parameters()), "excluded": list(config.exclude),
+            "training_latents": len(kept),
             "text_encoder_parameters": sum(p.numel() for p in final.text_encoder.parameters()),
             "samples_per_second": round((stats["steps_per_second"] or 0) * config.batch_size, 2), **stats}
 
@@ -212,6 +215,10 @@ def build(config: TestbedBuildConfig) -> dict[str, Any]:
     run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume)
     run.start(to_dict(config), seed=config.seed, device="cpu", kind="testbed-build")
     out = run.path
+    if config.reuse is not None:
+        for stage in ("judge", "vae", "latents"):
+            if not (out / stage).exists():
+                shutil.copytree(Path(config.reuse) / stage, out / stage)
     manifests = {"judge": train_judge(config, out)}
     data = training_images(config)
     manifests["vae"] = _stage(out, "vae", config, lambda r: train_vae(config, data, r))

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from erasure.config import option
+from erasure.errors import ConfigError
 
 
 @dataclass
@@ -16,6 +18,10 @@ class TestbedBuildConfig:
                                "`erasure classifier train` config of the judge (trained at the same resolution)")
     judge_epochs: int | None = option(None, "override the judge config's epochs (quick builds)", ge=1)
     train_limit: int | None = option(None, "use only the first N training images (quick builds)", ge=1)
+    exclude: list[str] = option([], "classes the UNet stage never sees: a retrained gold standard for erasing "
+                                    "them (the judge, VAE and latents stay those of all the data)")
+    reuse: str | None = option(None, "a finished build whose judge, vae and latents stages are copied instead of "
+                                     "trained again (a gold standard then costs only its UNet stage)")
     width: int = option(32, "base channels of the UNet (its two levels: width, 2 x width)", ge=8)
     text_width: int = option(64, "hidden size of the CLIP text encoder (= the UNet's cross-attention dim)", ge=8)
     vae_steps: int = option(400, "VAE optimizer steps", ge=1)
@@ -36,6 +42,17 @@ class TestbedBuildConfig:
                           ge=1)
     overwrite: bool = option(False, "replace an existing output directory")
     resume: bool = option(False, "continue an unfinished build: finished stages are kept, the running one resumes")
+
+    def validate(self) -> None:
+        """Check the excluded classes and the reused build before any training."""
+        from pipelines.testbed_captions import CLASSES
+
+        unknown = [name for name in self.exclude if name not in CLASSES]
+        if unknown:
+            raise ConfigError(f"config key 'exclude': '{unknown[0]}' is not a CIFAR-10 class ({', '.join(CLASSES)})")
+        if self.reuse is not None and not (Path(self.reuse) / "latents" / "manifest.json").is_file():
+            raise ConfigError(f"config key 'reuse': '{self.reuse}' holds no finished latents stage; pass the --out "
+                              "of a finished `erasure testbed build`")
 
 
 @dataclass

@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.data import needs_cifar10
+from safetensors.torch import load_file
 
+from erasure.io import read_json
 from pipelines.testbed_captions import CLASSES, HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, all_words, training_captions
 from pipelines.testbed_models import JUDGE_DIR, MAX_TOKENS, TESTBED_DIR, build_tokenizer
 
@@ -42,6 +44,16 @@ def test_quick_build_runs_end_to_end_and_loads_as_a_diffusers_pipeline(tmp_path:
     assert images.shape == (1, 16, 16, 3)
     status, output = run_cli("testbed", "build", "--config", "configs/testbed_tiny.yaml", "--out", out, "--resume")
     assert status != 0 and "finished" in output
+    gold = tmp_path / "without-cats"
+    status, output = run_cli("testbed", "build", "--config", "configs/testbed_tiny.yaml", "--out", gold,
+                             "--train-limit", 256, "--steps", 3, "--exclude", "cat", "--reuse", out)
+    assert status == 0, output
+    unet = read_json(gold / "unet" / "manifest.json")["metrics"]
+    labels = load_file(str(out / "latents" / "latents.safetensors"))["labels"]
+    assert unet["excluded"] == ["cat"] and unet["training_latents"] == int((labels != 3).sum()) < 256
+    assert read_json(gold / "vae" / "manifest.json") == read_json(out / "vae" / "manifest.json"), "reused"
+    status, output = run_cli("testbed", "build", "--out", tmp_path / "x", "--exclude", "dragon")
+    assert status == 2 and "config key 'exclude'" in output
 
 
 @pytest.mark.skipif(not (TESTBED_DIR / "model_index.json").is_file(), reason="the testbed is not committed yet")
