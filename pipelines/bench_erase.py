@@ -43,6 +43,15 @@ from pipelines.testbed_captions import CLASSES, HELD_OUT_TEMPLATES, QUALITY_PROM
 from pipelines.testbed_eval import generate, load_judge
 
 GROUPS = ("forget", "held_out", "synonyms")
+CHILD = """import sys
+from erasure.cli import main
+code = main(sys.argv[2:])
+peak = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+open(sys.argv[1], "w").write(peak[0] if peak else "")
+sys.exit(code)
+"""
+"""The erasure process: `erasure sd`, then its own peak resident memory (VmHWM: the high-water mark of its address
+space since exec; rusage's maxrss would include the benchmark process's memory, inherited through fork)."""
 COST_FILE, EVAL_FILE = "cost.json", "bench.json"
 
 
@@ -111,17 +120,17 @@ def run_method(config: BenchEraseConfig, classes: list[str], method: str, seed: 
     config_file = folder / "erase.yaml"
     config_file.write_text(json.dumps(values))
     env = dict(os.environ, OMP_NUM_THREADS=str(config.threads), HF_HUB_OFFLINE="1")
-    command = [sys.executable, "-c", "import sys; from erasure.cli import main; sys.exit(main(sys.argv[1:]))",
-               "sd", "--config", str(config_file)]
+    peak_file = folder / "peak_kb.txt"
+    command = [sys.executable, "-c", CHILD, str(peak_file), "sd", "--config", str(config_file)]
     started = time.perf_counter()
     with open(folder / "log.txt", "w") as log:
-        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(child.pid, 0)
+        status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
+    if status != 0:
         tail = (folder / "log.txt").read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise RuntimeError(f"{method} on {'+'.join(classes)} (seed {seed}) failed: {tail[0]}; see {folder}/log.txt")
-    cost = {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    peak = peak_file.read_text().strip() if peak_file.is_file() else ""
+    cost = {"seconds": round(seconds, 2), "peak_rss_mb": round(int(peak) / 1024, 1) if peak.isdigit() else None}
     with atomic_open(cost_file, "w") as handle:
         json.dump(cost, handle)
     return cost
