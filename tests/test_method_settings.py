@@ -40,7 +40,8 @@ def test_sd_methods_have_their_own_sections_and_presets_fill_them_unless_given()
     assert (args["esd.guidance"], args["remap_prompt"]) == ("2", "a dog")
     preset = load_config(SDEraseConfig, None, {"concept": "nudity"})
     assert preset.remap_prompt == "a photo of a person wearing clothes" and preset.esd.guidance == 1.0
-    given = load_config(SDEraseConfig, None, {"concept": "nudity", "remap_prompt": "a dog", "esd.guidance": 3})
+    given = load_config(SDEraseConfig, None, {"concept": "nudity", "remap_prompt": "a dog", "esd.guidance": 3,
+                                              "method": "esd"})
     assert (given.remap_prompt, given.esd.guidance, given.retain_prompts) == (
         "a dog", 3.0, ["a photo of a person wearing clothes"])
     with pytest.raises(ConfigError, match="config key 'esd.guidance' must be >= 0"):
@@ -49,6 +50,8 @@ def test_sd_methods_have_their_own_sections_and_presets_fill_them_unless_given()
     assert method.metadata["choices"] == tuple(SD_METHODS)
     variants = load_config(SDEraseConfig, None, {"concept": "nudity", "method": "esd-u", "esd.start_guidance": 2})
     assert variants.esd.start_guidance == 2.0 and not hasattr(variants, "esd-u")
+    with pytest.raises(ConfigError, match="config key 'esd' holds settings of method esd, but the method is salun"):
+        load_config(SDEraseConfig, None, {"concept": "nudity", "esd.guidance": 3})
 
 
 def _training_configs():

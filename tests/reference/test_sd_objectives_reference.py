@@ -25,9 +25,9 @@ from pipelines.tiny import build_tiny_pipeline
 
 
 def _eraser(tmp_path: Path, method: str) -> Eraser:
+    esd = {"esd.guidance": 1.5} if method.startswith("esd") else {}
     config = load_config(SDEraseConfig, None, {"concept": "nudity", "model": "tiny", "method": method,
-                                               "batch_size": 4, "alpha": 0.3, "esd.guidance": 1.5,
-                                               "resolution": 8})
+                                               "batch_size": 4, "alpha": 0.3, "resolution": 8, **esd})
     pipe = build_tiny_pipeline()
     generator = torch.Generator().manual_seed(0)
     shape = (6, 4, 4, 4)
