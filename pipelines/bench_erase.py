@@ -55,22 +55,25 @@ space since exec; rusage's maxrss would include the benchmark process's memory, 
 COST_FILE, EVAL_FILE = "cost.json", "bench.json"
 
 
-def prompt_groups(classes: list[str]) -> dict[str, list[tuple[str, int]]]:
+def prompt_groups(classes: list[str], target: str | None = None) -> dict[str, list[tuple[str, int]]]:
     """(prompt, class index) of each evaluation group: the erased classes' quality prompts, held-out templates
-    and synonyms, and the retained classes' quality prompts."""
+    and synonyms, the retained classes' quality prompts and, when given, the target prompt (whose base images
+    judged as an erased class are the floor an erasure towards it can reach)."""
     def pairs(texts_of: Any, names: list[str]) -> list[tuple[str, int]]:
         return [(text, CLASSES.index(name)) for name in names for text in texts_of(name)]
 
     return {"forget": pairs(lambda n: [caption(QUALITY_PROMPT, n)], classes),
             "held_out": pairs(lambda n: [caption(t, n) for t in HELD_OUT_TEMPLATES], classes),
             "synonyms": pairs(lambda n: [caption(QUALITY_PROMPT, s) for s in SYNONYMS[n] if s != n], classes),
-            "retained": pairs(lambda n: [caption(QUALITY_PROMPT, n)], [c for c in CLASSES if c not in classes])}
+            "retained": pairs(lambda n: [caption(QUALITY_PROMPT, n)], [c for c in CLASSES if c not in classes]),
+            **({"target": [(target, -1)]} if target is not None else {})}
 
 
 def judge_pipeline(pipe: StableDiffusionPipeline, judge: nn.Module, classes: list[str], seed: int,
-                   config: BenchEraseConfig) -> tuple[dict[str, Any], Tensor, dict[str, np.ndarray]]:
+                   config: BenchEraseConfig, target: str | None = None,
+                   ) -> tuple[dict[str, Any], Tensor, dict[str, np.ndarray]]:
     """Forgetting per group, retained accuracy, the retained images' judge features and one image per prompt."""
-    groups = prompt_groups(classes)
+    groups = prompt_groups(classes, target)
     erased = torch.tensor([CLASSES.index(name) for name in classes])
     result: dict[str, Any] = {}
     features, samples = None, {}
@@ -158,7 +161,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 "std": round(stdev(r[k] for r in rows), 3) if len(rows) > 1 else None} for k in keys}
 
 
-COLUMNS = (("forget_erased_pct", "forget prompt %"), ("held_out_erased_pct", "held-out templates %"),
+COLUMNS = (("target_erased_pct", "target prompt %"), ("forget_erased_pct", "forget prompt %"),
+           ("held_out_erased_pct", "held-out templates %"),
            ("synonyms_erased_pct", "synonyms %"), ("retained_accuracy", "retained acc. %"),
            ("feature_distance", "feature dist."), ("seconds", "seconds"), ("peak_rss_mb", "peak MB"))
 
@@ -167,7 +171,8 @@ def report(config: BenchEraseConfig, results: dict[str, dict[str, dict[str, Any]
     """report.md: one table per concept set, rows base / retrained / methods."""
     lines = ["# Erasure benchmark on the CPU testbed", "",
              f"Command: `erasure bench erase` with {json.dumps(to_dict(config))}", "",
-             "Percentages of images the judge calls an erased class (lower is better), the judge's accuracy on the "
+             "Percentages of images the judge calls an erased class (lower is better; the base model's images of "
+             "the target prompt give the floor an erasure towards it can reach), the judge's accuracy on the "
              "other classes, the Fréchet distance of its features to the base model's generations of them (not "
              "FID), and the erasure's wall time and peak memory; mean ± std over the seeds.", ""]
     for concept, rows in results.items():
@@ -199,7 +204,8 @@ def bench(config: BenchEraseConfig) -> dict[str, Any]:
     for concept, classes in zip(config.concepts, config.class_sets(), strict=True):
         per_model: dict[str, list[dict[str, Any]]] = {}
         for seed in config.seeds:
-            base_result, base_features, base_samples = judge_pipeline(base, judge, classes, seed, config)
+            base_result, base_features, base_samples = judge_pipeline(base, judge, classes, seed, config,
+                                                                      target=config.target)
             per_model.setdefault("base", []).append(dict(base_result, feature_distance=0.0))
             if seed == config.seeds[0] and concept == config.concepts[0]:
                 grid_rows.append(("base", base_samples))

@@ -18,7 +18,7 @@ def test_the_benchmark_judges_base_and_method_writes_its_report_and_resumes(tmp_
     rows = read_json(out / "metrics.json")["concepts"]["airplane"]
     assert set(rows) == {"base", "uce"}
     assert rows["uce"]["seconds"]["mean"] > 0 and rows["uce"]["peak_rss_mb"]["mean"] > 100
-    assert rows["base"]["feature_distance"]["mean"] == 0.0
+    assert rows["base"]["feature_distance"]["mean"] == 0.0 and "target_erased_pct" in rows["base"]
     assert rows["uce"]["forget_erased_pct"]["mean"] <= rows["base"]["forget_erased_pct"]["mean"]
     report = (out / "report.md").read_text()
     assert "| uce |" in report and "held-out templates %" in report and (out / "grid.png").is_file()
@@ -30,7 +30,8 @@ def test_the_benchmark_judges_base_and_method_writes_its_report_and_resumes(tmp_
 
 
 def test_evaluation_prompts_cover_the_held_out_templates_synonyms_and_every_other_class():
-    groups = prompt_groups(["airplane", "ship"])
+    groups = prompt_groups(["airplane", "ship"], "a photo")
+    assert groups["target"] == [("a photo", -1)] and "target" not in prompt_groups(["ship"])
     assert [text for text, _ in groups["forget"]] == ["a photo of an airplane", "a photo of a ship"]
     assert len(groups["held_out"]) == 6 and ("a photo of a jet", 0) in groups["synonyms"]
     assert len(groups["retained"]) == 8 and all(label not in (0, 8) for _, label in groups["retained"])
