@@ -13,7 +13,9 @@ original model's keys and values of the concept. Then one UCE solve on the *curr
 77 tokens) to its target's embedding (the empty prompt ' ' by default), preserving the preserve prompts (or ' '
 per concept when none are given, as the reference), with lamb 0.1, erase_scale 1, preserve_scale 0.1. Defaults
 from its README's nudity command: 3 epochs, regular_scale 0.1. The starting model is our `uce` edit of the same
-concepts with UCE's defaults (the reference loads a UCE checkpoint made by UCE's script).
+concepts with UCE's defaults (the reference loads a UCE checkpoint made by UCE's script; for nudity one erased
+towards ' ' with erase 1 and preserve 1.0, which are UCE's defaults without preserved prompts). With `--preserve`
+every preserved prompt enters each round (the reference samples as many of them as there are concepts).
 
 Why RECE as the robust method: it is closed-form like UCE (seconds on a CPU, no images), it targets the
 adversarial-prompt attacks our `erasure eval attack` measures, and it reuses UCE's solve. Departure: the
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from erasure.config import option
 from pipelines.methods.base import CROSS_ATTENTION_KEY_VALUE, EDIT, MethodSpec
-from pipelines.methods.uce import UCE, UCESettings, edit_layer, edited_layers
+from pipelines.methods.uce import UCE, UCESettings, edit_layer, edited_layers, full_tokens
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -58,7 +60,7 @@ class RECE:
         original = {name: layer.weight.detach().double().clone() for name, layer in layers.items()}
         first = UCE(UCESettings()).edit(pipe, concepts, preserve)
         kept = [full_tokens(pipe, text) for text in (preserve or [" "] * len(concepts))]
-        targets = [full_tokens(pipe, target) for _, target in concepts]
+        targets = [full_tokens(pipe, target or " ") for _, target in concepts]
         prompts = [full_tokens(pipe, forget) for forget, _ in concepts]
         rounds = []
         solve = UCESettings(lamb=self.settings.lamb, erase_scale=self.settings.erase_scale)
@@ -72,16 +74,6 @@ class RECE:
             rounds.append(round(sum(gaps) / len(gaps), 6))
         return {"edited_layers": len(layers), "uce_target_residual": first["mean_target_residual"],
                 "adversarial_gap_by_epoch": rounds}
-
-
-def full_tokens(pipe: Any, text: str) -> Tensor:
-    """All 77 last hidden states of a prompt (RECE uses every token, not UCE's aligned tail); '' is ' '."""
-    import torch
-
-    tokens = pipe.tokenizer([text or " "], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        return pipe.text_encoder(tokens.input_ids.to(pipe.text_encoder.device))[0][0].float()
 
 
 def adversarial_embedding(concept: Tensor, layers: dict[str, nn.Linear], original: dict[str, Tensor],

@@ -9,12 +9,15 @@ W c*_i, and c_j the preserved prompts' embeddings:
          (lamb I + erase_scale sum_i c_i c_i^T + preserve_scale sum_j c_j c_j^T)^-1,
 
 the minimiser of erase_scale sum_i |W' c_i - v*_i|^2 + preserve_scale sum_j |W' c_j - W c_j|^2 + lamb |W' - W|_F^2.
-Token embeddings are the text encoder's last hidden states from a prompt's last word token to the end of the 77
-(the end token and the padding that carry the prompt's meaning), aligned between a concept and its target by
-dropping the longer one's tail. All concepts are solved together. Defaults as the reference's: lamb 0.1,
-erase_scale 1, preserve_scale max(0.1, 1 / number of preserved prompts), technique 'replace', an empty target
-prompt encoded as ' '. Departure: the solve runs in float64 (the reference: float32 `torch.inverse`), so the
-closed form holds to rounding.
+A concept's token embeddings are the text encoder's last hidden states from its last word token to the end of
+the 77 (the end token and the padding that carry the prompt's meaning), aligned with its target's by dropping the
+longer one's tail; a preserved prompt contributes all 77, and the empty prompt is always preserved
+(`retain_texts = [''] + preserve_concepts`). All concepts are solved together. Defaults as the paper's script
+(at 35e91e2) runs it: lamb 0.5 (its `main`; `edit_model`'s own default is 0.1), erase_scale 1, preserve_scale
+max(0.1, 1 / number of preserved prompts, the empty one included), technique 'replace', an empty target encoded
+as ' '. Departure: the solve runs in float64 (the reference: float32 `torch.inverse`), so the closed form holds
+to rounding. The repository's 2025 rewrite (`trainscripts/uce_sd_erase.py`: one last-token vector per prompt,
+lamb 0.5, preserve_scale 1) is not what the paper measured.
 """
 from __future__ import annotations
 
@@ -34,10 +37,11 @@ TECHNIQUES = ("replace", "tensor")
 class UCESettings:
     """UCE's closed-form weights."""
 
-    lamb: float = option(0.1, "weight of staying at the original projection (lamb |W' - W|^2)", ge=0)
+    lamb: float = option(0.5, "weight of staying at the original projection (lamb |W' - W|^2)", ge=0)
     erase_scale: float = option(1.0, "weight of mapping each concept to its target", gt=0)
     preserve_scale: float | None = option(None, "weight of keeping each preserved prompt (default: max(0.1, "
-                                                "1 / number of preserved prompts), as the reference)", ge=0)
+                                                "1 / number of preserved prompts with the empty one), as the "
+                                                "reference)", ge=0)
     technique: str = option("replace", "target of a concept: 'replace' (the target prompt's output) or 'tensor' "
                                        "(that output minus its projection on the concept's)", choices=TECHNIQUES)
     keys: bool = option(True, "edit the key projections too (the reference's with_to_k), not only the values")
@@ -52,10 +56,10 @@ class UCE:
 
     def edit(self, pipe: Any, concepts: list[tuple[str, str]], preserve: list[str]) -> dict[str, Any]:
         erase = [aligned_tokens(pipe, forget, target) for forget, target in concepts]
-        kept = [aligned_tokens(pipe, text, text)[0] for text in preserve]
+        kept = [full_tokens(pipe, text) for text in dict.fromkeys(["", *preserve])]
         scale = self.settings.preserve_scale
         if scale is None:
-            scale = max(0.1, 1 / len(kept)) if kept else 0.0
+            scale = max(0.1, 1 / len(kept))
         layers = edited_layers(pipe.unet, self.settings.keys)
         residuals = [edit_layer(layer, erase, kept, self.settings, scale) for layer in layers.values()]
         return {"edited_layers": len(layers), "preserve_scale": scale,
@@ -82,6 +86,16 @@ def aligned_tokens(pipe: Any, text: str, target: str) -> tuple[Tensor, Tensor]:
     farthest = max(last)
     cut = [hidden[i, last[i]:hidden.shape[1] - (farthest - last[i])] for i in range(2)]
     return cut[0], cut[1]
+
+
+def full_tokens(pipe: Any, text: str) -> Tensor:
+    """All 77 last hidden states of a prompt, as written ('' is the empty prompt)."""
+    import torch
+
+    tokens = pipe.tokenizer([text], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        return pipe.text_encoder(tokens.input_ids.to(pipe.text_encoder.device))[0][0].float()
 
 
 def edit_layer(layer: nn.Linear, erase: list[tuple[Tensor, Tensor]], kept: list[Tensor], settings: UCESettings,
