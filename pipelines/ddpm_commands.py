@@ -171,7 +171,7 @@ class DDPMSession:
     def concept_of_step(self, draw: Draw, count: int) -> Tensor:
         return torch.full((count,), self.config.forget_class)
 
-    def sample(self, noise: Tensor, condition: Tensor, *, steps: int, stop: int, guidance: float,
+    def sample(self, noise: Tensor, condition: Tensor, *, steps: int, window: tuple[int, int], guidance: float,
                base: bool = False) -> Tensor:
         raise ConfigError(f"method {self.config.method} samples its inputs, which `erasure ddpm unlearn` does not")
 

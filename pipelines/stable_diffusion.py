@@ -281,12 +281,12 @@ class Eraser:
     def concept_of_step(self, draw: Draw, count: int) -> Tensor:
         return torch.randint(self.concepts, (count,), generator=draw.noise)
 
-    def sample(self, noise: Tensor, condition: Tensor, *, steps: int, stop: int, guidance: float,
+    def sample(self, noise: Tensor, condition: Tensor, *, steps: int, window: tuple[int, int], guidance: float,
                base: bool = False) -> Tensor:
         predict = self.frozen if base else predictor(self.unwrapped)
-        return ddim_prefix(predict, self.pipe.scheduler.config, noise.to(condition.device),
+        return ddim_window(predict, self.pipe.scheduler.config, noise.to(condition.device),
                            condition, self.condition("null", torch.zeros(noise.shape[0], dtype=torch.long)),
-                           steps=steps, stop=stop, guidance=guidance)
+                           steps=steps, window=window, guidance=guidance)
 
     # ---------------------------------------------------------------- objective
 
@@ -407,16 +407,17 @@ class Eraser:
         return {**stats, "train_samples_per_second": round(rate * self.config.batch_size, 3) if rate else None}
 
 
-def ddim_prefix(predict: Predict, scheduler_config: Any, noise: Tensor, condition: Tensor, null: Tensor, *,
-                steps: int, stop: int, guidance: float) -> Tensor:
-    """The latent after the first `stop` of `steps` DDIM steps (eta 0) from `noise`, with classifier-free guidance
-    eps(null) + guidance (eps(c) - eps(null)) (ESD's `quick_sample_till_t`), without gradient. Like the
-    reference's DDIM sampler (and unlike diffusers' DDIM default) the predicted x0 is not clipped."""
-    scheduler = DDIMScheduler.from_config(scheduler_config, clip_sample=False)
+def ddim_window(predict: Predict, scheduler_config: Any, noise: Tensor, condition: Tensor, null: Tensor, *,
+                steps: int, window: tuple[int, int], guidance: float) -> Tensor:
+    """The latent after DDIM steps window[0]..window[1]-1 of `steps` (eta 0; step 0 is the noisiest) started from
+    `noise`, with classifier-free guidance eps(null) + guidance (eps(c) - eps(null)) (ESD's `quick_sample_till_t`),
+    without gradient. Like the reference's ldm DDIM sampler (and unlike diffusers' DDIM defaults) the predicted x0
+    is not clipped and the last step ends at alphas_cumprod[0]."""
+    scheduler = DDIMScheduler.from_config(scheduler_config, clip_sample=False, set_alpha_to_one=False)
     scheduler.set_timesteps(steps)
     latents = noise * scheduler.init_noise_sigma
     with torch.no_grad():
-        for t in scheduler.timesteps[:stop]:
+        for t in scheduler.timesteps[window[0]:window[1]]:
             both = predict(torch.cat([latents, latents]), t, torch.cat([null, condition]))
             unconditional, conditional = both.chunk(2)
             latents = scheduler.step(unconditional + guidance * (conditional - unconditional), t, latents).prev_sample

@@ -76,12 +76,13 @@ def test_concept_ablation_trains_cross_attention_keys_and_values_on_anchor_image
     records = (out / "data" / "anchor" / "prompts.jsonl").read_text()
     assert "a photo of a person wearing clothes" in records and "nude" not in records
     config = load_config(SDEraseConfig, None, {"concept": "van_gogh", "method": "ca"})
-    assert (config.steps, config.batch_size, config.lr, config.weight_decay) == (100, 8, 1.6e-5, 1e-2)
+    assert (config.steps, config.batch_size, config.lr, config.weight_decay, config.grad_clip) == (100, 8, 1.6e-5,
+                                                                                                  1e-2, 1.0)
 
 
 def test_ddim_prefix_is_the_reference_ddim_update_stopped_at_t_enc():
     """ESD's `quick_sample_till_t`: t_enc DDIM (eta 0) steps from noise, guided eps_u + s (eps_c - eps_u)."""
-    from pipelines.stable_diffusion import ddim_prefix
+    from pipelines.stable_diffusion import ddim_window
     from pipelines.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline()
@@ -104,11 +105,11 @@ def test_ddim_prefix_is_the_reference_ddim_update_stopped_at_t_enc():
             prev = t - config.num_train_timesteps // steps
             a, a_prev = alphas[t], alphas[prev] if prev >= 0 else alphas.new_tensor(1.0)
             x = a_prev.sqrt() * (x - (1 - a).sqrt() * e) / a.sqrt() + (1 - a_prev).sqrt() * e
-        ours = ddim_prefix(lambda x_t, t, c: eps(x_t, t, c), config, noise, condition, null, steps=steps, stop=stop,
-                           guidance=scale)
+        ours = ddim_window(lambda x_t, t, c: eps(x_t, t, c), config, noise, condition, null, steps=steps,
+                           window=(0, stop), guidance=scale)
     torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ddim_prefix(eps, config, noise, condition, null, steps=steps, stop=0, guidance=scale),
-                               noise)
+    torch.testing.assert_close(ddim_window(eps, config, noise, condition, null, steps=steps, window=(1, 1),
+                                           guidance=scale), noise)
 
 
 def test_esd_u_leaves_out_what_the_reference_noxattn_leaves_out():
@@ -125,28 +126,35 @@ def test_esd_samples_and_trains_where_the_reference_does():
     from types import SimpleNamespace
 
     from pipelines.methods.base import Draw
-    from pipelines.methods.esd import ESD, ESDSettings, reference_steps
+    from pipelines.methods.esd import ESD, ESDSettings, reference_window
 
-    def ldm_steps_taken(till: int, steps: int) -> int:  # ldm/models/diffusion/ddim.py, ddim_sampling
-        taken = 0
-        for i in range(steps):
-            index = steps - i - 1
-            taken += 1
+    def ldm_timesteps(till: int, steps: int) -> list[int]:  # ldm/models/diffusion/ddim.py, ddim_sampling
+        ddim = [1 + i * (1000 // steps) for i in range(steps)][:-1]  # t_start=-1: timesteps[:t_start]
+        taken = []
+        for i, step in enumerate(reversed(ddim)):
+            index = len(ddim) - i - 1
+            taken.append(step)
             if index + 1 == till:
                 break
         return taken
 
-    assert [reference_steps(t, 50) for t in range(50)] == [ldm_steps_taken(t, 50) for t in range(50)]
+    from diffusers import DDIMScheduler
+
+    grid = DDIMScheduler(steps_offset=1)
+    grid.set_timesteps(50)
+    for t_enc in range(50):
+        start, stop = reference_window(t_enc, 50)
+        assert grid.timesteps[start:stop].tolist() == ldm_timesteps(t_enc, 50), t_enc
     taken = []
     session = SimpleNamespace(scheduler=SimpleNamespace(config=SimpleNamespace(num_train_timesteps=1000)),
                               latent_shape=(4, 2, 2), condition=lambda role, concept: torch.zeros(len(concept), 1, 1),
-                              sample=lambda noise, c, steps, stop, guidance, base: taken.append(stop) or noise)
+                              sample=lambda noise, c, steps, window, guidance, base: taken.append(window) or noise)
     method = ESD(ESDSettings(ddim_steps=50))
     for step in range(40):
         draw = Draw(step, torch.Generator().manual_seed(step), slice(None), 3, 0)
         _, t = method.sampled_inputs(session, torch.zeros(3, dtype=torch.long), draw)
         t_enc = int(torch.randint(50, (1,), generator=torch.Generator().manual_seed(step)))
-        assert taken[-1] == reference_steps(t_enc, 50)
+        assert taken[-1] == reference_window(t_enc, 50)
         assert ((t >= round(t_enc / 50 * 1000)) & (t < round((t_enc + 1) / 50 * 1000))).all(), (t_enc, t)
     assert len(set(taken)) > 10
 

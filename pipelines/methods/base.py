@@ -79,10 +79,11 @@ class Session(Protocol):
     def concept_of_step(self, draw: Draw, count: int) -> Tensor:
         """`count` concept indices for rows that draw no image, seeded by the draw."""
 
-    def sample(self, noise: Tensor, condition: Any, *, steps: int, stop: int, guidance: float,
+    def sample(self, noise: Tensor, condition: Any, *, steps: int, window: tuple[int, int], guidance: float,
                base: bool = False) -> Tensor:
-        """The first `stop` of `steps` DDIM steps (eta 0) from `noise` by the model being trained (or the frozen
-        base model), with classifier-free guidance `guidance` under `condition` (no gradient)."""
+        """DDIM steps window[0]..window[1]-1 of `steps` (eta 0, step 0 the noisiest) from `noise` by the model being
+        trained (or the frozen base model), with classifier-free guidance `guidance` under `condition` (no
+        gradient)."""
 
 
 class TrainedMethod(Protocol):

@@ -9,11 +9,13 @@ by the *same* model under no_grad ('model-based', the default `loss_type_reverse
 reference's `prior_loss_weight` 1; its recipe for nudity and for objects whose prompts overlap the anchor's).
 Parameters as its `parameter_group`: cross-attention keys and values (default), every attention projection
 ('attn', its nudity recipe) or the whole UNet. Defaults follow the README's style/object recipe: 100 steps of
-8 images (2 GPUs x 4), Adam lr 2e-6 scaled by the batch (`--scale_lr`: 1.6e-5), weight decay 1e-2.
+8 images (2 GPUs x 4), AdamW lr 2e-6 scaled by the batch (`--scale_lr`: 1.6e-5), weight decay 1e-2, gradients
+clipped to norm 1 (its `max_grad_norm`). Its loss is a masked sum over the 4 latent channels divided by the
+1-channel mask's sum, 4x a mean: no effect under Adam.
 
 Departures: one anchor prompt per concept, not 200 generated captions mixing anchor and concept words; no
-horizontal-flip augmentation; under prior preservation the reference doubles the learning rate, here the user
-sets `--lr` (the default stays 1.6e-5).
+horizontal-flip augmentation and no 1-pixel border mask; under prior preservation the reference doubles the
+learning rate, here the user sets `--lr` (the default stays 1.6e-5).
 """
 from __future__ import annotations
 
@@ -70,4 +72,4 @@ SPEC = MethodSpec(
     name="ca", summary="Concept Ablation: on anchor images the concept prompt predicts what the anchor prompt does",
     source="Kumari et al. 2023, nupurkmr9/concept-ablation diffusers/train.py", kind=TRAINED, settings=CASettings,
     build=ConceptAblation, needs_target=True,
-    defaults={"steps": 100, "batch_size": 8, "lr": 1.6e-5, "weight_decay": 1e-2, "alpha": 1.0})
+    defaults={"steps": 100, "batch_size": 8, "lr": 1.6e-5, "weight_decay": 1e-2, "alpha": 1.0, "grad_clip": 1.0})

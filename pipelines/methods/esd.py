@@ -3,8 +3,9 @@ the concept follows the frozen model's negatively guided one, eps(null) - eta (e
 
 Reference: rohitgandikota/erasing `train-scripts/train-esd.py` (the paper's code, at 414dc94^). Each iteration
 draws t_enc ~ U{0..ddim_steps-1} and, from fresh noise, samples with DDIM (ddim_steps, eta 0, guidance
-`start_guidance` 3 under the concept prompt) *by the model being trained*, through its sampler's `till_T`: the
-steps of index ddim_steps-1 down to t_enc-1, i.e. ddim_steps - t_enc + 1 steps (all of them for t_enc = 0). The
+`start_guidance` 3 under the concept prompt) *by the model being trained*, through its ldm sampler with
+`t_start=-1, till_T=t_enc`: the noisiest DDIM timestep is dropped (sampling starts at 961 of 1000), and the steps
+of index ddim_steps-2 down to t_enc-1 run, i.e. ddim_steps - t_enc steps (ddim_steps - 1 for t_enc = 0). The
 UNet is trained at a DDPM timestep drawn from [round(t_enc / ddim_steps * T), round((t_enc + 1) / ddim_steps * T)),
 the target from the frozen base model, loss `nn.MSELoss()`. Parameter scopes as its `train_method`: `esd-x`
 ('xattn', every attn2 parameter; styles and objects), `esd-u` ('noxattn': everything but attn2, the time
@@ -88,15 +89,15 @@ class ESD:
         t = torch.randint(low, max(high, low + 1), (draw.total,), generator=draw.noise)[draw.rows]
         noise = torch.randn((draw.total, *session.latent_shape), generator=draw.noise)[draw.rows]
         x_t = session.sample(noise, session.condition("forget", concept), steps=steps,
-                             stop=reference_steps(t_enc, steps), guidance=self.settings.start_guidance,
+                             window=reference_window(t_enc, steps), guidance=self.settings.start_guidance,
                              base=self.settings.sampler == "base")
         return x_t, t.to(x_t.device)
 
 
-def reference_steps(t_enc: int, steps: int) -> int:
-    """How many DDIM steps the reference's sampler takes with `till_T = t_enc`: it runs indices steps-1, steps-2, ...
-    and breaks after index t_enc - 1 (never, for t_enc = 0)."""
-    return steps if t_enc == 0 else steps - t_enc + 1
+def reference_window(t_enc: int, steps: int) -> tuple[int, int]:
+    """The DDIM steps (0 = noisiest) the reference's sampler takes with `t_start=-1, till_T=t_enc`: it drops the
+    noisiest timestep, runs indices steps-2, steps-3, ... and breaks after index t_enc - 1 (never, for t_enc = 0)."""
+    return (1, steps if t_enc == 0 else steps - t_enc + 1)
 
 
 def _spec(name: str, scope: Scope, reference: str, summary: str) -> MethodSpec:
