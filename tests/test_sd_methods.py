@@ -44,7 +44,8 @@ def sets_run(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return out
 
 
-@pytest.mark.parametrize("method, scope", [("esd-x", CROSS_ATTENTION), ("esd-u", UNCONDITIONED)])
+@pytest.mark.parametrize("method, scope", [("esd-x", CROSS_ATTENTION),
+                                           pytest.param("esd-u", UNCONDITIONED, marks=pytest.mark.slow)])
 def test_esd_variants_change_only_their_scope_and_a_mask_keeps_the_rest_bit_identical(
         method, scope, sets_run, tiny_sd_dir, tmp_path):
     out = tmp_path / method

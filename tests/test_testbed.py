@@ -44,6 +44,17 @@ def test_quick_build_runs_end_to_end_and_loads_as_a_diffusers_pipeline(tmp_path:
     assert images.shape == (1, 16, 16, 3)
     status, output = run_cli("testbed", "build", "--config", "configs/testbed_tiny.yaml", "--out", out, "--resume")
     assert status != 0 and "finished" in output
+    status, output = run_cli("testbed", "build", "--out", tmp_path / "x", "--exclude", "dragon")
+    assert status == 2 and "config key 'exclude'" in output
+
+
+@needs_cifar10
+@pytest.mark.slow
+def test_a_build_without_a_class_reuses_the_finished_stages_and_never_trains_on_it(tmp_path: Path, run_cli):
+    out = tmp_path / "testbed"
+    status, output = run_cli("testbed", "build", "--config", "configs/testbed_tiny.yaml", "--out", out,
+                             "--train-limit", 256, "--steps", 3, "--vae-steps", 3)
+    assert status == 0, output
     gold = tmp_path / "without-cats"
     status, output = run_cli("testbed", "build", "--config", "configs/testbed_tiny.yaml", "--out", gold,
                              "--train-limit", 256, "--steps", 3, "--exclude", "cat", "--reuse", out)
@@ -52,8 +63,6 @@ def test_quick_build_runs_end_to_end_and_loads_as_a_diffusers_pipeline(tmp_path:
     labels = load_file(str(out / "latents" / "latents.safetensors"))["labels"]
     assert unet["excluded"] == ["cat"] and unet["training_latents"] == int((labels != 3).sum()) < 256
     assert read_json(gold / "vae" / "manifest.json") == read_json(out / "vae" / "manifest.json"), "reused"
-    status, output = run_cli("testbed", "build", "--out", tmp_path / "x", "--exclude", "dragon")
-    assert status == 2 and "config key 'exclude'" in output
 
 
 @pytest.mark.skipif(not (TESTBED_DIR / "model_index.json").is_file(), reason="the testbed is not committed yet")
