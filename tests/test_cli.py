@@ -94,6 +94,7 @@ def test_quick_start_end_to_end_then_refuses_to_clobber(tmp_path):
         run_cli("mask", "compute", "--original", str(out / "original"), "--out", str(mask_file)))
 
 
+@pytest.mark.slow  # the default suite ran 373 s of its 300 s budget
 def test_a_mask_for_another_model_is_refused(tmp_path):
     import torch
 

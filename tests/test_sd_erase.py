@@ -113,6 +113,7 @@ def test_resume_after_interruption_is_bit_identical(erased, tiny_sd_dir, tmp_pat
     assert all(torch.equal(expected[name], resumed[name]) for name in expected)
 
 
+@pytest.mark.slow  # the default suite ran 373 s of its 300 s budget
 def test_two_cpu_processes_give_the_one_process_result(erased, tiny_sd_dir, tmp_path):
     out = tmp_path / "two"
     result = accelerate_launch(REPO / "erase.py", *erase_args(tiny_sd_dir, out, *reuse_sets(erased), "--mask",
