@@ -114,6 +114,7 @@ def test_a_mask_for_another_model_is_refused(tmp_path):
     assert "head.weight" in line and "(3, 3)" in line and "conv.weight" in line
 
 
+@pytest.mark.slow  # the default suite ran 324 s of its 300 s budget
 def test_two_cpu_processes_under_accelerate_launch_train_like_one(tmp_path):
     from classifiers.models import load_model
 

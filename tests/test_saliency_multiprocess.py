@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 from helpers.launch import REPO, accelerate_launch, log_of
 
@@ -21,6 +22,7 @@ def load_worker() -> ModuleType:
     return module
 
 
+@pytest.mark.slow  # the default suite ran 324 s of its 300 s budget
 def test_two_processes_build_the_one_process_mask(tmp_path: Path) -> None:
     result = accelerate_launch(WORKER, tmp_path, timeout=120)
     log = log_of(result)
