@@ -292,12 +292,9 @@ class Eraser:
 
     def retain_chunk(self, draw: Draw) -> Chunk:
         """The retain rows: the ordinary diffusion loss on retain latents with their prompts, weight alpha."""
-        latents = self.sets["retain"]
-        index = endless_batch(len(latents), draw.total, draw.step, self.config.seed, RETAIN_STREAM)[draw.rows]
-        index = index.to(latents.x0.device)
-        x0 = latents.draw(index, draw.posterior, draw.rows, draw.total)
+        x0, prompt = self.images("retain", draw)
         x_t, target, t = self.noised(x0, draw)
-        return Chunk(x_t, t, self.conditions.retain[latents.prompt[index]], target, self.config.alpha)
+        return Chunk(x_t, t, self.conditions.retain[prompt], target, self.config.alpha)
 
     def chunks_loss(self, model: torch.nn.Module, chunks: list[Chunk]) -> Tensor:
         """One UNet forward over all chunks' rows; the weighted sum of each chunk's MSE."""

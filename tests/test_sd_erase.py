@@ -32,6 +32,21 @@ def unet_state(folder: Path) -> dict[str, torch.Tensor]:
     return UNet2DConditionModel.from_pretrained(folder).state_dict()
 
 
+def crash_eraser_at(monkeypatch: pytest.MonkeyPatch, crash_step: int):
+    """Make `Eraser.step_loss` raise at `crash_step` (a simulated interruption); returns the original."""
+    from pipelines.stable_diffusion import Eraser
+
+    original = Eraser.step_loss
+
+    def crashing(self, step, micro=0):
+        if step == crash_step:
+            raise RuntimeError("simulated crash")
+        return original(self, step, micro)
+
+    monkeypatch.setattr(Eraser, "step_loss", crashing)
+    return original
+
+
 @pytest.fixture(scope="module")
 def erased(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One finished salun run of configs/sd_tiny.yaml on the saved tiny pipeline."""
@@ -95,14 +110,7 @@ def test_resume_after_interruption_is_bit_identical(erased, tiny_sd_dir, tmp_pat
     from pipelines.stable_diffusion import Eraser
 
     out = tmp_path / "resumed"
-    original = Eraser.step_loss
-
-    def crash_at_step_3(self, step, micro=0):
-        if step == 3:
-            raise RuntimeError("simulated crash")
-        return original(self, step, micro)
-
-    monkeypatch.setattr(Eraser, "step_loss", crash_at_step_3)
+    original = crash_eraser_at(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(erase_args(tiny_sd_dir, out, *reuse_sets(erased), "--grid-seeds", 0))
     assert last_checkpoint_dir(out / "checkpoints")[0] == 2

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_sd_erase import erase_args, reuse_sets, unet_state
+from test_sd_erase import crash_eraser_at, erase_args, reuse_sets, unet_state
 
 from erasure.cli import main
 from erasure.config import load_config
@@ -314,14 +314,7 @@ def test_a_resumed_esd_run_with_self_sampled_inputs_is_bit_identical(sets_run, t
              "--grid-seeds", 0, "--no-export-delta"]
     whole = tmp_path / "whole"
     assert main(erase_args(tiny_sd_dir, whole, *flags)) == 0
-    original = Eraser.step_loss
-
-    def crash_at_step_3(self, step, micro=0):
-        if step == 3:
-            raise RuntimeError("simulated crash")
-        return original(self, step, micro)
-
-    monkeypatch.setattr(Eraser, "step_loss", crash_at_step_3)
+    original = crash_eraser_at(monkeypatch, 3)
     resumed = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(erase_args(tiny_sd_dir, resumed, *flags))
