@@ -58,9 +58,9 @@ def random_inputs(unet: torch.nn.Module, batch: int, latent: int, device: torch.
                        torch.zeros(batch, dtype=torch.long, device=device))
 
     forget, retain = latents(), latents()
-    forget_text, remap, null, retain_text = (torch.randn(1, 77, width, generator=gen).to(device) for _ in range(4))
+    forget_text, target, null, retain_text = (torch.randn(1, 77, width, generator=gen).to(device) for _ in range(4))
     mask = Mask({name: torch.rand(p.shape, generator=gen) < 0.5 for name, p in unet.named_parameters()})
-    return forget, retain, Conditions(forget_text, remap, null, retain_text), mask
+    return forget, retain, Conditions(forget_text, target, null, retain_text), mask
 
 
 def erasure_step(pipe, inputs: tuple, batch: int, autocast: bool, run_dir: Path) -> Callable[[int], None]:
@@ -70,7 +70,7 @@ def erasure_step(pipe, inputs: tuple, batch: int, autocast: bool, run_dir: Path)
                                                "batch_size": batch, "alpha": ALPHA, "lr": LR,
                                                "grad_clip": GRAD_CLIP, "out": str(run_dir)})
     accelerator = make_accelerator(mixed_precision="bf16" if autocast else "no")
-    eraser = Eraser(config, pipe, accelerator, RunDir(run_dir), forget, retain, conditions)
+    eraser = Eraser(config, pipe, accelerator, RunDir(run_dir), {"forget": forget, "retain": retain}, conditions)
     eraser.build_mask = lambda: mask  # a given random mask instead of computing one
     eraser.prepare()
     eraser.unet.train()
@@ -94,7 +94,7 @@ def reference_step(pipe, inputs: tuple) -> Callable[[int], None]:
     def step(_: int) -> None:
         x_t, _noise, t = noised(forget.x0)
         forget_out = unet(x_t, t, encoder_hidden_states=conditions.forget.expand(batch, -1, -1)).sample
-        remap_out = unet(x_t, t, encoder_hidden_states=conditions.remap.expand(batch, -1, -1)).sample.detach()
+        remap_out = unet(x_t, t, encoder_hidden_states=conditions.target.expand(batch, -1, -1)).sample.detach()
         r_t, r_noise, r_time = noised(retain.x0)
         retain_out = unet(r_t, r_time, encoder_hidden_states=conditions.retain[retain.prompt]).sample
         loss = F.mse_loss(forget_out, remap_out) + ALPHA * F.mse_loss(retain_out, r_noise)
