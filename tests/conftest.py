@@ -49,6 +49,20 @@ def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str]
 
 
 @pytest.fixture(scope="session")
+def cifar_judge(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A barely trained 32x32 CIFAR-10 CNN (width 4), trained once per session: enough to exercise a protocol
+    that judges or featurises images with a classifier run."""
+    from classifiers.commands import train
+    from classifiers.config import TrainConfig
+    from erasure.config import from_dict
+
+    out = tmp_path_factory.mktemp("judge") / "cnn"
+    train(from_dict(TrainConfig, {"dataset": "cifar10", "arch": "cnn", "width": 4, "epochs": 1, "train_limit": 128,
+                                  "out": str(out)}))
+    return out
+
+
+@pytest.fixture(scope="session")
 def digits_original(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small MLP trained once per session on scikit-learn's digits (the classifier tests' original model)."""
     from helpers.digits import train_config

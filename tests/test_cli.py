@@ -72,7 +72,7 @@ def test_missing_data_path(tmp_path):
     assert "cifar10_jpeg.npz" in line and "data_dir" in line
 
 
-def test_quick_start_end_to_end_then_refuses_to_clobber(tmp_path):
+def test_quick_start_end_to_end_then_refuses_to_clobber(tmp_path, request):
     out = tmp_path / "quick"
     result = run_cli("classifier", "compare", "--config", "configs/classifier_digits.yaml", "--out", str(out))
     assert result.returncode == 0, result.stderr
@@ -81,17 +81,19 @@ def test_quick_start_end_to_end_then_refuses_to_clobber(tmp_path):
     assert metrics["methods"]["salun"]["UA"] > 50
     assert metrics["methods"]["retrain"]["UA"] > 90
     assert (out / "report.md").is_file() and (out / "manifest.json").is_file()
-    assert "already holds a finished run" in one_line_error(
-        run_cli("classifier", "compare", "--config", "configs/classifier_digits.yaml", "--out", str(out)))
+    # The follow-up commands run in-process (the entry point is the quick start's; each subprocess costs seconds).
+    run_cli_here = request.getfixturevalue("run_cli")
+    status, text = run_cli_here("classifier", "compare", "--config", "configs/classifier_digits.yaml", "--out", out)
+    assert status != 0 and "already holds a finished run" in text
 
     mask_file = tmp_path / "mask.safetensors"
-    result = run_cli("mask", "compute", "--original", str(out / "original"), "--forget", "class:3",
-                     "--ratio", "0.2", "--out", str(mask_file), "--packed")
-    assert result.returncode == 0, result.stderr
-    shown = run_cli("mask", "show", "--path", str(mask_file))
-    assert shown.returncode == 0 and '"ratio": 0.2' in shown.stdout and "total" in shown.stdout
-    assert "already exists" in one_line_error(
-        run_cli("mask", "compute", "--original", str(out / "original"), "--out", str(mask_file)))
+    status, text = run_cli_here("mask", "compute", "--original", out / "original", "--forget", "class:3",
+                                "--ratio", "0.2", "--out", mask_file, "--packed")
+    assert status == 0, text
+    status, text = run_cli_here("mask", "show", "--path", mask_file)
+    assert status == 0 and '"ratio": 0.2' in text and "total" in text
+    status, text = run_cli_here("mask", "compute", "--original", out / "original", "--out", mask_file)
+    assert status != 0 and "already exists" in text
 
 
 @pytest.mark.slow  # the default suite ran 373 s of its 300 s budget

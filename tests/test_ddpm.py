@@ -163,18 +163,6 @@ def test_sample_command_writes_class_images(trained: Path, run_cli, tmp_path: Pa
     assert manifest["config"]["guidance"] == 2.0 and manifest["metrics"]["class"] == "ship"
 
 
-@pytest.fixture(scope="module")
-def judge(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A barely trained 32x32 CIFAR-10 CNN: enough to exercise the protocol."""
-    from classifiers.commands import train as train_classifier
-    from classifiers.config import TrainConfig
-
-    out = tmp_path_factory.mktemp("judge") / "cnn"
-    train_classifier(from_dict(TrainConfig, {"dataset": "cifar10", "arch": "cnn", "width": 4, "epochs": 1,
-                                             "train_limit": 128, "out": str(out)}))
-    return out
-
-
 def test_sampling_a_class_resumes_where_it_stopped(trained: Path, run_cli, tmp_path: Path, monkeypatch) -> None:
     import pipelines.ddpm_commands as commands
 
@@ -201,12 +189,13 @@ def test_sampling_a_class_resumes_where_it_stopped(trained: Path, run_cli, tmp_p
                               np.asarray(Image.open(tmp_path / "part" / name)))
 
 
-def test_eval_reports_ua_accuracy_and_a_labelled_feature_distance(trained: Path, judge: Path, tmp_path: Path) -> None:
+def test_eval_reports_ua_accuracy_and_a_labelled_feature_distance(trained: Path, cifar_judge: Path,
+                                                                   tmp_path: Path) -> None:
     from pipelines.ddpm_commands import evaluate
     from pipelines.ddpm_config import DDPMEvalConfig
 
     unlearn_tiny(trained, tmp_path / "salun", steps=1)
-    config = from_dict(DDPMEvalConfig, {"run": str(tmp_path / "salun"), "judge": str(judge), "n_forget": 4,
+    config = from_dict(DDPMEvalConfig, {"run": str(tmp_path / "salun"), "judge": str(cifar_judge), "n_forget": 4,
                                         "n_per_class": 2, "steps": 2, "out": str(tmp_path / "eval")})
     metrics = evaluate(config)
     assert metrics["protocol"] == "ddpm-cifar10-v1" and metrics["forget_class"] == "cat"
@@ -222,7 +211,7 @@ def test_eval_reports_ua_accuracy_and_a_labelled_feature_distance(trained: Path,
     assert alone["evaluated"]["class_accuracy"] == metrics["evaluated"]["class_accuracy"]
 
 
-def test_a_reduced_resolution_run_generates_at_its_size_and_needs_a_judge_of_that_size(judge: Path,
+def test_a_reduced_resolution_run_generates_at_its_size_and_needs_a_judge_of_that_size(cifar_judge: Path,
                                                                                         tmp_path: Path) -> None:
     from pipelines.ddpm import load_model, sample
     from pipelines.ddpm_commands import evaluate
@@ -234,7 +223,7 @@ def test_a_reduced_resolution_run_generates_at_its_size_and_needs_a_judge_of_tha
     assert unet.config.sample_size == 8
     images = sample(unet, scheduler, [1, 2], [0, 1], guidance=2.0, steps=2)
     assert images.shape == (2, 3, 8, 8)
-    config = from_dict(DDPMEvalConfig, {"run": str(run), "judge": str(judge), "forget": "cat", "n_forget": 2,
+    config = from_dict(DDPMEvalConfig, {"run": str(run), "judge": str(cifar_judge), "forget": "cat", "n_forget": 2,
                                         "n_per_class": 2, "steps": 1, "out": str(tmp_path / "eval")})
     with pytest.raises(ConfigError, match="classifies 32x32 images but the DDPM generates 8x8.*--resolution 8"):
         evaluate(config)

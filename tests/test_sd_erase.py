@@ -148,7 +148,8 @@ def test_gradient_accumulation_gives_the_one_batch_result(erased, tiny_sd_dir, t
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0.02 * moved, msg=name)
 
 
-@pytest.mark.parametrize("method", ["esd", "ga"])
+# ESD through the same loop (scope, mask, falling objective) is test_sd_methods' esd-x test; full-UNet ESD is slow.
+@pytest.mark.parametrize("method", [pytest.param("esd", marks=pytest.mark.slow), "ga"])
 def test_esd_and_ga_baselines_run_in_the_same_loop(method, erased, tiny_sd_dir, tmp_path):
     out = tmp_path / method
     sampling = ["--esd-ddim-steps", 4] if method == "esd" else []

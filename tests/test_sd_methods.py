@@ -63,6 +63,7 @@ def test_esd_variants_change_only_their_scope_and_a_mask_keeps_the_rest_bit_iden
         assert torch.equal(after[name][kept], base[name][kept]), name
     metrics = read_json(out / "metrics.json")
     assert metrics["scope"] == scope.name and metrics["images"] == {"forget": 8}
+    assert metrics["method"] == method and metrics["forget_objective_after"] < metrics["forget_objective_before"]
 
 
 def test_concept_ablation_trains_cross_attention_keys_and_values_on_anchor_images(sets_run, tiny_sd_dir, tmp_path):
