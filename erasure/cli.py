@@ -38,7 +38,7 @@ COMMANDS: tuple[Command, ...] = (
             "pipelines.export_config:ExportConfig", "pipelines.export:export_command"),
     Command(("ddpm", "train"), "train a class-conditional DDPM on CIFAR-10",
             "pipelines.ddpm_config:DDPMTrainConfig", "pipelines.ddpm_commands:train"),
-    Command(("ddpm", "unlearn"), "unlearn a class from a class-conditional DDPM by remapping",
+    Command(("ddpm", "unlearn"), "unlearn a class from a class-conditional DDPM (salun, ga, rl, esd, ca)",
             "pipelines.ddpm_config:DDPMUnlearnConfig", "pipelines.ddpm_commands:unlearn"),
     Command(("classifier", "train"), "train an image classifier (the original model)",
             "classifiers.config:TrainConfig", "classifiers.commands:train"),

@@ -53,6 +53,16 @@ def with_method_sections(name: str, base: type, registry: typing.Mapping[str, ty
     return dataclasses.make_dataclass(name, sections, bases=(base,), namespace={"__doc__": doc, "__module__": module})
 
 
+def reject_other_sections(config: Any, sections: typing.Iterable[str], method: str, active: str) -> None:
+    """A ConfigError when a method section other than `active` (the section of `method`) differs from its
+    defaults: settings the run would silently ignore."""
+    for name in sorted(set(sections) - {active}):
+        given = getattr(config, name, None)
+        if given is not None and given != type(given)():
+            raise ConfigError(f"config key '{name}' holds settings of method {name}, but the method is {method}; "
+                              f"drop them or pass --method {name}")
+
+
 TRACKERS = ("tensorboard", "wandb")
 
 

@@ -1,6 +1,7 @@
 """Handlers of `erasure ddpm {train,unlearn}`, `erasure eval ddpm` and the DDPM side of `erasure sample`."""
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -49,14 +50,16 @@ from pipelines.ddpm_config import (
     class_index,
 )
 from pipelines.methods import DDPM_METHODS
-from pipelines.methods.base import Chunk, Draw
-from pipelines.objectives import diffusion_loss, guided_diffusion_loss, noised, squared_error
+from pipelines.methods.base import Chunk, Draw, TrainedMethod
+from pipelines.objectives import ddim_window, diffusion_loss, guided_diffusion_loss, noised, squared_error
 
 MASK_FILE = "mask.safetensors"
 GRID_FILE = "grid/grid.png"
-FORGET_STREAM, RETAIN_STREAM, MASK_STREAM, PROBE_STREAM, RETAIN_DROPOUT_STREAM = register_streams(
-    "ddpm", "forget", "retain", "mask", "probe", "retain_dropout")
+(FORGET_STREAM, RETAIN_STREAM, MASK_STREAM, PROBE_STREAM, RETAIN_DROPOUT_STREAM, ANCHOR_STREAM,
+ PROBE_ANCHOR_STREAM) = register_streams("ddpm", "forget", "retain", "mask", "probe", "retain_dropout", "anchor",
+                                         "probe_anchor")
 DDPM_KINDS = ("ddpm-train", "ddpm-unlearn")
+PROBE_BATCHES = 4
 
 
 def training_images(config: DDPMTrainConfig, exclude: int | None = None) -> ImageSet:
@@ -130,25 +133,31 @@ def _batches(data: ImageSet, batch_size: int, count: int, seed: int, stream: int
         yield x0, labels, index
 
 
+Images = tuple[Tensor, Tensor]
+"""(x0 in [-1, 1], labels) of one batch of an image set."""
+
+
 class DDPMSession:
-    """The `Session` (pipelines.methods.base) a method sees on one DDPM batch: the batch's images and labels,
-    conditions as class labels, the reference's antithetic timesteps and summed diffusion loss, and, in
-    training, label dropout to the null class in every forward (the reference model's train-mode
-    `cond_drop_prob`), drawn from one generator per batch in call order."""
+    """The `Session` (pipelines.methods.base) a method sees on one DDPM batch: the batch's forget images (and
+    anchor images, of the remap class, for methods that read them), conditions as class labels, the reference's
+    antithetic timesteps and summed diffusion loss, and, in training, label dropout to the null class in every
+    trained forward (the reference model's train-mode `cond_drop_prob`), drawn from one generator per batch in
+    call order. The concept of every row is the forgotten class; `base` is the frozen model of ESD's targets."""
 
     reduction = "sum"
     concepts = 1
 
     def __init__(self, config: DDPMUnlearnConfig, scheduler: Any, model: nn.Module, batch: Batch,
-                 train_mode: bool) -> None:
-        self.config, self.scheduler, self.batch = config, scheduler, batch
+                 train_mode: bool, anchor: Images | None = None, base: nn.Module | None = None) -> None:
+        self.config, self.scheduler, self.batch, self.anchor = config, scheduler, batch, anchor
+        self.model, self.base = model, base
         self.latent_shape = tuple(batch[0].shape[1:])
-        index = batch[2]
-        self.predict = _training_predictor(model, config, stream_generator(config.seed, DROPOUT_STREAM, index),
+        self.predict = _training_predictor(model, config, stream_generator(config.seed, DROPOUT_STREAM, batch[2]),
                                            train_mode)
 
     def images(self, name: str, draw: Draw) -> tuple[Tensor, Tensor]:
-        return self.batch[0], self.batch[1]
+        x0 = {"forget": self.batch[0], "anchor": self.anchor[0] if self.anchor is not None else None}[name]
+        return x0, torch.full((x0.shape[0],), self.config.forget_class, device=x0.device)
 
     def condition(self, role: str, labels: Tensor) -> Tensor:
         if role == "forget":
@@ -165,15 +174,18 @@ class DDPMSession:
             return self.predict(x_t, t, condition)
 
     def frozen(self, x_t: Tensor, t: Tensor, condition: Tensor) -> Tensor:
-        raise ConfigError(f"method {self.config.method} needs a frozen base model, which `erasure ddpm unlearn` "
-                          "does not keep")
+        with torch.no_grad():
+            return predictor(self.base)(x_t, t, condition)
 
     def concept_of_step(self, draw: Draw, count: int) -> Tensor:
-        return torch.full((count,), self.config.forget_class)
+        return torch.full((count,), self.config.forget_class, device=self.batch[0].device)
 
     def sample(self, noise: Tensor, condition: Tensor, *, steps: int, window: tuple[int, int], guidance: float,
                base: bool = False) -> Tensor:
-        raise ConfigError(f"method {self.config.method} samples its inputs, which `erasure ddpm unlearn` does not")
+        model = self.base if base else self.model
+        condition = condition.to(self.batch[0].device)
+        return ddim_window(predictor(model), self.scheduler.config, noise.to(condition.device), condition,
+                           torch.full_like(condition, NULL_CLASS), steps=steps, window=window, guidance=guidance)
 
     def loss(self, chunk: Chunk) -> Tensor:
         """The chunk's weighted squared error, the prediction made with this batch's label dropout."""
@@ -181,19 +193,25 @@ class DDPMSession:
                                             chunk.reduction)
 
 
-def forget_objective(config: DDPMUnlearnConfig, scheduler: Any, *,
-                     train_mode: bool = True) -> Callable[[nn.Module, Batch], Tensor]:
-    """The method's forget term as `loss(model, (x0, labels, index))`, with noise seeded by (seed, index).
+def build_method(config: DDPMUnlearnConfig) -> TrainedMethod:
+    """The configured method with its own settings (its config section, or its defaults)."""
+    spec = DDPM_METHODS[config.method]
+    return spec.build(getattr(config, spec.section_name, None) or spec.settings())
+
+
+def forget_objective(config: DDPMUnlearnConfig, scheduler: Any, *, train_mode: bool = True,
+                     base: nn.Module | None = None) -> Callable[..., Tensor]:
+    """The method's forget term as `loss(model, (x0, labels, index), anchor=None)`, with noise seeded by
+    (seed, index).
 
     The method (pipelines.methods) makes the chunk; the DDPM session gives it the SalUn DDPM reference's
     conventions (see `DDPMSession`); `train_mode=False` (the before/after probe) drops no labels.
     """
-    method = DDPM_METHODS[config.method].build(getattr(config, config.method, None)
-                                               or DDPM_METHODS[config.method].settings())
+    method = build_method(config)
 
-    def loss(model: nn.Module, batch: Batch) -> Tensor:
+    def loss(model: nn.Module, batch: Batch, anchor: Images | None = None) -> Tensor:
         x0, _, index = batch
-        session = DDPMSession(config, scheduler, model, batch, train_mode)
+        session = DDPMSession(config, scheduler, model, batch, train_mode, anchor, base)
         draw = Draw(index, stream_generator(config.seed, NOISE_STREAM, index), slice(None), x0.shape[0],
                     FORGET_STREAM)
         return session.loss(method.forget_chunk(session, draw))
@@ -247,13 +265,19 @@ def _saliency_mask(config: DDPMUnlearnConfig, unet: nn.Module, forget: ImageSet,
     return mask
 
 
-def probe_loss(config: DDPMUnlearnConfig, unet: nn.Module, forget: ImageSet, scheduler: Any) -> float:
-    """The forget term on 4 fixed forget batches (same images and noise before and after unlearning), in eval
-    mode: after training the UNet is in train mode, and a preset with dropout would make the probe random."""
-    objective = forget_objective(config, scheduler, train_mode=False)
-    batches = _batches(forget, config.forget_batch_size, 4, config.seed, PROBE_STREAM)
+def probe_loss(config: DDPMUnlearnConfig, unet: nn.Module, forget: ImageSet, scheduler: Any,
+               anchors: ImageSet | None = None, base: nn.Module | None = None) -> float:
+    """The forget term on 4 fixed forget batches (same images and noise before and after unlearning; for a
+    method that reads anchor images, 4 fixed anchor batches beside them), in eval mode: after training the UNet
+    is in train mode, and a preset with dropout would make the probe random."""
+    objective = forget_objective(config, scheduler, train_mode=False, base=base)
+    batches = _batches(forget, config.forget_batch_size, PROBE_BATCHES, config.seed, PROBE_STREAM)
+    anchor_batches = ([(x0, labels) for x0, labels, _ in _batches(anchors, config.forget_batch_size, PROBE_BATCHES,
+                                                                   config.seed, PROBE_ANCHOR_STREAM)]
+                      if anchors is not None else [None] * PROBE_BATCHES)
     with torch.no_grad(), evaluating(unet):
-        return float(torch.stack([objective(unet, b).float() for b in batches]).mean())
+        return float(torch.stack([objective(unet, b, a).float()
+                                  for b, a in zip(batches, anchor_batches, strict=True)]).mean())
 
 
 def unlearn(config: DDPMUnlearnConfig, accelerator: Any = None) -> dict[str, Any]:
@@ -271,30 +295,37 @@ def unlearn(config: DDPMUnlearnConfig, accelerator: Any = None) -> dict[str, Any
     if not len(forget):
         raise ConfigError(f"the training data of '{config.run}' holds no image of class "
                           f"'{CIFAR10_CLASSES[config.forget_class]}'; nothing to forget")
+    method = build_method(config)
+    anchors = data.subset(data.labels == config.remap_class) if "anchor" in method.images else None
     run.start(to_dict(config), seed=config.seed, device=str(accelerator.device), kind="ddpm-unlearn")
     unet.to(accelerator.device)
+    base = copy.deepcopy(unet).requires_grad_(False).eval() if method.needs_frozen else None
     started = time.perf_counter()
-    before = probe_loss(config, unet, forget, scheduler)
+    before = probe_loss(config, unet, forget, scheduler, anchors, base)
     mask = _method_mask(config, unet, forget, scheduler, run, accelerator)
     mask_seconds = time.perf_counter() - started
     settings = LoopSettings(config.steps, config.lr, 0, config.grad_clip, config.checkpoint_every,
                             clip_before_mask=True)
     loop = DiffusionLoop(unet, settings, run, accelerator, mask=mask, name=config.method)
-    objective, retain_term = forget_objective(config, scheduler), retain_objective(config, scheduler)
+    objective, retain_term = forget_objective(config, scheduler, base=base), retain_objective(config, scheduler)
 
     def loss_at(model: nn.Module, step: int) -> Tensor:
         x_f, y_f = take(forget, config.forget_batch_size, step, config.seed, FORGET_STREAM, flip=train_config.flip,
                         accelerator=accelerator)
         x_r, y_r = take(retain, config.retain_batch_size, step, config.seed, RETAIN_STREAM, flip=train_config.flip,
                         accelerator=accelerator)
+        anchor = (take(anchors, config.forget_batch_size, step, config.seed, ANCHOR_STREAM, flip=train_config.flip,
+                       accelerator=accelerator) if anchors is not None else None)
         index = step * 1000 + accelerator.process_index
-        return objective(model, (x_f, y_f, index)) + config.alpha * retain_term(model, (x_r, y_r, index))
+        return objective(model, (x_f, y_f, index), anchor) + config.alpha * retain_term(model, (x_r, y_r, index))
 
     stats = loop.run_steps(loss_at)
     unet = loop.unwrapped
+    after = probe_loss(config, unet, forget, scheduler, anchors, base)
     metrics = {"method": config.method, "forget_class": CIFAR10_CLASSES[config.forget_class],
-               "remap_class": CIFAR10_CLASSES[config.remap_class] if config.method == "salun" else None,
-               "forget_objective_before": before, "forget_objective_after": probe_loss(config, unet, forget, scheduler),
+               "remap_class": CIFAR10_CLASSES[config.remap_class] if DDPM_METHODS[config.method].needs_target
+               else None,
+               "forget_objective_before": before, "forget_objective_after": after,
                "mask_density": mask.density if mask is not None else None, "mask_seconds": round(mask_seconds, 3),
                "run_seconds": round(time.perf_counter() - started, 3), **stats}
     if accelerator.is_main_process:

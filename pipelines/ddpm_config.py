@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from classifiers.config import CIFAR10_RESOLUTIONS
-from erasure.config import TrackerConfig, option, with_method_sections
+from erasure.config import TrackerConfig, option, reject_other_sections, with_method_sections
 from erasure.config import class_index as shared_class_index
 from erasure.errors import ConfigError
 from erasure.evaluation.config import SCHEDULERS, check_device
@@ -60,6 +60,8 @@ class DDPMUnlearnSharedConfig(TrackerConfig):
     forget: str = option("airplane", "the class to forget (name or index)")
     method: str = option("salun", method_help(DDPM_METHODS) + "; its own settings: the section of its name",
                          choices=tuple(DDPM_METHODS))
+    remap: str | None = option(None, "the class the forgotten one becomes: salun's remap class, ca's anchor class "
+                                     "(default: (forget + 1) mod 10)")
     alpha: float = option(1e-3, "weight of the retain term, the diffusion loss SUMMED over each image's channels and "
                                 "pixels (the reference's units: 1e-3 is its setting)", ge=0)
     label_dropout: float = option(0.1, "share of labels dropped to the null class in every training forward (the "
@@ -83,26 +85,27 @@ class DDPMUnlearnSharedConfig(TrackerConfig):
 
     @property
     def remap_class(self) -> int:
-        """The class the forgotten class is remapped to (salun)."""
-        remap = self.salun.remap  # the section DDPMUnlearnConfig adds
-        if remap is None:
+        """The class the forgotten class is remapped to (salun) or ablated towards (ca)."""
+        if self.remap is None:
             return (self.forget_class + 1) % len(CIFAR10_CLASSES)
-        return class_index(remap, "salun.remap")
+        return class_index(self.remap, "remap")
 
     def validate(self) -> None:
         """Cross-field checks: a run is given, the classes exist, and the remap class differs from the forgotten one."""
         if not self.run:
             raise ConfigError("config key 'run' is required: pass --run <dir of a finished `erasure ddpm train` run>")
         if self.remap_class == self.forget_class:
-            raise ConfigError(f"config key 'salun.remap': the remap class '{CIFAR10_CLASSES[self.remap_class]}' is the "
+            raise ConfigError(f"config key 'remap': the remap class '{CIFAR10_CLASSES[self.remap_class]}' is the "
                               "forgotten class itself; pass another class to --remap (or omit it for (forget + 1) "
                               "mod 10)")
+        reject_other_sections(self, method_sections(DDPM_METHODS), self.method,
+                              DDPM_METHODS[self.method].section_name)
 
 
 DDPMUnlearnConfig = with_method_sections(
     "DDPMUnlearnConfig", DDPMUnlearnSharedConfig, method_sections(DDPM_METHODS), module=__name__,
-    doc="Unlearn a class from a trained class-conditional DDPM (SalUn: remap + saliency mask; or ga, rl): the shared "
-        "settings plus one section per method (e.g. `salun: {mask_ratio: 0.5}`, flag --mask-ratio).")
+    doc="Unlearn a class from a trained class-conditional DDPM (SalUn: remap + saliency mask; or ga, rl, esd, ca): "
+        "the shared settings plus one section per method (e.g. `salun: {mask_ratio: 0.5}`, flag --mask-ratio).")
 
 
 @dataclass

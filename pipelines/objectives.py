@@ -99,3 +99,22 @@ def noised_rows(scheduler: Any, x0: Tensor, generator: torch.Generator, rows: sl
     noise = torch.randn((total, *x0.shape[1:]), generator=generator, dtype=torch.float32)[rows]
     noise = noise.to(x0.device, x0.dtype)
     return scheduler.add_noise(x0, noise, t), training_target(scheduler, x0, noise, t), t
+
+
+def ddim_window(predict: Predict, scheduler_config: Any, noise: Tensor, condition: Tensor, null: Tensor, *,
+                steps: int, window: tuple[int, int], guidance: float) -> Tensor:
+    """The latent after DDIM steps window[0]..window[1]-1 of `steps` (eta 0; step 0 is the noisiest) started from
+    `noise`, with classifier-free guidance eps(null) + guidance (eps(c) - eps(null)) (ESD's `quick_sample_till_t`),
+    without gradient. Like the reference's ldm DDIM sampler (and unlike diffusers' DDIM defaults) the predicted x0
+    is not clipped and the last step ends at alphas_cumprod[0]."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(scheduler_config, clip_sample=False, set_alpha_to_one=False)
+    scheduler.set_timesteps(steps)
+    latents = noise * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in scheduler.timesteps[window[0]:window[1]]:
+            both = predict(torch.cat([latents, latents]), t, torch.cat([null, condition]))
+            unconditional, conditional = both.chunk(2)
+            latents = scheduler.step(unconditional + guidance * (conditional - unconditional), t, latents).prev_sample
+    return latents

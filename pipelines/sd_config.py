@@ -22,6 +22,7 @@ from erasure.config import (
     is_section,
     option,
     read_yaml,
+    reject_other_sections,
     with_method_sections,
 )
 from erasure.errors import ConfigError
@@ -142,11 +143,7 @@ class SDEraseSharedConfig(TrackerConfig):
                               "column in --concepts")
         if self.resolution % 8:
             raise ConfigError(f"config key 'resolution' must be a multiple of 8; got {self.resolution}")
-        for section in {other.section_name for other in SD_METHODS.values()} - {spec.section_name}:
-            given = getattr(self, section, None)
-            if given is not None and given != type(given)():
-                raise ConfigError(f"config key '{section}' holds settings of method {section}, but the method is "
-                                  f"{self.method}; drop them or pass --method {section}")
+        reject_other_sections(self, method_sections(SD_METHODS), self.method, spec.section_name)
         if not spec.trains and (self.mask is not None or self.mask_ratio is not None):
             raise ConfigError(f"method {self.method} is a closed-form edit and takes no saliency mask; drop "
                               "--mask/--mask-ratio or pick a trained method")

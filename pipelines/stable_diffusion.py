@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
-from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from torch import Tensor
 
 from erasure.accel import make_accelerator
@@ -38,7 +38,7 @@ from pipelines.delta import export_delta
 from pipelines.loading import load_base_pipeline
 from pipelines.methods import SD_METHODS
 from pipelines.methods.base import IMAGE_SETS, Chunk, Draw
-from pipelines.objectives import Predict, guided_diffusion_loss, noised_rows, squared_error
+from pipelines.objectives import Predict, ddim_window, guided_diffusion_loss, noised_rows, squared_error
 from pipelines.sampling import generate_batch, sampling_context
 from pipelines.sd_config import SDEraseConfig
 from pipelines.sd_data import ImageSet, generate_set, plan, prompt_texts, read_set
@@ -402,23 +402,6 @@ class Eraser:
         stats = self.trainer.fit(self.loss_at)
         rate = stats["steps_per_second"]
         return {**stats, "train_samples_per_second": round(rate * self.config.batch_size, 3) if rate else None}
-
-
-def ddim_window(predict: Predict, scheduler_config: Any, noise: Tensor, condition: Tensor, null: Tensor, *,
-                steps: int, window: tuple[int, int], guidance: float) -> Tensor:
-    """The latent after DDIM steps window[0]..window[1]-1 of `steps` (eta 0; step 0 is the noisiest) started from
-    `noise`, with classifier-free guidance eps(null) + guidance (eps(c) - eps(null)) (ESD's `quick_sample_till_t`),
-    without gradient. Like the reference's ldm DDIM sampler (and unlike diffusers' DDIM defaults) the predicted x0
-    is not clipped and the last step ends at alphas_cumprod[0]."""
-    scheduler = DDIMScheduler.from_config(scheduler_config, clip_sample=False, set_alpha_to_one=False)
-    scheduler.set_timesteps(steps)
-    latents = noise * scheduler.init_noise_sigma
-    with torch.no_grad():
-        for t in scheduler.timesteps[window[0]:window[1]]:
-            both = predict(torch.cat([latents, latents]), t, torch.cat([null, condition]))
-            unconditional, conditional = both.chunk(2)
-            latents = scheduler.step(unconditional + guidance * (conditional - unconditional), t, latents).prev_sample
-    return latents
 
 
 def grid_prompts(config: SDEraseConfig, pairs: list[tuple[str, str]]) -> list[Prompt]:

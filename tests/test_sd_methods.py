@@ -84,7 +84,7 @@ def test_concept_ablation_trains_cross_attention_keys_and_values_on_anchor_image
 
 def test_ddim_prefix_is_the_reference_ddim_update_stopped_at_t_enc():
     """ESD's `quick_sample_till_t`: t_enc DDIM (eta 0) steps from noise, guided eps_u + s (eps_c - eps_u)."""
-    from pipelines.stable_diffusion import ddim_window
+    from pipelines.objectives import ddim_window
     from pipelines.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline()

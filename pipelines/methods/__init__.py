@@ -12,9 +12,11 @@ from pipelines.methods.base import MethodSpec
 _SD_MODULES = (salun, esd, ga, ca, uce, rece)
 SD_METHODS: dict[str, MethodSpec] = {spec.name: spec for module in _SD_MODULES
                                      for spec in getattr(module, "SPECS", None) or (module.SPEC,)}
-DDPM_METHODS: dict[str, MethodSpec] = {"salun": salun.DDPM_SPEC, "ga": ga.SPEC, "rl": rl.SPEC}
-"""The methods of `erasure ddpm unlearn` (a class-conditional DDPM has no text encoder, so no cross-attention
-edit; each objective restates the SalUn DDPM reference)."""
+DDPM_METHODS: dict[str, MethodSpec] = {"salun": salun.DDPM_SPEC, "ga": ga.SPEC, "rl": rl.SPEC,
+                                       "esd": esd.SPECS[0], "ca": ca.DDPM_SPEC}
+"""The methods of `erasure ddpm unlearn`: a class-conditional DDPM has no text encoder, so no cross-attention edit
+(uce, rece) and no cross-attention scope (esd-x, esd-u); salun, ga and rl restate the SalUn DDPM reference, esd
+and ca their papers' objectives over class labels."""
 
 
 def method_sections(registry: dict[str, MethodSpec]) -> dict[str, type]:

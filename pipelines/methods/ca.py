@@ -13,12 +13,17 @@ Parameters as its `parameter_group`: cross-attention keys and values (default), 
 clipped to norm 1 (its `max_grad_norm`). Its loss is a masked sum over the 4 latent channels divided by the
 1-channel mask's sum, 4x a mean: no effect under Adam.
 
+On the class-conditional DDPM (`erasure ddpm unlearn --method ca`): the anchor is the `remap` class, its anchor
+images are its training images, the whole UNet trains (class labels enter through the class embedding, not
+cross-attention) and the DDPM's retain term takes the place of prior preservation.
+
 Departures: one anchor prompt per concept, not 200 generated captions mixing anchor and concept words; no
 horizontal-flip augmentation and no 1-pixel border mask; under prior preservation the reference doubles the
 learning rate, here the user sets `--lr` (the default stays 1.6e-5).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from erasure.config import option
@@ -73,3 +78,20 @@ SPEC = MethodSpec(
     source="Kumari et al. 2023, nupurkmr9/concept-ablation diffusers/train.py", kind=TRAINED, settings=CASettings,
     build=ConceptAblation, needs_target=True,
     defaults={"steps": 100, "batch_size": 8, "lr": 1.6e-5, "weight_decay": 1e-2, "alpha": 1.0, "grad_clip": 1.0})
+
+
+@dataclass
+class DDPMCASettings:
+    """DDPM `ca`: ablate the forgotten class towards the `remap` class on that class's training images."""
+
+    loss: str = option("model-based", "target of the forgotten class on anchor images: the model's own anchor-class "
+                                      "prediction ('model-based', the reference default) or the noise", choices=LOSSES)
+
+
+def _ddpm_ablation(settings: DDPMCASettings) -> ConceptAblation:
+    return ConceptAblation(CASettings(loss=settings.loss, parameters="full-weight"))
+
+
+DDPM_SPEC = dataclasses.replace(SPEC, settings=DDPMCASettings, build=_ddpm_ablation, defaults={},
+                                summary="Concept Ablation: on the remap class's images the forgotten class predicts "
+                                        "what the remap class does")

@@ -38,10 +38,8 @@ class SalUn(ImageObjective):
 
 @dataclass
 class DDPMSalUnSettings:
-    """DDPM `salun`: remap the forgotten class, under a saliency mask."""
+    """DDPM `salun`: remap the forgotten class (the shared `remap`), under a saliency mask."""
 
-    remap: str | None = option(None, "the class the forgotten one is mapped to (default: (forget + 1) mod 10)",
-                               flag="remap")
     mask_ratio: float = option(0.5, "share of UNet weights the saliency mask keeps", gt=0, lt=1, flag="mask-ratio")
     mask_batches: int | None = option(None, "forget batches whose clipped gradients make the mask (default: the "
                                             "whole forget class, as the reference)", ge=1, flag="mask-batches")
