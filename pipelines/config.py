@@ -21,8 +21,8 @@ class SampleConfig:
     n: int = option(16, "DDPM runs: images to generate of --class (seeds seed, seed + 1, ...)", ge=1)
     out: str = option("outputs/samples", "output directory (PNGs, prompts.jsonl, manifest.json)")
     model: str = option(DEFAULT_BASE_MODEL,
-                        "base model: a hub id (cached locally), a local diffusers directory, or 'tiny' "
-                        "(a seeded random toy pipeline for offline smoke tests)")
+                        "base model (SD 1.x/2.x or SDXL): a hub id (cached locally), a local diffusers "
+                        "directory, or 'tiny' / 'tiny-sdxl' (seeded random toy pipelines for offline smoke tests)")
     run: str | None = option(None, "an erased run directory whose unet/ replaces the base model's UNet")
     subset: str | None = option(None, "keep only prompts whose 'categories' contain this (e.g. sexual)")
     limit: int | None = option(None, "use only the first N prompts (after --subset)", ge=1)

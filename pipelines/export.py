@@ -19,6 +19,7 @@ from pipelines.delta import export_delta
 from pipelines.export_config import ExportConfig
 from pipelines.export_ldm import to_ldm_state_dict
 from pipelines.export_lora import WEIGHTS_NAME, fused_state, lora_from_difference, prediction_error, summarise
+from pipelines.families import family_of
 from pipelines.loading import load_base_pipeline, load_erased_pipeline
 
 SINGLE_FILE = "model.safetensors"
@@ -34,6 +35,9 @@ def export_run(config: ExportConfig) -> dict[str, Any]:
     base_model = manifest["config"]["model"]
     out = RunDir(config.out, overwrite=config.overwrite)
     erased = load_erased_pipeline(base_model, config.run)
+    if config.format == "single-file" and family_of(erased) != "sd":
+        raise ErasureError(f"'{config.run}' erased an {family_of(erased).upper()} model; the single-file export "
+                           "writes the SD 1.x layout: pass --format diffusers, lora or delta")
     out.start(to_dict(config), seed=None, device="cpu", kind=f"export-{config.format}")
     metrics: dict[str, Any] = {"format": config.format, "base_model": base_model, "run": str(config.run)}
     if config.format == "diffusers":
@@ -53,7 +57,7 @@ def export_run(config: ExportConfig) -> dict[str, Any]:
             with atomic_path(out.path / WEIGHTS_NAME) as tmp:
                 save_file(tensors, str(tmp), metadata={"format": "pt"})
             metrics.update(summarise(layers, left_out, config.rank), path=str(out.path / WEIGHTS_NAME),
-                           prediction_error=prediction_error(erased.unet, base_state, fused_state(base_state, tensors)))
+                           prediction_error=prediction_error(erased, base_state, fused_state(base_state, tensors)))
     out.finish(metrics)
     return metrics
 

@@ -87,20 +87,28 @@ def fused_state(base: Mapping[str, Tensor], tensors: Mapping[str, Tensor]) -> di
     return state
 
 
+PROBE_PROMPTS = ("a photo", "a photo of a nude person")
+
+
 @torch.no_grad()
-def prediction_error(unet: nn.Module, base: Mapping[str, Tensor], fused: Mapping[str, Tensor], seed: int = 0) -> float:
-    """||eps_lora - eps_erased|| / ||eps_erased - eps_base|| on seeded inputs: the share of the erasure's change of
-    the noise prediction that the LoRA misses (0: all of it kept). `unet` (the erased UNet) is restored afterwards."""
+def prediction_error(pipe: Any, base: Mapping[str, Tensor], fused: Mapping[str, Tensor], seed: int = 0) -> float:
+    """||eps_lora - eps_erased|| / ||eps_erased - eps_base|| on seeded latents under PROBE_PROMPTS: the share of
+    the erasure's change of the prediction that the LoRA misses (0: all of it kept). `pipe.unet` (the erased UNet)
+    is restored afterwards."""
+    from pipelines.families import text_conditioning
+
+    unet = pipe.unet
     config, param = unet.config, next(unet.parameters())
+    text = text_conditioning(pipe)
     generator = torch.Generator().manual_seed(seed)
     sample = torch.randn(2, config.in_channels, config.sample_size, config.sample_size, generator=generator)
-    context = torch.randn(2, 77, config.cross_attention_dim, generator=generator)
-    inputs = (sample.to(param), torch.tensor([100, 700], device=param.device), context.to(param))
+    inputs = (sample.to(param), torch.tensor([100, 700], device=param.device),
+              text.encode(list(PROBE_PROMPTS)).to(param))
     erased = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     outputs = []
     for state in (erased, base, fused):
         unet.load_state_dict(state)
-        outputs.append(unet(*inputs).sample.double())
+        outputs.append(text.predictor(unet)(*inputs).double())
     unet.load_state_dict(erased)
     change = torch.linalg.norm(outputs[0] - outputs[1])
     return float(torch.linalg.norm(outputs[2] - outputs[0]) / change) if change > 0 else 0.0

@@ -1,7 +1,9 @@
-"""Load a base Stable Diffusion pipeline, or one whose UNet comes from an erased run.
+"""Load a base Stable Diffusion pipeline (SD 1.x/2.x or SDXL, picked from the model's own model_index.json), or
+one whose UNet comes from an erased run.
 
 An erased run saves its UNet in diffusers format under `<run>/unet/`, so plain diffusers also works:
-`StableDiffusionPipeline.from_pretrained(base, unet=UNet2DConditionModel.from_pretrained(run + "/unet"))`.
+`StableDiffusionPipeline.from_pretrained(base, unet=UNet2DConditionModel.from_pretrained(run + "/unet"))`
+(`StableDiffusionXLPipeline` for an SDXL base).
 """
 from __future__ import annotations
 
@@ -9,14 +11,17 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import diffusers
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 
 from erasure.errors import ErasureError, first_line
+from pipelines.families import FAMILIES, text_conditioning
 from pipelines.schedulers import scheduler_from
 from pipelines.testbed_models import TESTBED_DIR, TESTBED_NAME
-from pipelines.tiny import TINY_NAME, build_tiny_pipeline
+from pipelines.tiny import TINY_BUILDERS
 
 
 class ModelLoadError(ErasureError):
@@ -24,23 +29,25 @@ class ModelLoadError(ErasureError):
 
 
 def load_base_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                       unet: UNet2DConditionModel | None = None) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline without safety checker from a hub id, a local directory, 'tiny' or 'testbed'."""
+                       unet: UNet2DConditionModel | None = None) -> Any:
+    """A StableDiffusionPipeline (without safety checker) or StableDiffusionXLPipeline, as the model's
+    model_index.json names it, from a hub id, a local directory, 'tiny', 'tiny-sdxl' or 'testbed'."""
     if model == TESTBED_NAME:
         model = str(TESTBED_DIR)
-    if model == TINY_NAME:
-        pipe = build_tiny_pipeline()
+    if model in TINY_BUILDERS:
+        pipe = TINY_BUILDERS[model]()
         if unet is not None:
             pipe.unet = unet
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     else:
-        extra = {"unet": unet} if unet is not None else {}
+        pipeline_class = _pipeline_class(model)
+        extra: dict[str, Any] = {"unet": unet} if unet is not None else {}
+        if pipeline_class is StableDiffusionPipeline:
+            extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         try:
             with _torch_dtype_accepted():
-                pipe = StableDiffusionPipeline.from_pretrained(
-                    model, torch_dtype=dtype, safety_checker=None, feature_extractor=None,
-                    requires_safety_checker=False, **extra)
+                pipe = pipeline_class.from_pretrained(model, torch_dtype=dtype, **extra)
         except (OSError, ValueError) as exc:
             if Path(model).exists():
                 raise ModelLoadError(
@@ -89,12 +96,28 @@ def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> str:
     return type(pipe.scheduler).__name__
 
 
-def _check_unet_fits(pipe: StableDiffusionPipeline, model: str) -> None:
-    unet, text, vae = pipe.unet.config, pipe.text_encoder.config, pipe.vae.config
-    if unet.cross_attention_dim != text.hidden_size or unet.in_channels != vae.latent_channels:
+def _pipeline_class(model: str) -> type:
+    """The pipeline class model_index.json names (SD when it cannot be read: from_pretrained then says why); a
+    family erasure does not train is refused by name."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            name = DiffusionPipeline.load_config(model).get("_class_name")
+    except (OSError, ValueError):
+        return StableDiffusionPipeline
+    if name not in FAMILIES:
+        raise ModelLoadError(f"'{model}' is a {name}; erasure loads {' and '.join(FAMILIES)} models (SD 1.x/2.x, "
+                             "SDXL); pass one of those to --model")
+    return getattr(diffusers, name)
+
+
+def _check_unet_fits(pipe: Any, model: str) -> None:
+    unet, vae = pipe.unet.config, pipe.vae.config
+    width = text_conditioning(pipe).text_width()
+    if unet.cross_attention_dim != width or unet.in_channels != vae.latent_channels:
         raise ModelLoadError(
             f"the UNet (cross_attention_dim {unet.cross_attention_dim}, in_channels {unet.in_channels}) does not "
-            f"fit base model '{model}' (text width {text.hidden_size}, latent channels {vae.latent_channels}); "
+            f"fit base model '{model}' (text width {width}, latent channels {vae.latent_channels}); "
             "pass the --model the run was erased from"
         )
 

@@ -35,10 +35,11 @@ from erasure.streams import endless_batch, register_streams, stream_generator
 from erasure.trainer import Trainer
 from erasure.training import evaluating
 from pipelines.delta import export_delta
+from pipelines.families import family_of, text_conditioning
 from pipelines.loading import load_base_pipeline
 from pipelines.methods import SD_METHODS
 from pipelines.methods.base import IMAGE_SETS, Chunk, Draw
-from pipelines.objectives import Predict, ddim_window, guided_diffusion_loss, noised_rows, squared_error
+from pipelines.objectives import ddim_window, guided_diffusion_loss, noised_rows, squared_error
 from pipelines.sampling import generate_batch, sampling_context
 from pipelines.sd_config import SDEraseConfig
 from pipelines.sd_data import ImageSet, generate_set, plan, prompt_texts, read_set
@@ -89,21 +90,16 @@ class Conditions:
     retain: Tensor
 
 
-def predictor(unet: torch.nn.Module) -> Predict:
-    """`predict(x_t, t, text_embedding) -> eps` for a UNet2DConditionModel (wrapped or not)."""
-    return lambda x_t, t, condition: unet(x_t, t, encoder_hidden_states=condition).sample
-
-
 def weight_dtype(accelerator: Accelerator) -> torch.dtype:
     """The dtype of the frozen parts: bf16/fp16 under that mixed precision, else float32."""
     return WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
 
 
 def load_components(config: SDEraseConfig, accelerator: Accelerator) -> StableDiffusionPipeline:
-    """The base pipeline on the device: UNet float32 (trained), VAE and text encoder frozen in the weight dtype."""
+    """The base pipeline on the device: UNet float32 (trained), VAE and text encoders frozen in the weight dtype."""
     pipe = load_base_pipeline(config.model, accelerator.device, torch.float32)
     dtype = weight_dtype(accelerator)
-    for frozen in (pipe.vae, pipe.text_encoder):
+    for frozen in (pipe.vae, *text_conditioning(pipe).text_encoders):
         frozen.requires_grad_(False)
         if dtype != torch.float32:
             frozen.to(dtype=dtype)
@@ -111,14 +107,6 @@ def load_components(config: SDEraseConfig, accelerator: Accelerator) -> StableDi
     if config.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     return pipe
-
-
-def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> Tensor:
-    """float32 CLIP embeddings (P, L, D) of `prompts`."""
-    tokens = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        return pipe.text_encoder(tokens.input_ids.to(pipe.text_encoder.device))[0].float()
 
 
 def encode_images(pipe: StableDiffusionPipeline, images: np.ndarray, batch_size: int) -> tuple[Tensor, Tensor]:
@@ -213,7 +201,8 @@ def encode_sets(config: SDEraseConfig, pairs: list[tuple[str, str]], names: tupl
     sets = {name: (to_latents(pipe, images[name], retain_prompts, config.batch_size) if name == "retain"
                    else concept_latents(pipe, images[name], name, texts[name], config.batch_size))
             for name in names}
-    embeddings = encode_prompts(pipe, [*texts["forget"], *texts["anchor"], "", *retain_prompts])
+    embeddings = text_conditioning(pipe, config.resolution).encode([*texts["forget"], *texts["anchor"], "",
+                                                                     *retain_prompts])
     k = len(pairs)
     return sets, Conditions(embeddings[:k], embeddings[k:2 * k], embeddings[2 * k:2 * k + 1], embeddings[2 * k + 1:])
 
@@ -229,6 +218,7 @@ class Eraser:
         self.config, self.pipe, self.accelerator, self.run = config, pipe, accelerator, run
         self.sets, self.conditions = sets, conditions
         self.spec, self.method = SD_METHODS[config.method], build_method(config)
+        self.predictor = text_conditioning(pipe, config.resolution).predictor
         self.concepts = conditions.forget.shape[0]
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         size = config.resolution // pipe.vae_scale_factor
@@ -271,19 +261,19 @@ class Eraser:
 
     def current(self, x_t: Tensor, t: Tensor, condition: Tensor) -> Tensor:
         with torch.no_grad():
-            return predictor(self.unwrapped)(x_t, t, condition)
+            return self.predictor(self.unwrapped)(x_t, t, condition)
 
     def frozen(self, x_t: Tensor, t: Tensor, condition: Tensor) -> Tensor:
         with torch.no_grad():
             dtype = next(self.base.parameters()).dtype
-            return predictor(self.base)(x_t.to(dtype), t, condition.to(dtype)).float()
+            return self.predictor(self.base)(x_t.to(dtype), t, condition.to(dtype)).float()
 
     def concept_of_step(self, draw: Draw, count: int) -> Tensor:
         return torch.randint(self.concepts, (count,), generator=draw.noise)
 
     def sample(self, noise: Tensor, condition: Tensor, *, steps: int, window: tuple[int, int], guidance: float,
                base: bool = False) -> Tensor:
-        predict = self.frozen if base else predictor(self.unwrapped)
+        predict = self.frozen if base else self.predictor(self.unwrapped)
         return ddim_window(predict, self.pipe.scheduler.config, noise.to(condition.device),
                            condition, self.condition("null", torch.zeros(noise.shape[0], dtype=torch.long)),
                            steps=steps, window=window, guidance=guidance)
@@ -298,7 +288,7 @@ class Eraser:
 
     def chunks_loss(self, model: torch.nn.Module, chunks: list[Chunk]) -> Tensor:
         """One UNet forward over all chunks' rows; the weighted sum of each chunk's MSE."""
-        out = predictor(model)(torch.cat([c.x_t for c in chunks]), torch.cat([c.t for c in chunks]),
+        out = self.predictor(model)(torch.cat([c.x_t for c in chunks]), torch.cat([c.t for c in chunks]),
                                torch.cat([c.condition for c in chunks]))
         parts = out.split([c.x_t.shape[0] for c in chunks])
         return sum(c.weight * squared_error(o, c.target, c.reduction) for c, o in zip(chunks, parts, strict=True))
@@ -374,7 +364,7 @@ class Eraser:
         null = self.conditions.null.expand_as(condition)
         noise = stream_generator(self.config.seed, MASK_STREAM, batch["index"])
         with self.accelerator.autocast():
-            return guided_diffusion_loss(predictor(model), self.scheduler, x0, condition, null,
+            return guided_diffusion_loss(self.predictor(model), self.scheduler, x0, condition, null,
                                          self.config.mask_guidance, noise)
 
     # ---------------------------------------------------------------- loop
@@ -472,7 +462,8 @@ def erase(config: SDEraseConfig, accelerator: Accelerator | None = None) -> dict
     before = render(pipe, prompts, config, accelerator) if accelerator.is_main_process and prompts else []
     base_state = ({k: v.detach().cpu().clone() for k, v in pipe.unet.state_dict().items()}
                   if config.export_delta and accelerator.is_main_process else None)
-    metrics = {"method": config.method, "concepts": [{"forget": f, "target": t} for f, t in pairs],
+    metrics = {"method": config.method, "family": family_of(pipe),
+               "concepts": [{"forget": f, "target": t} for f, t in pairs],
                "preserve": list(config.preserve), "processes": accelerator.num_processes,
                "mixed_precision": accelerator.mixed_precision}
     mask = None

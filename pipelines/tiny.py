@@ -1,20 +1,32 @@
-"""A tiny, randomly initialised Stable Diffusion pipeline built from configs (no downloads).
+"""Tiny, randomly initialised Stable Diffusion pipelines built from configs (no downloads).
 
-It has the real architecture (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIP BPE
-tokenizer) at toy width, so tests and offline smoke runs exercise the same code paths as SD v1.4.
-`erasure sample --model tiny` uses it. Weights are seeded, so the same seed gives the same model.
+They have the real architectures at toy width, so tests and offline smoke runs exercise the same code paths as
+the released models: `tiny` is SD v1 (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIP BPE tokenizer),
+`tiny-sdxl` is SDXL (two CLIP text encoders, the second with a projection; a UNet with SDXL's added
+text-and-time conditioning, linear attention projections and two transformer layers in its deeper block).
+`--model tiny` / `--model tiny-sdxl` use them. Weights are seeded, so the same seed gives the same model.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_clip_tokenizer"
-TINY_NAME = "tiny"
+TINY_NAME, TINY_SDXL_NAME = "tiny", "tiny-sdxl"
 HIDDEN = 32
+TIME_EMBED = 8
+"""SDXL's `addition_time_embed_dim` at toy width: its added conditions are the pooled text (HIDDEN) and six
+time ids of TIME_EMBED sinusoidal features each."""
 
 
 def tiny_tokenizer() -> CLIPTokenizer:
@@ -52,8 +64,31 @@ def tiny_vae() -> AutoencoderKL:
     )
 
 
-def tiny_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
-    """A two-layer CLIP text encoder whose vocabulary and special ids match `tokenizer`."""
+def tiny_sdxl_unet() -> UNet2DConditionModel:
+    """A two-level UNet with SDXL's layout at width 32/64: cross-attention only in the deeper block (two
+    transformer layers), linear projections, and the text-and-time added conditioning."""
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=2 * HIDDEN,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED,
+        projection_class_embeddings_input_dim=HIDDEN + 6 * TIME_EMBED,
+        norm_num_groups=8,
+    )
+
+
+def tiny_text_encoder(tokenizer: CLIPTokenizer, projection: bool = False) -> CLIPTextModel:
+    """A two-layer CLIP text encoder whose vocabulary and special ids match `tokenizer` (with a text projection,
+    SDXL's second encoder, when `projection`)."""
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=HIDDEN,
@@ -66,7 +101,7 @@ def tiny_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModel(config)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
 def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
@@ -85,8 +120,26 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     )
 
 
-def save_tiny_pipeline(path: str | Path, seed: int = 0) -> Path:
-    """Save a tiny pipeline in diffusers format (loads with `StableDiffusionPipeline.from_pretrained`)."""
+def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """A tiny SDXL pipeline with seeded random weights (32x32 images by default)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = tiny_sdxl_unet()
+        vae = tiny_vae()
+        tokenizer = tiny_tokenizer()
+        text_encoder = tiny_text_encoder(tokenizer)
+        text_encoder_2 = tiny_text_encoder(tokenizer, projection=True)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=scheduler)
+
+
+TINY_BUILDERS = {TINY_NAME: build_tiny_pipeline, TINY_SDXL_NAME: build_tiny_sdxl_pipeline}
+
+
+def save_tiny_pipeline(path: str | Path, seed: int = 0, name: str = TINY_NAME) -> Path:
+    """Save tiny pipeline `name` in diffusers format (loads with its pipeline class's `from_pretrained`)."""
     path = Path(path)
-    build_tiny_pipeline(seed).save_pretrained(path)
+    TINY_BUILDERS[name](seed).save_pretrained(path)
     return path

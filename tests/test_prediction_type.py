@@ -12,10 +12,11 @@ from diffusers import DDPMScheduler
 
 from erasure.config import load_config
 from erasure.io import RunDir
+from pipelines.families import text_conditioning
 from pipelines.methods.base import Draw
 from pipelines.objectives import diffusion_loss, timesteps, training_target
 from pipelines.sd_config import SDEraseConfig
-from pipelines.stable_diffusion import Conditions, Eraser, Latents, encode_prompts
+from pipelines.stable_diffusion import Conditions, Eraser, Latents
 from pipelines.tiny import build_tiny_pipeline
 
 
@@ -52,7 +53,7 @@ def test_sd_gradient_ascent_and_retain_terms_of_a_v_prediction_pipeline_use_the_
     config = load_config(SDEraseConfig, None, {"concept": "nudity", "model": "tiny", "method": "ga", "batch_size": 4})
     x0 = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     latents = Latents(x0.expand(6, -1, -1, -1).clone(), torch.zeros(6, 4, 4, 4), torch.zeros(6, dtype=torch.long))
-    embeddings = encode_prompts(pipe, [config.forget_prompt, config.remap_prompt, "", "a photo"])
+    embeddings = text_conditioning(pipe).encode([config.forget_prompt, config.remap_prompt, "", "a photo"])
     conditions = Conditions(embeddings[0:1], embeddings[1:2], embeddings[2:3], embeddings[3:])
     eraser = Eraser(config, pipe, Accelerator(cpu=True), RunDir(tmp_path / "run"),
                     {"forget": latents, "retain": latents}, conditions)

@@ -174,11 +174,12 @@ def _uce_objective_gradient(layer_before: torch.Tensor, layer_after: torch.Tenso
     return grad
 
 
-def test_uce_is_the_minimiser_of_its_objective_and_edits_only_cross_attention_keys_and_values():
+@pytest.mark.parametrize("family", ["tiny", "tiny-sdxl"])
+def test_uce_is_the_minimiser_of_its_objective_and_edits_only_cross_attention_keys_and_values(family):
     from pipelines.methods.uce import UCE, UCESettings, aligned_tokens, edited_layers, full_tokens
-    from pipelines.tiny import build_tiny_pipeline
+    from pipelines.tiny import TINY_BUILDERS
 
-    pipe = build_tiny_pipeline()
+    pipe = TINY_BUILDERS[family]()
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     concepts, preserve = [("a photo of a nude person", "a photo of a person"), ("van gogh", "")], ["a cat", "a dog"]
     settings = UCESettings()
@@ -190,6 +191,7 @@ def test_uce_is_the_minimiser_of_its_objective_and_edits_only_cross_attention_ke
     assert all(CROSS_ATTENTION_KEY_VALUE.includes(name) for name in changed) and metrics["preserve_scale"] == scale
     erase = [aligned_tokens(pipe, f, t) for f, t in concepts]
     kept = [full_tokens(pipe, text) for text in ["", *preserve]]
+    assert kept[0].shape == (77, pipe.unet.config.cross_attention_dim)  # what the keys and values project
     for name in changed:
         at_edit = _uce_objective_gradient(before[name], after[name], erase, kept, settings, scale)
         at_start = _uce_objective_gradient(before[name], before[name], erase, kept, settings, scale)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from erasure.accel import resolve_device, resolve_dtype
 from erasure.config import to_dict
-from erasure.errors import ErasureError
+from erasure.errors import ConfigError, ErasureError
 from erasure.evaluation.protocol import Grid, Protocol, ProtocolCard, Result, register, run_protocol
 from erasure.evaluation.report import grid_links, markdown_table, settings_table
 from erasure.io import MANIFEST, finished_manifest, read_json, write_json
@@ -33,6 +33,7 @@ from pipelines.attacks import ATTACKS
 from pipelines.attacks.base import Attack, Candidate, Cost, Target
 from pipelines.attacks.judges import ClassifierJudge, Judge, NudityJudge, Verdict
 from pipelines.attacks.text import encode_ids, token_ids
+from pipelines.families import family_of
 from pipelines.loading import erased_unet_dir, load_base_pipeline, load_erased_pipeline, set_scheduler
 from pipelines.sampling import check_resumable, sampling_context
 
@@ -267,7 +268,11 @@ def eval_attack(config: AttackEvalConfig) -> dict[str, Any]:
 
 
 def _prepared(pipe: StableDiffusionPipeline, scheduler: str) -> StableDiffusionPipeline:
-    """Frozen (an attack differentiates through the models, never into their weights), with the chosen sampler."""
+    """Frozen (an attack differentiates through the models, never into their weights), with the chosen sampler.
+    The attacks search SD 1.x/2.x's one text encoder; another family is refused."""
+    if family_of(pipe) != "sd":
+        raise ConfigError(f"the attacks search the text embedding of SD 1.x/2.x models; this model is "
+                          f"{family_of(pipe).upper()}: pass an SD 1.x/2.x --model")
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False).eval()
     set_scheduler(pipe, scheduler)

@@ -73,29 +73,23 @@ def edited_layers(unet: nn.Module, keys: bool) -> dict[str, nn.Linear]:
 
 
 def aligned_tokens(pipe: Any, text: str, target: str) -> tuple[Tensor, Tensor]:
-    """The token embeddings UCE edits: each prompt's last hidden states from its last word token to the end,
+    """The token states UCE edits (SD: the last hidden states; SDXL: both encoders' penultimate ones, what its
+    cross-attention reads): each prompt's from its last word token to the end,
     both cut to the same count (the reference's `final_token_idx` alignment); an empty prompt is ' '."""
-    import torch
+    from pipelines.families import text_conditioning
 
-    texts = [text or " ", target or " "]
-    tokens = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        hidden = pipe.text_encoder(tokens.input_ids.to(pipe.text_encoder.device))[0].float()
-    last = [int(m.sum()) - 2 for m in tokens.attention_mask]
+    hidden, attention = text_conditioning(pipe).token_states([text or " ", target or " "])
+    last = [int(m.sum()) - 2 for m in attention]
     farthest = max(last)
     cut = [hidden[i, last[i]:hidden.shape[1] - (farthest - last[i])] for i in range(2)]
     return cut[0], cut[1]
 
 
 def full_tokens(pipe: Any, text: str) -> Tensor:
-    """All 77 last hidden states of a prompt, as written ('' is the empty prompt)."""
-    import torch
+    """All 77 token states of a prompt, as written ('' is the empty prompt)."""
+    from pipelines.families import text_conditioning
 
-    tokens = pipe.tokenizer([text], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        return pipe.text_encoder(tokens.input_ids.to(pipe.text_encoder.device))[0][0].float()
+    return text_conditioning(pipe).token_states([text])[0][0]
 
 
 def edit_layer(layer: nn.Linear, erase: list[tuple[Tensor, Tensor]], kept: list[Tensor], settings: UCESettings,

@@ -19,8 +19,9 @@ from accelerate import Accelerator
 
 from erasure.config import load_config
 from erasure.io import RunDir
+from pipelines.families import text_conditioning
 from pipelines.sd_config import SDEraseConfig
-from pipelines.stable_diffusion import Conditions, Eraser, Latents, encode_prompts
+from pipelines.stable_diffusion import Conditions, Eraser, Latents
 from pipelines.tiny import build_tiny_pipeline
 
 
@@ -35,7 +36,7 @@ def _eraser(tmp_path: Path, method: str) -> Eraser:
                      torch.zeros(6, dtype=torch.long))
     retain = Latents(torch.randn(shape, generator=generator), torch.rand(shape, generator=generator) * 0.1,
                      torch.zeros(6, dtype=torch.long))
-    embeddings = encode_prompts(pipe, [config.forget_prompt, config.remap_prompt, "", config.remap_prompt])
+    embeddings = text_conditioning(pipe).encode([config.forget_prompt, config.remap_prompt, "", config.remap_prompt])
     conditions = Conditions(embeddings[0:1], embeddings[1:2], embeddings[2:3], embeddings[3:])
     return Eraser(config, pipe, Accelerator(cpu=True), RunDir(tmp_path / "run"),
                   {"forget": forget, "retain": retain, "anchor": retain}, conditions)

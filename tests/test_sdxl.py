@@ -1,0 +1,124 @@
+"""SDXL, the second model family: its conditioning against diffusers' own, erasure end to end on a tiny SDXL
+pipeline saved in diffusers format, loading, exports, and a family erasure does not train refused by name."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_sd_erase import erase_args, reuse_sets, unet_state
+
+from erasure.cli import main
+from erasure.io import read_json
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipelines.tiny import TINY_SDXL_NAME, save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl") / "pipeline", name=TINY_SDXL_NAME)
+
+
+@pytest.fixture(scope="module")
+def salun_run(sdxl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sdxl") / "salun"
+    assert main(erase_args(sdxl_dir, out, "--steps", 2, "--lr", 1e-3, "--grid-seeds", 0)) == 0
+    return out
+
+
+def test_the_condition_is_what_the_sdxl_pipeline_feeds_its_unet() -> None:
+    """Hidden states, pooled embedding and time ids as `encode_prompt` and `_get_add_time_ids` make them; the
+    empty prompt is the zeros its classifier-free guidance uses."""
+    from pipelines.families import text_conditioning
+    from pipelines.tiny import build_tiny_sdxl_pipeline
+
+    pipe = build_tiny_sdxl_pipeline()
+    text = text_conditioning(pipe, 32)
+    condition = text.encode(["a photo of a cat", ""])
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt("a photo of a cat", device="cpu",
+                                                                    do_classifier_free_guidance=True)
+    time_ids = pipe._get_add_time_ids((32, 32), (0, 0), (32, 32), dtype=torch.float32,
+                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    x_t, t = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([500, 500])
+    with torch.no_grad():
+        ours = text.predictor(pipe.unet)(x_t, t, condition)
+        theirs = pipe.unet(x_t, t, encoder_hidden_states=torch.cat([embeds, negative]),
+                           added_cond_kwargs={"text_embeds": torch.cat([pooled, negative_pooled]),
+                                              "time_ids": time_ids.repeat(2, 1)}).sample
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert condition.shape == (2, 78, 64) and not negative.any() and not condition[1, :77].any()
+
+
+def test_salun_erases_an_sdxl_model_whose_unet_loads_with_plain_diffusers(salun_run: Path, sdxl_dir: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from erasure.saliency import Mask
+    from pipelines.loading import load_erased_pipeline
+
+    metrics = read_json(salun_run / "metrics.json")
+    assert metrics["family"] == "sdxl" and metrics["forget_objective_after"] < metrics["forget_objective_before"]
+    base, after = unet_state(sdxl_dir / "unet"), unet_state(salun_run / "unet")
+    mask = Mask.load(salun_run / "mask.safetensors")
+    assert "add_embedding.linear_1.weight" in mask.masks
+    for name in mask:
+        assert torch.equal(after[name][~mask[name].bool()], base[name][~mask[name].bool()]), name
+    assert any(not torch.equal(after[name], base[name]) for name in base)
+    plain = StableDiffusionXLPipeline.from_pretrained(sdxl_dir,
+                                                      unet=UNet2DConditionModel.from_pretrained(salun_run / "unet"))
+    ours = load_erased_pipeline(str(sdxl_dir), salun_run)
+    assert type(ours) is StableDiffusionXLPipeline
+    for pipe in (plain, ours):
+        assert all(torch.equal(v, after[k]) for k, v in pipe.unet.state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["esd-x", "uce"])
+def test_a_cross_attention_method_changes_only_cross_attention_on_sdxl(method: str, salun_run: Path, sdxl_dir: Path,
+                                                                       tmp_path: Path) -> None:
+    out = tmp_path / method
+    extra = ["--esd-ddim-steps", 3, *reuse_sets(salun_run), "--steps", 2, "--lr", 1e-3] if method == "esd-x" else []
+    assert main(erase_args(sdxl_dir, out, "--method", method, "--grid-seeds", 0, "--no-export-delta", *extra)) == 0
+    base, after = unet_state(sdxl_dir / "unet"), unet_state(out / "unet")
+    changed = {name for name in base if not torch.equal(base[name], after[name])}
+    assert changed and all(".attn2." in name for name in changed)
+    # (UCE solves its closed form over SDXL's token states: test_sd_methods' minimiser test runs on both families)
+
+
+def test_exports_of_an_sdxl_run_load_and_the_single_file_one_is_refused(salun_run: Path, sdxl_dir: Path,
+                                                                         tmp_path: Path, run_cli) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    assert main(["export", "--run", str(salun_run), "--format", "lora", "--rank", "100000",
+                 "--out", str(tmp_path / "lora")]) == 0
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    left_out = {row["parameter"] for row in read_json(tmp_path / "lora" / "metrics.json")["left_out"]}
+    after = unet_state(salun_run / "unet")
+    for name, value in pipe.unet.state_dict().items():
+        if name not in left_out:
+            torch.testing.assert_close(value, after[name], rtol=0, atol=1e-5, msg=name)
+    status, output = run_cli("export", "--run", salun_run, "--format", "single-file", "--out", tmp_path / "single")
+    assert status != 0 and "SDXL" in output and "--format diffusers, lora or delta" in output
+    assert not (tmp_path / "single").exists()
+
+
+def test_a_model_family_erasure_does_not_train_is_refused_by_name(tmp_path: Path, run_cli) -> None:
+    model = tmp_path / "flux"
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "_diffusers_version": "0.30"}))
+    status, output = run_cli("sd", "--concept", "nudity", "--model", model, "--out", tmp_path / "run")
+    assert status != 0 and "is a FluxPipeline" in output and "SDXL" in output
+
+
+def test_the_attacks_refuse_an_sdxl_model_in_one_line(tmp_path: Path, run_cli) -> None:
+    from test_eval_attack import classifier_run
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of an airplane\n")
+    judge = classifier_run(tmp_path / "judge", favoured=0)
+    status, output = run_cli("eval", "attack", "--model", "tiny-sdxl", "--steps", "2", "--height", "32", "--width",
+                             "32", "--device", "cpu", "--prompts", prompts, "--judge", judge,
+                             "--target-class", "airplane", "--out", tmp_path / "attack")
+    assert status == 2 and "this model is SDXL" in output, output
