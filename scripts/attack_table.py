@@ -35,6 +35,17 @@ def attack(run: str, name: str, out: Path, extra: list[str]) -> dict[str, Any]:
     return read_json(out / MANIFEST)["metrics"]
 
 
+def labels(runs: list[str]) -> list[str]:
+    """A distinct folder name per run: the shortest tail of its path (parts joined by '-') that no other run
+    shares, so runs named alike (`.../salun/seed0/run`, `.../uce/seed0/run`) keep their own attack folders."""
+    parts = [Path(run).resolve().parts for run in runs]
+    for length in range(1, max(map(len, parts)) + 1):
+        names = ["-".join(p[-length:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    raise SystemExit("attack_table: a run is given twice")
+
+
 def table(results: list[dict[str, Any]]) -> str:
     """Markdown: one row per (run, attack)."""
     rows = [(r["run"], r["attack"], r["prompts"], r["pre_attack_asr"], r["asr"], r["seconds_per_prompt"],
@@ -52,9 +63,9 @@ def main(argv: list[str]) -> dict[str, Any]:
     args = parser.parse_args(ours)
     out = Path(args.out)
     results = []
-    for run in args.runs:
+    for run, label in zip(args.runs, labels(args.runs), strict=True):
         for name in args.attacks:
-            metrics = attack(run, name, out / Path(run).name / name, extra)
+            metrics = attack(run, name, out / label / name, extra)
             results.append({"run": run, "attack": name, "prompts": metrics["prompts"],
                             "pre_attack_asr": metrics["pre_attack_asr"], "asr": metrics["asr"],
                             "seconds_per_prompt": metrics["cost"]["seconds_per_prompt"],
