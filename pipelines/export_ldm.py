@@ -1,7 +1,12 @@
-"""Diffusers Stable Diffusion 1.x weights -> one state dict in the original (LDM / CompVis) key layout.
+"""Diffusers Stable Diffusion 1.x / 2.x weights -> one state dict in the original (LDM / CompVis) key layout.
 
 AUTOMATIC1111 and ComfyUI load such a file as a checkpoint: the UNet under `model.diffusion_model.`,
-the VAE under `first_stage_model.`, the CLIP text encoder under `cond_stage_model.transformer.`.
+the VAE under `first_stage_model.`, the text encoder under `cond_stage_model.`: SD 1.x's OpenAI CLIP as
+transformers names it (`cond_stage_model.transformer.text_model.`), SD 2.x's OpenCLIP in open_clip's own layout
+(`cond_stage_model.model.`: `resblocks`, fused `in_proj` attention). The two are told apart by the encoder's
+activation: OpenAI CLIP uses QuickGELU, OpenCLIP (SD 2.x) GELU. SD 2.x's encoder is stored without the
+OpenCLIP layer it never uses (diffusers drops it when converting) and without `text_projection` (SD
+conditions on hidden states; diffusers' SD 2 pipelines have none to write).
 Our own mapping, written from the layouts (diffusers' convert_diffusers_to_original_stable_diffusion.py
 was read to learn them); it follows the model's config (levels, layers per block, which blocks attend),
 so it covers SD 1.x at any width, including the tiny test pipeline. Values are copied, never recast;
@@ -13,6 +18,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from erasure.errors import ErasureError
@@ -20,6 +26,12 @@ from erasure.errors import ErasureError
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
+_OPEN_CLIP_LAYER = {"layer_norm1.": "ln_1.", "layer_norm2.": "ln_2.", "self_attn.out_proj.": "attn.out_proj.",
+                    "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj."}
+_OPEN_CLIP_FIXED = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                    "embeddings.position_embedding.weight": "positional_embedding",
+                    "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
 
 _UNET_FIXED = {
     "time_embedding.linear_1.": "time_embed.0.",
@@ -105,8 +117,8 @@ def _replace_head(rest: str, table: Mapping[str, str]) -> str:
 def to_ldm_state_dict(unet: Any, vae: Any, text_encoder: Any) -> dict[str, Tensor]:
     """One state dict in the original Stable Diffusion layout (contiguous CPU tensors, dtypes kept)."""
     if type(text_encoder).__name__ != "CLIPTextModel":
-        raise SingleFileError(f"single-file export covers SD 1.x (a CLIPTextModel), not {type(text_encoder).__name__}; "
-                              "export this model with --format diffusers instead")
+        raise SingleFileError(f"single-file export covers SD 1.x and 2.x (a CLIPTextModel), not "
+                              f"{type(text_encoder).__name__}; export this model with --format diffusers instead")
     state: dict[str, Tensor] = {}
     unet_state = unet.state_dict()
     for old, new in unet_key_map(unet.config, list(unet_state)).items():
@@ -117,6 +129,25 @@ def to_ldm_state_dict(unet: Any, vae: Any, text_encoder: Any) -> dict[str, Tenso
         if ".mid.attn_1." in new and new.endswith("weight") and value.ndim == 2:
             value = value.reshape(*value.shape, 1, 1)
         state[VAE_PREFIX + new] = value
-    for key, value in text_encoder.state_dict().items():  # transformers >= 5.6 drops the `text_model.` level
-        state[TEXT_PREFIX + (key if key.startswith("text_model.") else "text_model." + key)] = value
+    text_state = {key.removeprefix("text_model."): value  # transformers >= 5.6 drops the `text_model.` level
+                  for key, value in text_encoder.state_dict().items()}
+    if text_encoder.config.hidden_act == "gelu":
+        state.update(open_clip_state(text_state))
+    else:
+        state.update({TEXT_PREFIX + "text_model." + key: value for key, value in text_state.items()})
     return {key: value.detach().cpu().contiguous() for key, value in state.items()}
+
+
+def open_clip_state(text_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A diffusers CLIPTextModel state (keys without `text_model.`) in open_clip's layout: q, k and v fused into
+    `in_proj` in that order, the rest renamed."""
+    state = {OPEN_CLIP_PREFIX + new: text_state[old] for old, new in _OPEN_CLIP_FIXED.items()}
+    layers = sorted({int(key.split(".")[2]) for key in text_state if key.startswith("encoder.layers.")})
+    for i in layers:
+        old, new = f"encoder.layers.{i}.", f"{OPEN_CLIP_PREFIX}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            state[f"{new}attn.in_proj_{kind}"] = torch.cat([text_state[f"{old}self_attn.{p}_proj.{kind}"]
+                                                            for p in ("q", "k", "v")])
+            for part, renamed in _OPEN_CLIP_LAYER.items():
+                state[f"{new}{renamed}{kind}"] = text_state[f"{old}{part}{kind}"]
+    return state

@@ -1,10 +1,12 @@
 """Tiny, randomly initialised Stable Diffusion pipelines built from configs (no downloads).
 
 They have the real architectures at toy width, so tests and offline smoke runs exercise the same code paths as
-the released models: `tiny` is SD v1 (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIP BPE tokenizer),
-`tiny-sdxl` is SDXL (two CLIP text encoders, the second with a projection; a UNet with SDXL's added
-text-and-time conditioning, linear attention projections and two transformer layers in its deeper block).
-`--model tiny` / `--model tiny-sdxl` use them. Weights are seeded, so the same seed gives the same model.
+the released models: `tiny` is SD v1 (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIP BPE tokenizer);
+`tiny-sd2` is SD 2.x at 768 px in kind (an OpenCLIP-style GELU text encoder, linear attention projections,
+per-level head widths, v-prediction); `tiny-sdxl` is SDXL (two CLIP text encoders, the second with a projection;
+a UNet with SDXL's added text-and-time conditioning, linear attention projections and two transformer layers in
+its deeper block). `--model tiny` (or tiny-sd2, tiny-sdxl) uses them. Weights are seeded: the same seed gives the
+same model.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_clip_tokenizer"
-TINY_NAME, TINY_SDXL_NAME = "tiny", "tiny-sdxl"
+TINY_NAME, TINY_SD2_NAME, TINY_SDXL_NAME = "tiny", "tiny-sd2", "tiny-sdxl"
 HIDDEN = 32
 TIME_EMBED = 8
 """SDXL's `addition_time_embed_dim` at toy width: its added conditions are the pooled text (HIDDEN) and six
@@ -34,8 +36,10 @@ def tiny_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=77)
 
 
-def tiny_unet() -> UNet2DConditionModel:
-    """A two-level conditional UNet with the SD v1 block types at width 32/64."""
+def tiny_unet(sd2: bool = False) -> UNet2DConditionModel:
+    """A two-level conditional UNet with the SD v1 block types at width 32/64 (with SD 2.x's linear attention
+    projections and per-level head widths when `sd2`)."""
+    extra = {"use_linear_projection": True, "attention_head_dim": (4, 8)} if sd2 else {"attention_head_dim": 8}
     return UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
@@ -45,8 +49,8 @@ def tiny_unet() -> UNet2DConditionModel:
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=HIDDEN,
-        attention_head_dim=8,
         norm_num_groups=8,
+        **extra,
     )
 
 
@@ -86,10 +90,11 @@ def tiny_sdxl_unet() -> UNet2DConditionModel:
     )
 
 
-def tiny_text_encoder(tokenizer: CLIPTokenizer, projection: bool = False) -> CLIPTextModel:
+def tiny_text_encoder(tokenizer: CLIPTokenizer, projection: bool = False, gelu: bool = False) -> CLIPTextModel:
     """A two-layer CLIP text encoder whose vocabulary and special ids match `tokenizer` (with a text projection,
-    SDXL's second encoder, when `projection`)."""
+    SDXL's second encoder, when `projection`; GELU as OpenCLIP, SD 2.x's encoder, when `gelu`)."""
     config = CLIPTextConfig(
+        hidden_act="gelu" if gelu else "quick_gelu",
         vocab_size=len(tokenizer),
         hidden_size=HIDDEN,
         intermediate_size=64,
@@ -120,6 +125,22 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     )
 
 
+def build_tiny_sd2_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """A tiny SD 2.x-style pipeline (v-prediction) with seeded random weights (32x32 images by default)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = tiny_unet(sd2=True)
+        vae = tiny_vae()
+        tokenizer = tiny_tokenizer()
+        text_encoder = tiny_text_encoder(tokenizer, gelu=True)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              skip_prk_steps=True, steps_offset=1, prediction_type="v_prediction")
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
 def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     """A tiny SDXL pipeline with seeded random weights (32x32 images by default)."""
     with torch.random.fork_rng():
@@ -135,7 +156,8 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
                                      tokenizer=tokenizer, tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=scheduler)
 
 
-TINY_BUILDERS = {TINY_NAME: build_tiny_pipeline, TINY_SDXL_NAME: build_tiny_sdxl_pipeline}
+TINY_BUILDERS = {TINY_NAME: build_tiny_pipeline, TINY_SD2_NAME: build_tiny_sd2_pipeline,
+                 TINY_SDXL_NAME: build_tiny_sdxl_pipeline}
 
 
 def save_tiny_pipeline(path: str | Path, seed: int = 0, name: str = TINY_NAME) -> Path:

@@ -50,6 +50,30 @@ def test_the_single_file_checkpoint_loads_back_with_every_weight_exact(run, tiny
             assert torch.equal(got[name], value), f"{part}.{name}"
 
 
+def test_an_sd2_pipeline_is_written_in_open_clip_layout_and_loads_back_exactly(tmp_path):
+    """SD 2.x's OpenCLIP encoder (GELU) goes under `cond_stage_model.model.` with fused in_proj, as A1111 expects."""
+    from diffusers import StableDiffusionPipeline
+
+    from pipelines.export import write_single_file
+    from pipelines.tiny import TINY_SD2_NAME, build_tiny_sd2_pipeline, save_tiny_pipeline
+
+    pipe = build_tiny_sd2_pipeline()
+    write_single_file(pipe, tmp_path / "model.safetensors")
+    keys = load_file(tmp_path / "model.safetensors")
+    assert keys["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (96, 32)
+    assert "cond_stage_model.model.positional_embedding" in keys and not any(".text_model." in k for k in keys)
+    other = save_tiny_pipeline(tmp_path / "configs-only", seed=1, name=TINY_SD2_NAME)
+    back = StableDiffusionPipeline.from_single_file(str(tmp_path / "model.safetensors"), config=str(other),
+                                                    local_files_only=True, safety_checker=None,
+                                                    requires_safety_checker=False)
+    assert back.scheduler.config.prediction_type == "v_prediction"
+    for part in ("unet", "vae", "text_encoder"):
+        want, got = getattr(pipe, part).state_dict(), getattr(back, part).state_dict()
+        assert set(want) == set(got), part
+        for name, value in want.items():
+            assert torch.equal(got[name], value), f"{part}.{name}"
+
+
 def lora_layers(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     tensors = load_file(path)
     names = {k.removeprefix("unet.").rsplit(".lora_", 1)[0] for k in tensors}
