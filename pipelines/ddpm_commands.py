@@ -51,6 +51,7 @@ from pipelines.ddpm_config import (
 )
 from pipelines.methods import DDPM_METHODS
 from pipelines.methods.base import Chunk, Draw, TrainedMethod
+from pipelines.model_card import ddpm_card
 from pipelines.objectives import ddim_window, diffusion_loss, guided_diffusion_loss, noised, squared_error
 
 MASK_FILE = "mask.safetensors"
@@ -330,6 +331,7 @@ def unlearn(config: DDPMUnlearnConfig, accelerator: Any = None) -> dict[str, Any
                "run_seconds": round(time.perf_counter() - started, 3), **stats}
     if accelerator.is_main_process:
         save_model(run.path, unet, scheduler)
+        ddpm_card(run.path, str(config.run), metrics)
         run.finish(metrics)
         print(f"unlearned '{metrics['forget_class']}' with {config.method}: forget objective "
               f"{before:.4g} -> {metrics['forget_objective_after']:.4g} in {metrics['run_seconds']:.1f}s -> {run.path}")

@@ -39,6 +39,7 @@ from pipelines.families import family_of, text_conditioning
 from pipelines.loading import load_base_pipeline
 from pipelines.methods import SD_METHODS
 from pipelines.methods.base import IMAGE_SETS, Chunk, Draw
+from pipelines.model_card import sd_card
 from pipelines.objectives import ddim_window, guided_diffusion_loss, noised_rows, squared_error
 from pipelines.sampling import generate_batch, sampling_context
 from pipelines.sd_config import SDEraseConfig
@@ -496,6 +497,7 @@ def erase(config: SDEraseConfig, accelerator: Accelerator | None = None) -> dict
             pipe.unet = unet
             save_before_after(run.path / GRID_FILE, before, render(pipe, prompts, config, accelerator),
                               config.grid_seeds)
+        sd_card(run.path, to_dict(config), spec.source, metrics, type(pipe).__name__)
         run.finish(metrics)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -120,6 +120,8 @@ def test_salun_leaves_unmasked_weights_bit_identical_and_lowers_the_forget_objec
     metrics = unlearn_tiny(trained, tmp_path / "salun")
     assert metrics["forget_objective_after"] < metrics["forget_objective_before"]
     assert metrics["remap_class"] == "deer" and 0.49 < metrics["mask_density"] < 0.51
+    card = (tmp_path / "salun" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: \"diffusers\"") and "class 'cat'" in card and "'deer'" in card
     before, after = weights(trained), weights(tmp_path / "salun")
     mask = Mask.load(tmp_path / "salun" / "mask.safetensors", load_model(trained)[0])
     moved = 0

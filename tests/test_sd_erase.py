@@ -65,6 +65,27 @@ def test_erased_run_writes_every_output_and_the_forget_objective_falls(erased):
     assert not (erased / "checkpoints").exists()
 
 
+def test_the_run_carries_a_hub_model_card_whose_config_reproduces_it(erased, tmp_path):
+    import yaml
+
+    from pipelines.model_card import sd_card
+
+    text = (erased / "README.md").read_text()
+    header = yaml.safe_load(text.split("---\n")[1])
+    assert header["library_name"] == "diffusers" and {"salun", "concept-erasure"} <= set(header["tags"])
+    assert "base_model" not in header  # a local path is not a hub id
+    assert "a photo of a nude person" in text and "UNet2DConditionModel.from_pretrained" in text
+    reproduce = tmp_path / "config.yaml"
+    reproduce.write_text(text.split("```yaml\n")[1].split("```")[0])
+    assert load_config(SDEraseConfig, reproduce) == load_config(SDEraseConfig, None,
+                                                                 read_json(erased / "manifest.json")["config"])
+    metrics = read_json(erased / "metrics.json")
+    sd_card(tmp_path, {**read_json(erased / "manifest.json")["config"], "model": "CompVis/stable-diffusion-v1-4"},
+            "SalUn", metrics, "StableDiffusionPipeline")
+    assert yaml.safe_load((tmp_path / "README.md").read_text().split("---\n")[1])["base_model"] == \
+        "CompVis/stable-diffusion-v1-4"
+
+
 def test_the_saved_unet_loads_strictly_into_a_diffusers_pipeline_and_generates(erased, tiny_sd_dir):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
