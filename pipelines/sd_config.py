@@ -27,6 +27,7 @@ from erasure.config import (
 )
 from erasure.errors import ConfigError
 from erasure.evaluation.config import DEFAULT_BASE_MODEL
+from erasure.optimizers import OPTIMIZERS, missing_optimizer_package
 from pipelines.export_config import FORMATS
 from pipelines.methods import SD_METHODS, method_help, method_sections
 
@@ -96,6 +97,8 @@ class SDEraseSharedConfig(TrackerConfig):
                                     ge=1)
     gradient_accumulation_steps: int = option(1, "micro-steps the batch is split into (less memory)", ge=1)
     gradient_checkpointing: bool = option(False, "recompute UNet activations in backward to save memory")
+    optimizer: str = option("adamw", "adamw, or adamw8bit (bitsandbytes' 8-bit states: about a quarter of AdamW's "
+                                     "optimizer memory, for big models)", choices=OPTIMIZERS)
     grad_clip: float | None = option(None, "clip the (masked) gradient to this L2 norm (default: none, as the "
                                            "reference)", gt=0)
     checkpoint_every: int = option(100, "optimizer steps between resumable checkpoints (0: only at the end)", ge=0)
@@ -145,6 +148,9 @@ class SDEraseSharedConfig(TrackerConfig):
         if self.resolution % 8:
             raise ConfigError(f"config key 'resolution' must be a multiple of 8; got {self.resolution}")
         reject_other_sections(self, method_sections(SD_METHODS), self.method, spec.section_name)
+        missing = missing_optimizer_package(self.optimizer)
+        if missing and spec.trains:
+            raise ConfigError(missing)
         if not spec.trains and (self.mask is not None or self.mask_ratio is not None):
             raise ConfigError(f"method {self.method} is a closed-form edit and takes no saliency mask; drop "
                               "--mask/--mask-ratio or pick a trained method")

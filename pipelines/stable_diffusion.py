@@ -29,6 +29,7 @@ from erasure.config import to_dict
 from erasure.errors import ConfigError, RunDirError
 from erasure.io import RunDir, atomic_dir
 from erasure.media import image_grid, list_images, save_png
+from erasure.optimizers import make_optimizer
 from erasure.prompts import Prompt
 from erasure.saliency import Mask, compute_mask, masked_parameters
 from erasure.streams import endless_batch, register_streams, stream_generator
@@ -380,7 +381,7 @@ class Eraser:
                   if scope(name) and (allowed is None or id(p) in allowed)]
         for name, p in unet.named_parameters():
             p.requires_grad_(scope(name))
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = make_optimizer(config.optimizer, params, lr=config.lr, weight_decay=config.weight_decay)
         self.trainer = Trainer(unet, optimizer, accelerator=self.accelerator, run=self.run,
                                steps=config.total_steps(len(self.sets.get("forget", ())) or config.num_images),
                                lr_at=lambda _: config.lr, mask=self.mask, grad_clip=config.grad_clip,

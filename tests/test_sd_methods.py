@@ -326,3 +326,38 @@ def test_a_resumed_esd_run_with_self_sampled_inputs_is_bit_identical(sets_run, t
     assert read_json(resumed / "metrics.json")["resumed_from_step"] == 2
     expected, got = unet_state(whole / "unet"), unet_state(resumed / "unet")
     assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+def test_eight_bit_adam_trains_the_masked_weights_only_and_resumes_exactly(sets_run, tiny_sd_dir, tmp_path,
+                                                                          monkeypatch):
+    """bitsandbytes' AdamW8bit (8-bit states for tensors of 4,096 entries or more) under the same mask; its
+    quantised states go through the checkpoint and back."""
+    pytest.importorskip("bitsandbytes")
+    from erasure.saliency import Mask
+    from pipelines.stable_diffusion import Eraser
+
+    flags = [*reuse_sets(sets_run), "--mask", sets_run / "mask.safetensors", "--optimizer", "adamw8bit", "--steps", 4,
+             "--lr", 1e-3, "--checkpoint-every", 2, "--grid-seeds", 0, "--no-export-delta"]
+    whole = tmp_path / "whole"
+    assert main(erase_args(tiny_sd_dir, whole, *flags)) == 0
+    base, after = unet_state(tiny_sd_dir / "unet"), unet_state(whole / "unet")
+    mask = Mask.load(sets_run / "mask.safetensors")
+    assert any(not torch.equal(base[name], after[name]) for name in mask)
+    for name in mask:
+        assert torch.equal(after[name][~mask[name].bool()], base[name][~mask[name].bool()]), name
+    original = crash_eraser_at(monkeypatch, 3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(erase_args(tiny_sd_dir, tmp_path / "resumed", *flags))
+    monkeypatch.setattr(Eraser, "step_loss", original)
+    assert main(erase_args(tiny_sd_dir, tmp_path / "resumed", *flags, "--resume")) == 0
+    got = unet_state(tmp_path / "resumed" / "unet")
+    assert all(torch.equal(after[name], got[name]) for name in after)
+
+
+def test_a_missing_optimizer_package_is_named_before_any_work(monkeypatch):
+    import erasure.optimizers as optimizers
+
+    monkeypatch.setattr(optimizers.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes"):
+        load_config(SDEraseConfig, None, {"concept": "nudity", "optimizer": "adamw8bit"})
+    load_config(SDEraseConfig, None, {"concept": "nudity", "method": "uce", "optimizer": "adamw8bit"})  # no training
