@@ -19,7 +19,6 @@ from pipelines.delta import export_delta
 from pipelines.export_config import ExportConfig
 from pipelines.export_ldm import to_ldm_state_dict
 from pipelines.export_lora import WEIGHTS_NAME, fused_state, lora_from_difference, prediction_error, summarise
-from pipelines.families import family_of
 from pipelines.loading import load_base_pipeline, load_erased_pipeline
 
 SINGLE_FILE = "model.safetensors"
@@ -35,9 +34,6 @@ def export_run(config: ExportConfig) -> dict[str, Any]:
     base_model = manifest["config"]["model"]
     out = RunDir(config.out, overwrite=config.overwrite)
     erased = load_erased_pipeline(base_model, config.run)
-    if config.format == "single-file" and family_of(erased) != "sd":
-        raise ErasureError(f"'{config.run}' erased an {family_of(erased).upper()} model; the single-file export "
-                           "writes the SD 1.x layout: pass --format diffusers, lora or delta")
     out.start(to_dict(config), seed=None, device="cpu", kind=f"export-{config.format}")
     metrics: dict[str, Any] = {"format": config.format, "base_model": base_model, "run": str(config.run)}
     if config.format == "diffusers":
@@ -63,8 +59,8 @@ def export_run(config: ExportConfig) -> dict[str, Any]:
 
 
 def write_single_file(pipe: StableDiffusionPipeline, path: Path) -> dict[str, Any]:
-    """Save UNet + VAE + text encoder as one original-layout .safetensors; returns its tensor count and path."""
-    state = to_ldm_state_dict(pipe.unet, pipe.vae, pipe.text_encoder)
+    """Save UNet + VAE + text encoder(s) as one original-layout .safetensors; returns its tensor count and path."""
+    state = to_ldm_state_dict(pipe)
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
     return {"tensors": len(state), "path": str(path)}

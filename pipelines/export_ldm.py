@@ -1,15 +1,15 @@
-"""Diffusers Stable Diffusion 1.x / 2.x weights -> one state dict in the original (LDM / CompVis) key layout.
+"""Diffusers Stable Diffusion 1.x / 2.x / XL weights -> one state dict in the original (LDM / CompVis / SGM) layout.
 
-AUTOMATIC1111 and ComfyUI load such a file as a checkpoint: the UNet under `model.diffusion_model.`,
-the VAE under `first_stage_model.`, the text encoder under `cond_stage_model.`: SD 1.x's OpenAI CLIP as
-transformers names it (`cond_stage_model.transformer.text_model.`), SD 2.x's OpenCLIP in open_clip's own layout
-(`cond_stage_model.model.`: `resblocks`, fused `in_proj` attention). The two are told apart by the encoder's
-activation: OpenAI CLIP uses QuickGELU, OpenCLIP (SD 2.x) GELU. SD 2.x's encoder is stored without the
-OpenCLIP layer it never uses (diffusers drops it when converting) and without `text_projection` (SD
-conditions on hidden states; diffusers' SD 2 pipelines have none to write).
+AUTOMATIC1111 and ComfyUI load such a file as a checkpoint: the UNet under `model.diffusion_model.` (SDXL's added
+conditioning as `label_emb`), the VAE under `first_stage_model.`, the text encoders under `cond_stage_model.`
+(SD 1.x, 2.x) or `conditioner.embedders.0/1.` (SDXL). OpenAI CLIP is written as transformers names it (SD 1.x,
+SDXL's first encoder); OpenCLIP (SD 2.x, SDXL's second encoder) in open_clip's own layout (`resblocks`, fused
+`in_proj` attention, `text_projection` when the encoder has one). SD 1.x and 2.x are told apart by the encoder's
+activation: OpenAI CLIP uses QuickGELU, OpenCLIP GELU. An encoder is stored with the layers diffusers keeps (SD
+2.x's last OpenCLIP layer, never used, is not among them).
 Our own mapping, written from the layouts (diffusers' convert_diffusers_to_original_stable_diffusion.py
 was read to learn them); it follows the model's config (levels, layers per block, which blocks attend),
-so it covers SD 1.x at any width, including the tiny test pipeline. Values are copied, never recast;
+so it covers every width, including the tiny test pipelines. Values are copied, never recast;
 only the VAE's attention projections are reshaped (linear in diffusers, 1x1 convolutions in LDM).
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_PREFIXES = ("conditioner.embedders.0.", "conditioner.embedders.1.")
 _OPEN_CLIP_LAYER = {"layer_norm1.": "ln_1.", "layer_norm2.": "ln_2.", "self_attn.out_proj.": "attn.out_proj.",
                     "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj."}
 _OPEN_CLIP_FIXED = {"embeddings.token_embedding.weight": "token_embedding.weight",
@@ -34,6 +35,8 @@ _OPEN_CLIP_FIXED = {"embeddings.token_embedding.weight": "token_embedding.weight
                     "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
 
 _UNET_FIXED = {
+    "add_embedding.linear_1.": "label_emb.0.0.",  # SDXL's added text-and-time conditioning
+    "add_embedding.linear_2.": "label_emb.0.2.",
     "time_embedding.linear_1.": "time_embed.0.",
     "time_embedding.linear_2.": "time_embed.2.",
     "conv_in.": "input_blocks.0.0.",
@@ -83,7 +86,7 @@ def _rename_unet(key: str, prefixes: Mapping[str, str]) -> str:
             if ".resnets." in old:
                 rest = _replace_head(rest, _UNET_RESNET)
             return new + rest
-    raise SingleFileError(f"UNet key '{key}' has no place in the original layout (not an SD 1.x UNet); "
+    raise SingleFileError(f"UNet key '{key}' has no place in the original layout (not an SD 1.x/2.x/XL UNet); "
                           "export this model with --format diffusers instead")
 
 
@@ -114,11 +117,15 @@ def _replace_head(rest: str, table: Mapping[str, str]) -> str:
     return rest
 
 
-def to_ldm_state_dict(unet: Any, vae: Any, text_encoder: Any) -> dict[str, Tensor]:
-    """One state dict in the original Stable Diffusion layout (contiguous CPU tensors, dtypes kept)."""
-    if type(text_encoder).__name__ != "CLIPTextModel":
-        raise SingleFileError(f"single-file export covers SD 1.x and 2.x (a CLIPTextModel), not "
-                              f"{type(text_encoder).__name__}; export this model with --format diffusers instead")
+def to_ldm_state_dict(pipe: Any) -> dict[str, Tensor]:
+    """A pipeline's UNet, VAE and text encoders in one state dict of the original layout (contiguous CPU tensors,
+    dtypes kept): SD 1.x / 2.x, or SDXL (`conditioner.embedders.0` CLIP, `.1` OpenCLIP with its projection)."""
+    encoders = [pipe.text_encoder, *([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])]
+    for encoder in encoders:
+        if type(encoder).__name__ not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+            raise SingleFileError(f"single-file export covers CLIP text encoders, not {type(encoder).__name__}; "
+                                  "export this model with --format diffusers instead")
+    unet, vae = pipe.unet, pipe.vae
     state: dict[str, Tensor] = {}
     unet_state = unet.state_dict()
     for old, new in unet_key_map(unet.config, list(unet_state)).items():
@@ -129,22 +136,37 @@ def to_ldm_state_dict(unet: Any, vae: Any, text_encoder: Any) -> dict[str, Tenso
         if ".mid.attn_1." in new and new.endswith("weight") and value.ndim == 2:
             value = value.reshape(*value.shape, 1, 1)
         state[VAE_PREFIX + new] = value
-    text_state = {key.removeprefix("text_model."): value  # transformers >= 5.6 drops the `text_model.` level
-                  for key, value in text_encoder.state_dict().items()}
-    if text_encoder.config.hidden_act == "gelu":
-        state.update(open_clip_state(text_state))
+    if len(encoders) == 2:
+        state.update(clip_state(encoders[0], SDXL_PREFIXES[0] + "transformer."))
+        state.update(open_clip_state(encoders[1], SDXL_PREFIXES[1] + "model."))
+    elif encoders[0].config.hidden_act == "gelu":
+        state.update(open_clip_state(encoders[0], OPEN_CLIP_PREFIX))
     else:
-        state.update({TEXT_PREFIX + "text_model." + key: value for key, value in text_state.items()})
+        state.update(clip_state(encoders[0], TEXT_PREFIX))
     return {key: value.detach().cpu().contiguous() for key, value in state.items()}
 
 
-def open_clip_state(text_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A diffusers CLIPTextModel state (keys without `text_model.`) in open_clip's layout: q, k and v fused into
-    `in_proj` in that order, the rest renamed."""
-    state = {OPEN_CLIP_PREFIX + new: text_state[old] for old, new in _OPEN_CLIP_FIXED.items()}
+def _text_state(encoder: Any) -> dict[str, Tensor]:
+    """An encoder's transformer weights without the `text_model.` level (transformers >= 5.6 drops it for
+    CLIPTextModel; CLIPTextModelWithProjection keeps it, beside `text_projection`)."""
+    return {key.removeprefix("text_model."): value for key, value in encoder.state_dict().items()}
+
+
+def clip_state(encoder: Any, prefix: str) -> dict[str, Tensor]:
+    """OpenAI CLIP as transformers names it, under `prefix` + `text_model.`."""
+    return {prefix + "text_model." + key: value for key, value in _text_state(encoder).items()}
+
+
+def open_clip_state(encoder: Any, prefix: str) -> dict[str, Tensor]:
+    """A CLIP text encoder in open_clip's layout under `prefix`: q, k and v fused into `in_proj` in that order, the
+    rest renamed; a projection is stored as open_clip's `text_projection` (x @ P, so the transposed weight)."""
+    text_state = _text_state(encoder)
+    state = {prefix + new: text_state[old] for old, new in _OPEN_CLIP_FIXED.items()}
+    if "text_projection.weight" in text_state:
+        state[prefix + "text_projection"] = text_state["text_projection.weight"].T
     layers = sorted({int(key.split(".")[2]) for key in text_state if key.startswith("encoder.layers.")})
     for i in layers:
-        old, new = f"encoder.layers.{i}.", f"{OPEN_CLIP_PREFIX}transformer.resblocks.{i}."
+        old, new = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
             state[f"{new}attn.in_proj_{kind}"] = torch.cat([text_state[f"{old}self_attn.{p}_proj.{kind}"]
                                                             for p in ("q", "k", "v")])

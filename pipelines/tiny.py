@@ -26,8 +26,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_clip_tokenizer"
 TINY_NAME, TINY_SD2_NAME, TINY_SDXL_NAME = "tiny", "tiny-sd2", "tiny-sdxl"
 HIDDEN = 32
+HIDDEN_2 = 48
+"""The width of tiny SDXL's second encoder: the two differ, as SDXL's (768 and 1280), which is also how a
+single-file checkpoint tells them apart."""
 TIME_EMBED = 8
-"""SDXL's `addition_time_embed_dim` at toy width: its added conditions are the pooled text (HIDDEN) and six
+"""SDXL's `addition_time_embed_dim` at toy width: its added conditions are the pooled text (HIDDEN_2) and six
 time ids of TIME_EMBED sinusoidal features each."""
 
 
@@ -82,26 +85,27 @@ def tiny_sdxl_unet() -> UNet2DConditionModel:
         transformer_layers_per_block=(1, 2),
         attention_head_dim=(2, 4),
         use_linear_projection=True,
-        cross_attention_dim=2 * HIDDEN,
+        cross_attention_dim=HIDDEN + HIDDEN_2,
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_EMBED,
-        projection_class_embeddings_input_dim=HIDDEN + 6 * TIME_EMBED,
+        projection_class_embeddings_input_dim=HIDDEN_2 + 6 * TIME_EMBED,
         norm_num_groups=8,
     )
 
 
-def tiny_text_encoder(tokenizer: CLIPTokenizer, projection: bool = False, gelu: bool = False) -> CLIPTextModel:
-    """A two-layer CLIP text encoder whose vocabulary and special ids match `tokenizer` (with a text projection,
-    SDXL's second encoder, when `projection`; GELU as OpenCLIP, SD 2.x's encoder, when `gelu`)."""
+def tiny_text_encoder(tokenizer: CLIPTokenizer, projection: bool = False, gelu: bool = False,
+                      width: int = HIDDEN) -> CLIPTextModel:
+    """A two-layer CLIP text encoder of `width` whose vocabulary and special ids match `tokenizer` (with a text
+    projection, SDXL's second encoder, when `projection`; GELU as OpenCLIP, SD 2.x's encoder, when `gelu`)."""
     config = CLIPTextConfig(
         hidden_act="gelu" if gelu else "quick_gelu",
         vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
+        hidden_size=width,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=77,
-        projection_dim=HIDDEN,
+        projection_dim=width,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -149,7 +153,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         vae = tiny_vae()
         tokenizer = tiny_tokenizer()
         text_encoder = tiny_text_encoder(tokenizer)
-        text_encoder_2 = tiny_text_encoder(tokenizer, projection=True)
+        text_encoder_2 = tiny_text_encoder(tokenizer, projection=True, gelu=True, width=HIDDEN_2)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,

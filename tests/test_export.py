@@ -50,28 +50,34 @@ def test_the_single_file_checkpoint_loads_back_with_every_weight_exact(run, tiny
             assert torch.equal(got[name], value), f"{part}.{name}"
 
 
-def test_an_sd2_pipeline_is_written_in_open_clip_layout_and_loads_back_exactly(tmp_path):
-    """SD 2.x's OpenCLIP encoder (GELU) goes under `cond_stage_model.model.` with fused in_proj, as A1111 expects."""
-    from diffusers import StableDiffusionPipeline
-
+@pytest.mark.parametrize("name, key, shape", [
+    ("tiny-sd2", "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight", (96, 32)),
+    ("tiny-sdxl", "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight", (144, 48))])
+def test_sd2_and_sdxl_pipelines_are_written_in_their_layouts_and_load_back_exactly(name, key, shape, tmp_path):
+    """SD 2.x's OpenCLIP (GELU) under `cond_stage_model.model.`; SDXL's CLIP and OpenCLIP (with its projection)
+    under `conditioner.embedders.0/1.`, its added conditioning as `label_emb`; q/k/v fused into in_proj."""
     from pipelines.export import write_single_file
-    from pipelines.tiny import TINY_SD2_NAME, build_tiny_sd2_pipeline, save_tiny_pipeline
+    from pipelines.loading import load_base_pipeline
+    from pipelines.tiny import save_tiny_pipeline
 
-    pipe = build_tiny_sd2_pipeline()
+    pipe = load_base_pipeline(name)
     write_single_file(pipe, tmp_path / "model.safetensors")
     keys = load_file(tmp_path / "model.safetensors")
-    assert keys["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (96, 32)
-    assert "cond_stage_model.model.positional_embedding" in keys and not any(".text_model." in k for k in keys)
-    other = save_tiny_pipeline(tmp_path / "configs-only", seed=1, name=TINY_SD2_NAME)
-    back = StableDiffusionPipeline.from_single_file(str(tmp_path / "model.safetensors"), config=str(other),
-                                                    local_files_only=True, safety_checker=None,
-                                                    requires_safety_checker=False)
-    assert back.scheduler.config.prediction_type == "v_prediction"
-    for part in ("unet", "vae", "text_encoder"):
+    assert keys[key].shape == shape
+    other = save_tiny_pipeline(tmp_path / "configs-only", seed=1, name=name)  # other weights: all from the file
+    back = type(pipe).from_single_file(str(tmp_path / "model.safetensors"), config=str(other), local_files_only=True)
+    parts = ["unet", "vae", "text_encoder"]
+    if name == "tiny-sdxl":
+        parts.append("text_encoder_2")
+        assert {"model.diffusion_model.label_emb.0.0.weight", "conditioner.embedders.1.model.text_projection",
+                "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"} <= set(keys)
+    else:
+        assert back.scheduler.config.prediction_type == "v_prediction"
+    for part in parts:
         want, got = getattr(pipe, part).state_dict(), getattr(back, part).state_dict()
         assert set(want) == set(got), part
-        for name, value in want.items():
-            assert torch.equal(got[name], value), f"{part}.{name}"
+        for param, value in want.items():
+            assert torch.equal(got[param], value), f"{part}.{param}"
 
 
 def lora_layers(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
