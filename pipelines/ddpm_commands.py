@@ -244,23 +244,23 @@ def retain_objective(config: DDPMUnlearnConfig, scheduler: Any) -> Callable[[nn.
 
 def _saliency_mask(config: DDPMUnlearnConfig, unet: nn.Module, forget: ImageSet, scheduler: Any,
                    accelerator: Any) -> Mask:
-    """SalUn's DDPM mask, as the reference's `generate_mask`: in eval mode, the guided prediction
+    """SalUn's DDPM mask (for any method), as the reference's `generate_mask`: in eval mode, the guided prediction
     (1 + w) eps(x_t, c) - w eps(x_t, null) with w = `mask_guidance` (2), its squared error summed per sample,
     each batch's gradient clipped to norm 1, summed over the forget set (every batch unless `mask_batches`),
     then |.| and the global top `mask_ratio`. `mask_guidance: 0` gives the unguided conditional loss."""
     available = math.ceil(len(forget) / config.forget_batch_size)
-    count = min(config.salun.mask_batches or available, available)
+    count = min(config.mask_batches or available, available)
 
     def loss(model: nn.Module, batch: Batch) -> Tensor:
         x0, labels, index = batch
         return guided_diffusion_loss(predictor(model), scheduler, x0, labels, torch.full_like(labels, NULL_CLASS),
-                                     config.salun.mask_guidance, stream_generator(config.seed, MASK_STREAM, index),
+                                     config.mask_guidance, stream_generator(config.seed, MASK_STREAM, index),
                                      reduction="sum", antithetic=config.antithetic)
 
     with evaluating(unet):
         mask = compute_mask(unet, _batches(forget, config.forget_batch_size, count, config.seed, MASK_STREAM), loss,
-                            ratio=config.salun.mask_ratio, grad_clip=1.0, accelerator=accelerator,
-                            loss_name=f"guided_diffusion_loss(w={config.salun.mask_guidance:g}, sum)")
+                            ratio=config.mask_ratio, grad_clip=1.0, accelerator=accelerator,
+                            loss_name=f"guided_diffusion_loss(w={config.mask_guidance:g}, sum)")
     mask.metadata.update(forget_class=CIFAR10_CLASSES[config.forget_class], source_run=str(config.run),
                          mask_batches=count)
     return mask
@@ -342,8 +342,9 @@ def unlearn(config: DDPMUnlearnConfig, accelerator: Any = None) -> dict[str, Any
 
 def _method_mask(config: DDPMUnlearnConfig, unet: nn.Module, forget: ImageSet, scheduler: Any, run: RunDir,
                  accelerator: Any) -> Mask | None:
-    """salun's mask (reloaded from the run directory on resume); ga and rl train every weight."""
-    if config.method != "salun":
+    """The saliency mask when `mask_ratio` is set (salun's default; any method may take one), reloaded from the run
+    directory on resume; None trains every weight."""
+    if config.mask_ratio is None:
         return None
     saved = run.path / MASK_FILE
     if run.resumed and saved.is_file():

@@ -62,6 +62,12 @@ class DDPMUnlearnSharedConfig(TrackerConfig):
                          choices=tuple(DDPM_METHODS))
     remap: str | None = option(None, "the class the forgotten one becomes: salun's remap class, ca's anchor class "
                                      "(default: (forget + 1) mod 10)")
+    mask_ratio: float | None = option(None, "share of UNet weights the saliency mask keeps, for any method (default: "
+                                            "0.5 for salun, no mask for the others)", gt=0, lt=1)
+    mask_batches: int | None = option(None, "forget batches whose clipped gradients make the mask (default: the "
+                                            "whole forget class, as the reference)", ge=1)
+    mask_guidance: float = option(DEFAULT_GUIDANCE, "guidance w of the mask loss (1 + w) eps(c) - w eps(null), as "
+                                                    "the reference (2); 0 is the unguided conditional loss", ge=0)
     alpha: float = option(1e-3, "weight of the retain term, the diffusion loss SUMMED over each image's channels and "
                                 "pixels (the reference's units: 1e-3 is its setting)", ge=0)
     label_dropout: float = option(0.1, "share of labels dropped to the null class in every training forward (the "
@@ -100,12 +106,14 @@ class DDPMUnlearnSharedConfig(TrackerConfig):
                               "mod 10)")
         reject_other_sections(self, method_sections(DDPM_METHODS), self.method,
                               DDPM_METHODS[self.method].section_name)
+        if self.mask_ratio is None:
+            self.mask_ratio = DDPM_METHODS[self.method].default_mask_ratio
 
 
 DDPMUnlearnConfig = with_method_sections(
     "DDPMUnlearnConfig", DDPMUnlearnSharedConfig, method_sections(DDPM_METHODS), module=__name__,
     doc="Unlearn a class from a trained class-conditional DDPM (SalUn: remap + saliency mask; or ga, rl, esd, ca): "
-        "the shared settings plus one section per method (e.g. `salun: {mask_ratio: 0.5}`, flag --mask-ratio).")
+        "the shared settings plus one section per method (e.g. `esd: {guidance: 1}`, flag --esd-guidance).")
 
 
 @dataclass

@@ -48,7 +48,7 @@ def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--story", choices=tuple(STORIES), default="cpu", help="which set of configs")
     parser.add_argument("--forget", default=None, help="the class to forget (default: the unlearn config's)")
-    parser.add_argument("--methods", nargs="+", default=["salun"], choices=("salun", "ga", "rl"))
+    parser.add_argument("--methods", nargs="+", default=["salun"], choices=("salun", "ga", "rl", "esd", "ca"))
     parser.add_argument("--alpha", type=float, default=None, help="override the unlearn config's alpha")
     parser.add_argument("--steps", type=int, default=None, help="override the unlearn config's steps")
     parser.add_argument("--lr", type=float, default=None, help="override the unlearn config's learning rate")
@@ -66,7 +66,12 @@ def main() -> None:
     forget = args.forget or read_yaml(Path(configs["unlearn"]))["forget"]
     overrides = {"alpha": args.alpha, "steps": args.steps, "lr": args.lr, "mask-ratio": args.mask_ratio}
     suffix = "".join(f"-{key}{value:g}" for key, value in overrides.items() if value is not None)
-    extra = [arg for key, value in overrides.items() if value is not None for arg in (f"--{key}", str(value))]
+
+    def extra(method: str) -> list[str]:
+        """The overrides as flags (the mask ratio is salun's: the other methods train unmasked)."""
+        return [arg for key, value in overrides.items() if value is not None
+                and (key != "mask-ratio" or method == "salun") for arg in (f"--{key}", str(value))]
+
     stages: dict[str, Any] = {}
     _stage("judge", judge_out, ["classifier", "train", "--config", configs["judge"]], stages)
     trained = _stage("train", train_out, ["ddpm", "train", "--config", configs["train"]], stages)
@@ -79,7 +84,7 @@ def main() -> None:
         runs[method] = f"{train_out}-{method}-{forget}{suffix}"
         unlearned[method] = _stage(f"unlearn_{method}", runs[method],
                                    ["ddpm", "unlearn", "--config", configs["unlearn"], "--run", train_out,
-                                    "--method", method, "--forget", forget, *extra], stages)
+                                    "--method", method, "--forget", forget, *extra(method)], stages)
     results = {}
     for name, run in runs.items():
         evaluation = _stage(f"eval_{name}", f"{run}/eval-ddpm",

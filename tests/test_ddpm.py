@@ -18,7 +18,7 @@ pytestmark = needs_cifar10
 TINY = {"preset": "tiny", "steps": 6, "batch_size": 8, "train_limit": 64, "warmup": 2, "ema_decay": 0.9,
         "checkpoint_every": 2}
 UNLEARN = {"forget": "cat", "steps": 4, "forget_batch_size": 8, "retain_batch_size": 8,
-           "salun.mask_batches": 2, "lr": 1e-3}
+           "mask_batches": 2, "lr": 1e-3}
 
 
 def train_tiny(out: Path, accelerator=None, **overrides):
@@ -32,10 +32,7 @@ def unlearn_tiny(run: Path, out: Path, **overrides):
     from pipelines.ddpm_commands import unlearn
     from pipelines.ddpm_config import DDPMUnlearnConfig
 
-    values = {**UNLEARN, "run": str(run), "out": str(out), **overrides}
-    if values.get("method", "salun") != "salun":  # salun's settings would be refused for another method
-        values = {key: value for key, value in values.items() if not key.startswith("salun.")}
-    return unlearn(from_dict(DDPMUnlearnConfig, values))
+    return unlearn(from_dict(DDPMUnlearnConfig, {**UNLEARN, "run": str(run), "out": str(out), **overrides}))
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -134,15 +131,24 @@ def test_salun_leaves_unmasked_weights_bit_identical_and_lowers_the_forget_objec
 
 
 @pytest.mark.parametrize("method, extra", [("ga", {}), ("rl", {}), ("esd", {"esd.ddim_steps": 4, "alpha": 0}),
-                                           ("ca", {})])
+                                           ("ca", {"mask_ratio": 0.3})])
 def test_other_methods_run_in_the_same_loop(trained: Path, tmp_path: Path, method: str, extra: dict) -> None:
+    from erasure.saliency import Mask
+    from pipelines.ddpm import load_model
+
     metrics = unlearn_tiny(trained, tmp_path / method, method=method, steps=3 if method == "esd" else 2, **extra)
-    assert metrics["method"] == method and metrics["mask_density"] is None
+    assert metrics["method"] == method
     assert metrics["remap_class"] == ("deer" if method == "ca" else None)
-    assert not (tmp_path / method / "mask.safetensors").exists()
-    assert any(not torch.equal(v, weights(trained)[k]) for k, v in weights(tmp_path / method).items())
+    before, after = weights(trained), weights(tmp_path / method)
+    assert any(not torch.equal(v, before[k]) for k, v in after.items())
     if method == "esd":  # alpha 0 is the paper's ESD (the retain term dominates a tiny model's few steps otherwise)
         assert metrics["forget_objective_after"] < metrics["forget_objective_before"]
+    if "mask_ratio" in extra:  # SalUn's mask works with any method
+        assert 0.29 < metrics["mask_density"] < 0.31
+        mask = Mask.load(tmp_path / method / "mask.safetensors", load_model(trained)[0])
+        assert all(torch.equal(after[k][~mask[k]], before[k][~mask[k]]) for k in mask.masks)
+    else:
+        assert metrics["mask_density"] is None and not (tmp_path / method / "mask.safetensors").exists()
 
 
 def test_class_errors_are_clear(trained: Path, run_cli, tmp_path: Path) -> None:

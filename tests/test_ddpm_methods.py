@@ -78,8 +78,8 @@ def test_concept_ablation_makes_the_forgotten_class_predict_the_remap_class_on_i
 
 
 def test_settings_of_another_method_and_an_unknown_remap_class_are_refused() -> None:
-    with pytest.raises(ConfigError, match="config key 'salun' holds settings of method salun, but the method is esd"):
-        config("esd", **{"salun.mask_ratio": 0.3})
+    with pytest.raises(ConfigError, match="config key 'esd' holds settings of method esd, but the method is ca"):
+        config("ca", **{"esd.guidance": 3.0})
     with pytest.raises(ConfigError, match="unknown class 'dragon' in config key 'remap'"):
         config("ca", remap="dragon")
     assert config("ca").remap_class == REMAP and config("esd", remap=None).remap_class == 4

@@ -16,17 +16,18 @@ def test_ddpm_methods_have_their_own_sections_and_keep_their_flags():
 
     args = vars(build_parser().parse_args(["ddpm", "unlearn", "--mask-ratio", "0.3", "--remap", "dog",
                                            "--mask-batches", "2", "--mask-guidance", "0"]))
-    assert {k: args[k] for k in args if k.startswith("salun.")} == {
-        "salun.mask_ratio": "0.3", "salun.mask_batches": "2", "salun.mask_guidance": "0"}
+    assert (args["mask_ratio"], args["mask_batches"], args["mask_guidance"]) == ("0.3", "2", "0")
     assert args["remap"] == "dog"  # shared: salun's remap class is ca's anchor class
     config = load_config(DDPMUnlearnConfig, None, {"run": "x", "forget": "cat", "remap": "dog"})
-    assert (config.remap, config.remap_class, config.salun.mask_ratio) == ("dog", 5, 0.5)
-    with pytest.raises(ConfigError, match="config key 'salun.mask_ratio' must be < 1"):
-        load_config(DDPMUnlearnConfig, None, {"run": "x", "salun": {"mask_ratio": 1}})
+    assert (config.remap, config.remap_class, config.mask_ratio) == ("dog", 5, 0.5)
+    assert load_config(DDPMUnlearnConfig, None, {"run": "x", "method": "ga"}).mask_ratio is None
+    assert load_config(DDPMUnlearnConfig, None, {"run": "x", "method": "esd", "mask_ratio": 0.2}).mask_ratio == 0.2
+    with pytest.raises(ConfigError, match="config key 'mask_ratio' must be < 1"):
+        load_config(DDPMUnlearnConfig, None, {"run": "x", "mask_ratio": 1})
     with pytest.raises(ConfigError, match="unknown class 'dragon' in config key 'remap'"):
         load_config(DDPMUnlearnConfig, None, {"run": "x", "remap": "dragon"})
-    with pytest.raises(ConfigError, match="unknown config key 'mask_ratio'.*salun"):
-        load_config(DDPMUnlearnConfig, None, {"run": "x", "mask_ratio": 0.5})
+    with pytest.raises(ConfigError, match="unknown config key 'guidance'.*esd"):
+        load_config(DDPMUnlearnConfig, None, {"run": "x", "guidance": 0.5})
     method = next(f for f in dataclasses.fields(DDPMUnlearnConfig) if f.name == "method")
     assert method.metadata["choices"] == tuple(DDPM_METHODS) == ("salun", "ga", "rl", "esd", "ca")
     shared = {f.name for f in dataclasses.fields(DDPMUnlearnSharedConfig)}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from erasure.config import option
 from pipelines.methods.base import TRAINED, Chunk, Draw, ImageObjective, MethodSpec, Session
 
 DEFAULT_GUIDANCE = 2.0
@@ -36,21 +35,8 @@ class SalUn(ImageObjective):
         return Chunk(x_t, t, session.condition("forget", concept), target, 1.0)
 
 
-@dataclass
-class DDPMSalUnSettings:
-    """DDPM `salun`: remap the forgotten class (the shared `remap`), under a saliency mask."""
-
-    mask_ratio: float = option(0.5, "share of UNet weights the saliency mask keeps", gt=0, lt=1, flag="mask-ratio")
-    mask_batches: int | None = option(None, "forget batches whose clipped gradients make the mask (default: the "
-                                            "whole forget class, as the reference)", ge=1, flag="mask-batches")
-    mask_guidance: float = option(DEFAULT_GUIDANCE, "guidance w of the mask loss (1 + w) eps(c) - w eps(null), as "
-                                                    "the reference (2); 0 is the unguided conditional loss", ge=0,
-                                  flag="mask-guidance")
-
-
 SPEC = MethodSpec(
     name="salun", summary="remap the forget prompt to the remap prompt, under a saliency mask",
     source="Fan et al. 2024, OPTML-Group/Unlearn-Saliency SD/train-scripts", kind=TRAINED, settings=SalUnSettings,
     build=SalUn, needs_target=True, default_mask_ratio=0.5)
-DDPM_SPEC = dataclasses.replace(SPEC, settings=DDPMSalUnSettings, summary="remap the forgotten class to another "
-                                "class, under a saliency mask")
+DDPM_SPEC = dataclasses.replace(SPEC, summary="remap the forgotten class to another class, under a saliency mask")

@@ -27,6 +27,7 @@ def _setup(**settings: object) -> tuple[torch.nn.Module, object, DDPMUnlearnConf
     images = torch.randint(0, 256, (3 * BATCH, 3, SIZE, SIZE), dtype=torch.uint8, generator=generator)
     forget = ImageSet(images, torch.zeros(3 * BATCH, dtype=torch.long))
     config = DDPMUnlearnConfig(run="unused", forget="airplane", forget_batch_size=BATCH, **settings)
+    config.validate()  # fills salun's default mask ratio (0.5), as loading a config does
     return unet, scheduler, config, forget
 
 
@@ -74,7 +75,7 @@ def test_the_mask_is_the_reference_guided_summed_clipped_top_half() -> None:
         x0, labels = take(forget, BATCH, index, config.seed, commands.MASK_STREAM, flip=False)
         generator = stream_generator(config.seed, commands.MASK_STREAM, index)
         x_t, t, e = _reference_noised(scheduler, x0, generator, True)
-        w = config.salun.mask_guidance
+        w = config.mask_guidance
         guided = ((1 + w) * unet(x_t, t, class_labels=labels).sample
                   - w * unet(x_t, t, class_labels=torch.full_like(labels, NULL_CLASS)).sample)
         unet.zero_grad()
@@ -85,7 +86,7 @@ def test_the_mask_is_the_reference_guided_summed_clipped_top_half() -> None:
                 summed[name] += p.grad
     scores = -torch.cat([g.abs().flatten() for g in summed.values()])
     ranks = torch.argsort(torch.argsort(scores, stable=True), stable=True)
-    keep = ranks < int(len(scores) * config.salun.mask_ratio)
+    keep = ranks < int(len(scores) * config.mask_ratio)
     ours_flat = torch.cat([ours.masks[name].flatten().bool() for name in summed])
     assert torch.equal(ours_flat, keep)
 
