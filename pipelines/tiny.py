@@ -113,16 +113,18 @@ def tiny_text_encoder(tokenizer: CLIPTokenizer, projection: bool = False, gelu: 
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
-def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """A tiny SD pipeline with seeded random weights (32x32 images by default)."""
+def build_tiny_pipeline(seed: int = 0, sd2: bool = False) -> StableDiffusionPipeline:
+    """A tiny SD pipeline with seeded random weights (32x32 images by default); SD 2.x-style (GELU encoder, linear
+    projections, v-prediction) when `sd2`."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        unet = tiny_unet()
+        unet = tiny_unet(sd2=sd2)
         vae = tiny_vae()
         tokenizer = tiny_tokenizer()
-        text_encoder = tiny_text_encoder(tokenizer)
+        text_encoder = tiny_text_encoder(tokenizer, gelu=sd2)
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              skip_prk_steps=True, steps_offset=1)
+                              skip_prk_steps=True, steps_offset=1,
+                              prediction_type="v_prediction" if sd2 else "epsilon")
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -130,19 +132,8 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 
 
 def build_tiny_sd2_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """A tiny SD 2.x-style pipeline (v-prediction) with seeded random weights (32x32 images by default)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        unet = tiny_unet(sd2=True)
-        vae = tiny_vae()
-        tokenizer = tiny_tokenizer()
-        text_encoder = tiny_text_encoder(tokenizer, gelu=True)
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              skip_prk_steps=True, steps_offset=1, prediction_type="v_prediction")
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    """A tiny SD 2.x-style pipeline (v-prediction) with seeded random weights."""
+    return build_tiny_pipeline(seed, sd2=True)
 
 
 def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
