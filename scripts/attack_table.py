@@ -36,14 +36,18 @@ def attack(run: str, name: str, out: Path, extra: list[str]) -> dict[str, Any]:
 
 
 def labels(runs: list[str]) -> list[str]:
-    """A distinct folder name per run: the shortest tail of its path (parts joined by '-') that no other run
-    shares, so runs named alike (`.../salun/seed0/run`, `.../uce/seed0/run`) keep their own attack folders."""
+    """A distinct folder name per run: the shortest tail of its path (parts joined by '-') that no other run's
+    tail of that length equals, so runs named alike (`.../salun/seed0/run`, `.../uce/seed0/run`) keep their own
+    attack folders and adding a run renames only the runs it collides with."""
     parts = [Path(run).resolve().parts for run in runs]
-    for length in range(1, max(map(len, parts)) + 1):
-        names = ["-".join(p[-length:]) for p in parts]
-        if len(set(names)) == len(names):
-            return names
-    raise SystemExit("attack_table: a run is given twice")
+    if len(set(parts)) < len(parts):
+        raise SystemExit("attack_table: a run is given twice")
+    names = []
+    for own in parts:
+        length = next(n for n in range(1, len(own) + 1)
+                      if all("-".join(other[-n:]) != "-".join(own[-n:]) for other in parts if other != own))
+        names.append("-".join(own[-length:]))
+    return names
 
 
 def table(results: list[dict[str, Any]]) -> str:

@@ -319,3 +319,5 @@ def test_attack_table_runs_every_pair_once(tmp_path: Path, capsys: pytest.Captur
     assert f"| {runs[1]} | unlearndiffatk | 1 | 0 | 0 |" in (tmp_path / "table" / "attack_table.md").read_text()
     # runs named alike (a benchmark's .../<method>/seed0/run) get folders of their own
     assert module.labels(["b/salun/seed0/run", "b/uce/seed0/run"]) == ["salun-seed0-run", "uce-seed0-run"]
+    assert module.labels(["b/salun/seed0/run", "c/salun/seed0/run", "b/uce/seed0/run"]) == [
+        "b-salun-seed0-run", "c-salun-seed0-run", "uce-seed0-run"]
