@@ -117,15 +117,17 @@ def test_a_model_family_erasure_does_not_train_is_refused_by_name(tmp_path: Path
 
 
 def test_the_attacks_refuse_an_sdxl_model_in_one_line(tmp_path: Path, run_cli) -> None:
+    """They render candidates from token ids through SD's one text encoder, the paraphrase baseline too."""
     from test_eval_attack import classifier_run
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of an airplane\n")
     judge = classifier_run(tmp_path / "judge", favoured=0)
-    status, output = run_cli("eval", "attack", "--model", "tiny-sdxl", "--steps", "2", "--height", "32", "--width",
-                             "32", "--device", "cpu", "--prompts", prompts, "--judge", judge,
-                             "--target-class", "airplane", "--out", tmp_path / "attack")
-    assert status == 2 and "this model is SDXL" in output, output
+    for attack in ("paraphrase", "unlearndiffatk"):
+        status, output = run_cli("eval", "attack", "--model", "tiny-sdxl", "--steps", "2", "--height", "32",
+                                 "--width", "32", "--device", "cpu", "--prompts", prompts, "--judge", judge,
+                                 "--target-class", "airplane", "--attack", attack, "--out", tmp_path / attack)
+        assert status == 2 and "this model is SDXL" in output, output
 
 
 @pytest.mark.slow  # two processes under accelerate launch: ~30 s

@@ -261,6 +261,9 @@ def eval_attack(config: AttackEvalConfig) -> dict[str, Any]:
 
         pipe = (_prepared(load_erased_pipeline(config.model, config.run, device, dtype), config.scheduler)
                 if config.run else base())
+        if family_of(pipe) != "sd":  # candidates are rendered from token ids through the one text encoder
+            raise ConfigError(f"the attacks search and render the text embedding of SD 1.x/2.x models; this model "
+                              f"is {family_of(pipe).upper()}: pass an SD 1.x/2.x --model")
         return AttackInputs(config, prompts, attack, judge, pipe, base)
 
     return run_protocol(PROTOCOL, inputs, out=out, config=settings, seed=config.seed, device=str(device),
@@ -268,11 +271,7 @@ def eval_attack(config: AttackEvalConfig) -> dict[str, Any]:
 
 
 def _prepared(pipe: StableDiffusionPipeline, scheduler: str) -> StableDiffusionPipeline:
-    """Frozen (an attack differentiates through the models, never into their weights), with the chosen sampler.
-    The attacks search SD 1.x/2.x's one text encoder; another family is refused."""
-    if family_of(pipe) != "sd":
-        raise ConfigError(f"the attacks search the text embedding of SD 1.x/2.x models; this model is "
-                          f"{family_of(pipe).upper()}: pass an SD 1.x/2.x --model")
+    """Frozen (an attack differentiates through the models, never into their weights), with the chosen sampler."""
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False).eval()
     set_scheduler(pipe, scheduler)
