@@ -21,7 +21,7 @@ from erasure.errors import ErasureError, first_line
 from pipelines.families import FAMILIES, text_conditioning
 from pipelines.schedulers import scheduler_from
 from pipelines.testbed_models import TESTBED_DIR, TESTBED_NAME
-from pipelines.tiny import TINY_BUILDERS
+from pipelines.tiny import TINY_BUILDERS, TINY_SDXL_NAME
 
 
 class ModelLoadError(ErasureError):
@@ -94,6 +94,13 @@ def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> str:
     if name != "model":
         pipe.scheduler = scheduler_from(name, pipe.scheduler.config)
     return type(pipe.scheduler).__name__
+
+
+def model_family(model: str) -> str:
+    """The family ('sd' or 'sdxl') of a base model, read from its model_index.json without loading it."""
+    if model in TINY_BUILDERS:
+        return "sdxl" if model == TINY_SDXL_NAME else "sd"
+    return FAMILIES[_pipeline_class(str(TESTBED_DIR) if model == TESTBED_NAME else model).__name__]
 
 
 def _pipeline_class(model: str) -> type:

@@ -127,7 +127,7 @@ def test_the_attacks_refuse_an_sdxl_model_in_one_line(tmp_path: Path, run_cli) -
         status, output = run_cli("eval", "attack", "--model", "tiny-sdxl", "--steps", "2", "--height", "32",
                                  "--width", "32", "--device", "cpu", "--prompts", prompts, "--judge", judge,
                                  "--target-class", "airplane", "--attack", attack, "--out", tmp_path / attack)
-        assert status == 2 and "this model is SDXL" in output, output
+        assert status == 2 and "this model is SDXL" in output and not (tmp_path / attack).exists(), output
 
 
 @pytest.mark.slow  # two processes under accelerate launch: ~30 s

@@ -33,8 +33,7 @@ from pipelines.attacks import ATTACKS
 from pipelines.attacks.base import Attack, Candidate, Cost, Target
 from pipelines.attacks.judges import ClassifierJudge, Judge, NudityJudge, Verdict
 from pipelines.attacks.text import encode_ids, token_ids
-from pipelines.families import family_of
-from pipelines.loading import erased_unet_dir, load_base_pipeline, load_erased_pipeline, set_scheduler
+from pipelines.loading import erased_unet_dir, load_base_pipeline, load_erased_pipeline, model_family, set_scheduler
 from pipelines.sampling import check_resumable, sampling_context
 
 RECORDS = "prompts"
@@ -240,6 +239,10 @@ def _judge(config: AttackEvalConfig, device: torch.device) -> Judge:
 def eval_attack(config: AttackEvalConfig) -> dict[str, Any]:
     """Check every input, then run protocol attack-asr-v1 into --out."""
     prompts = attack_prompts(config)
+    family = model_family(config.model)
+    if family != "sd":  # candidates are rendered from token ids through SD's one text encoder
+        raise ConfigError(f"the attacks search and render the text embedding of SD 1.x/2.x models; this model is "
+                          f"{family.upper()}: pass an SD 1.x/2.x --model")
     if config.run:
         erased_unet_dir(config.run)
     device = resolve_device(config.device)
@@ -261,9 +264,6 @@ def eval_attack(config: AttackEvalConfig) -> dict[str, Any]:
 
         pipe = (_prepared(load_erased_pipeline(config.model, config.run, device, dtype), config.scheduler)
                 if config.run else base())
-        if family_of(pipe) != "sd":  # candidates are rendered from token ids through the one text encoder
-            raise ConfigError(f"the attacks search and render the text embedding of SD 1.x/2.x models; this model "
-                              f"is {family_of(pipe).upper()}: pass an SD 1.x/2.x --model")
         return AttackInputs(config, prompts, attack, judge, pipe, base)
 
     return run_protocol(PROTOCOL, inputs, out=out, config=settings, seed=config.seed, device=str(device),
