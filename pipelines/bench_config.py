@@ -36,6 +36,8 @@ class BenchEraseConfig:
     guidance: float = option(3.0, "guidance scale of the evaluation images", ge=1)
     batch_size: int = option(100, "images per pipeline call", ge=1)
     threads: int = option(1, "torch CPU threads (one was fastest on this busy 2-core machine)", ge=1)
+    jobs: int = option(1, "method runs at once, each its own process with `threads` threads (2 on a 2-core "
+                          "machine halves their wall time; each run's seconds then share the machine)", ge=1)
     out: str = option("outputs/bench-erase", "output directory: runs/, report.md, metrics.json, grid.png")
     overwrite: bool = option(False, "replace an existing output directory")
     resume: bool = option(False, "keep finished method runs and evaluations of an unfinished benchmark")

@@ -1,9 +1,10 @@
 """`erasure bench erase`: erase testbed classes with every method, judge what is forgotten and what is kept.
 
 For each concept set and seed, every method runs as its own `erasure sd` process (so its wall time and peak
-memory are its own) on the base pipeline, with every erased class's quality prompt as a concept (target: the
-`target` prompt) and the other classes' quality prompts to preserve. Each result is judged by the testbed's
-classifier on the same prompts and seeds as the base model (and the retrained gold standard when given):
+memory are its own; `jobs` of them at once, each judged as soon as it is done) on the base pipeline, with every
+erased class's quality prompt as a concept (target: the `target` prompt) and the other classes' quality prompts
+to preserve. Each result is judged by the testbed's classifier on the same prompts and seeds as the base model
+(and the retrained gold standard when given):
 
 - forgetting: the share of images judged as an erased class, from its quality prompt, from the templates held
   out of training, and from its synonyms (lower is better; UA = 100 - it);
@@ -20,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
@@ -216,14 +218,17 @@ def bench(config: BenchEraseConfig) -> dict[str, Any]:
                 per_model.setdefault("retrained", []).append(result)
                 if seed == config.seeds[0] and concept == config.concepts[0] and samples:
                     grid_rows.append(("retrained", samples))
-            for method in config.methods:
-                folder = run.path / "runs" / concept / method / f"seed{seed}"
-                cost = run_method(config, classes, method, seed, folder)
-                erased = load_erased_pipeline(config.model, folder / "run")
-                result, samples = evaluate_run(config, erased, judge, classes, seed, base_features, folder)
-                per_model.setdefault(method, []).append({**result, **cost})
-                if seed == config.seeds[0] and concept == config.concepts[0] and samples:
-                    grid_rows.append((method, samples))
+            folders = {method: run.path / "runs" / concept / method / f"seed{seed}" for method in config.methods}
+            with ThreadPoolExecutor(max_workers=config.jobs) as pool:  # threads that wait on child processes
+                costs = {method: pool.submit(run_method, config, classes, method, seed, folder)
+                         for method, folder in folders.items()}
+                for method, folder in folders.items():  # judged in order, each as soon as its run is done
+                    cost = costs[method].result()
+                    erased = load_erased_pipeline(config.model, folder / "run")
+                    result, samples = evaluate_run(config, erased, judge, classes, seed, base_features, folder)
+                    per_model.setdefault(method, []).append({**result, **cost})
+                    if seed == config.seeds[0] and concept == config.concepts[0] and samples:
+                        grid_rows.append((method, samples))
         results[concept] = {name: summarise(rows) for name, rows in per_model.items()}
     if grid_rows:
         prompts = list(grid_rows[0][1])[:8]

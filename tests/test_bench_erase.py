@@ -11,17 +11,19 @@ from pipelines.bench_config import BenchEraseConfig
 from pipelines.bench_erase import prompt_groups
 
 
-def _bench(out) -> list[str]:
-    args = ["bench", "erase", "--concepts", "airplane", "--methods", "uce", "--per-prompt", "2", "--out", str(out)]
+def _bench(out, methods: str = "uce", *extra: str) -> list[str]:
+    args = ["bench", "erase", "--concepts", "airplane", "--methods", methods, "--per-prompt", "2", "--out", str(out),
+            *extra]
     assert main(args) == 0
     return args
 
 
-def test_the_benchmark_judges_base_and_method_and_writes_its_report(tmp_path):
+def test_the_benchmark_judges_base_and_methods_and_writes_its_report(tmp_path):
     out = tmp_path / "bench"
-    _bench(out)
+    _bench(out, "uce,rece", "--jobs", "2")  # two method processes at once, judged in method order
     rows = read_json(out / "metrics.json")["concepts"]["airplane"]
-    assert set(rows) == {"base", "uce"}
+    assert list(rows) == ["base", "uce", "rece"]
+    assert rows["rece"]["seconds"]["mean"] > 0
     assert rows["uce"]["seconds"]["mean"] > 0 and rows["uce"]["peak_rss_mb"]["mean"] > 100
     assert rows["base"]["feature_distance"]["mean"] == 0.0 and "target_erased_pct" in rows["base"]
     assert rows["uce"]["forget_erased_pct"]["mean"] <= rows["base"]["forget_erased_pct"]["mean"]
