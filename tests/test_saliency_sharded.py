@@ -26,6 +26,7 @@ def joined(masks: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     return torch.cat([m[name] for m in masks for name in ("a", "b")])
 
 
+@pytest.mark.slow  # two processes (8 s); the default suite reached its 300 s budget on CI
 def test_two_ranks_select_exactly_the_one_process_top_k_ties_included(tmp_path: Path) -> None:
     result = accelerate_launch(WORKER, tmp_path, timeout=120)
     log = log_of(result)

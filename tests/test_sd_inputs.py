@@ -48,6 +48,7 @@ def test_a_missing_mask_fails_before_any_generation(run_cli, tiny_sd_dir, tmp_pa
     assert status == 2 and "does not exist" in output
 
 
+@pytest.mark.slow  # a fresh process (10 s); the default suite reached its 300 s budget on CI
 def test_sd_commands_print_no_torchvision_warning(tmp_path: Path) -> None:
     """In a fresh process: transformers warns once per process, so an in-process check could pass vacuously."""
     prompts = tmp_path / "prompts.txt"
