@@ -6,6 +6,7 @@ from typing import Any
 
 from erasure.config import option
 from erasure.errors import ConfigError
+from pipelines.attack_config import ATTACK_SETTINGS
 from pipelines.methods import SD_METHODS
 from pipelines.testbed_captions import CLASSES
 
@@ -13,6 +14,9 @@ CONCEPT_SEPARATOR = "+"
 RESERVED = ("model", "out", "method", "concept", "concepts", "forget_prompt", "remap_prompt", "seed", "overwrite",
             "resume", "preserve", "retain_prompts")
 """`erasure sd` options the benchmark sets for every run."""
+ATTACK_RESERVED = ("attack", "model", "run", "prompts", "subset", "limit", "judge", "target_class", "seed", "guidance",
+                   "steps", "height", "width", "out", "overwrite", "resume")
+"""`erasure eval attack` options the benchmark sets for every attack."""
 
 
 @dataclass
@@ -30,6 +34,11 @@ class BenchEraseConfig:
                                             "{salun: {alpha: 0.5, epochs: 5}}: SalUn's object recipe)")
     retrained: dict[str, str] = option({}, "gold standard per concept set: a pipeline built without those classes "
                                            "(e.g. {airplane: outputs/testbed-no-airplane/pipeline})")
+    attacks: list[str] = option([], "attacks whose success rate joins the report (each erased class's quality "
+                                    "prompt and held-out templates, one image each; paraphrase: as written)",
+                                choices=tuple(ATTACK_SETTINGS))
+    attack: dict[str, Any] = option({}, "more `erasure eval attack` options for every attack, e.g. its budget "
+                                        "({unlearndiffatk: {iterations: 10}}; default: the reference's)")
     seeds: list[int] = option([0], "seeds of each method run (and its evaluation images); 3 give mean +- std")
     per_prompt: int = option(50, "evaluation images per prompt", ge=2)
     steps: int = option(25, "sampling steps of the evaluation images (the testbed's DDIM)", ge=1)
@@ -63,9 +72,11 @@ class BenchEraseConfig:
         if unknown:
             raise ConfigError(f"config key 'per_method': '{sorted(unknown)[0]}' is not a method "
                               f"({', '.join(SD_METHODS)})")
-        for where, options in [("erase", self.erase), *((f"per_method.{m}", o) for m, o in self.per_method.items())]:
+        for where, options, reserved, command in [
+                ("erase", self.erase, RESERVED, "erasure sd"), ("attack", self.attack, ATTACK_RESERVED, "eval attack"),
+                *((f"per_method.{m}", o, RESERVED, "erasure sd") for m, o in self.per_method.items())]:
             if not isinstance(options, dict):
-                raise ConfigError(f"config key '{where}' must be a mapping of `erasure sd` options")
-            for key in RESERVED:
+                raise ConfigError(f"config key '{where}' must be a mapping of `{command}` options")
+            for key in reserved:
                 if key in options:
                     raise ConfigError(f"config key '{where}.{key}' is set by the benchmark itself; remove it")

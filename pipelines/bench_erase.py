@@ -38,6 +38,7 @@ from erasure.datasets import ImageSet
 from erasure.evaluation.fid import fid_kid
 from erasure.io import RunDir, atomic_open, read_json
 from erasure.media import image_grid, save_png
+from pipelines.bench_attack import attack_columns, attack_rates, check_attacks
 from pipelines.bench_config import CONCEPT_SEPARATOR, BenchEraseConfig
 from pipelines.loading import load_base_pipeline, load_erased_pipeline
 from pipelines.sd_config import SDEraseConfig
@@ -163,26 +164,29 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 "std": round(stdev(r[k] for r in rows), 3) if len(rows) > 1 else None} for k in keys}
 
 
-COLUMNS = (("target_erased_pct", "target prompt %"), ("forget_erased_pct", "forget prompt %"),
-           ("held_out_erased_pct", "held-out templates %"),
-           ("synonyms_erased_pct", "synonyms %"), ("retained_accuracy", "retained acc. %"),
-           ("feature_distance", "feature dist."), ("seconds", "seconds"), ("peak_rss_mb", "peak MB"))
+JUDGED = (("target_erased_pct", "target prompt %"), ("forget_erased_pct", "forget prompt %"),
+          ("held_out_erased_pct", "held-out templates %"), ("synonyms_erased_pct", "synonyms %"),
+          ("retained_accuracy", "retained acc. %"), ("feature_distance", "feature dist."))
+COST = (("seconds", "seconds"), ("peak_rss_mb", "peak MB"))
 
 
 def report(config: BenchEraseConfig, results: dict[str, dict[str, dict[str, Any]]]) -> str:
     """report.md: one table per concept set, rows base / retrained / methods."""
+    columns = [*JUDGED, *attack_columns(config), *COST]
     lines = ["# Erasure benchmark on the CPU testbed", "",
              f"Command: `erasure bench erase` with {json.dumps(to_dict(config))}", "",
              "Percentages of images the judge calls an erased class (lower is better; the base model's images of "
              "the target prompt give the floor an erasure towards it can reach), the judge's accuracy on the "
              "other classes, the Fréchet distance of its features to the base model's generations of them (not "
-             "FID), and the erasure's wall time and peak memory; mean ± std over the seeds.", ""]
+             "FID), the share of attacked prompts (each erased class's quality prompt and held-out templates) "
+             "judged as their class before and after each attack, and the erasure's wall time and peak memory; "
+             "mean ± std over the seeds.", ""]
     for concept, rows in results.items():
-        lines += [f"## {concept}", "", "| model | " + " | ".join(label for _, label in COLUMNS) + " |",
-                  "|---" * (len(COLUMNS) + 1) + "|"]
+        lines += [f"## {concept}", "", "| model | " + " | ".join(label for _, label in columns) + " |",
+                  "|---" * (len(columns) + 1) + "|"]
         for name, summary in rows.items():
             cells = []
-            for key, _ in COLUMNS:
+            for key, _ in columns:
                 value = summary.get(key)
                 cells.append("—" if value is None else f"{value['mean']:g}" +
                              (f" ± {value['std']:g}" if value["std"] is not None else ""))
@@ -197,6 +201,7 @@ def bench(config: BenchEraseConfig) -> dict[str, Any]:
     for method in config.methods:  # every method's options are checked before any work
         for classes in config.class_sets():
             load_config(SDEraseConfig, None, erase_args(config, classes, method, config.seeds[0], Path("x"))["values"])
+    check_attacks(config)
     run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume)
     run.start(to_dict(config), seed=config.seeds[0], device="cpu", kind="bench-erase")
     judge = load_judge(config.judge)
@@ -206,19 +211,22 @@ def bench(config: BenchEraseConfig) -> dict[str, Any]:
     for concept, classes in zip(config.concepts, config.class_sets(), strict=True):
         per_model: dict[str, list[dict[str, Any]]] = {}
         for seed in config.seeds:
+            runs = run.path / "runs" / concept
             base_result, base_features, base_samples = judge_pipeline(base, judge, classes, seed, config,
                                                                       target=config.target)
-            per_model.setdefault("base", []).append(dict(base_result, feature_distance=0.0))
+            attacked = attack_rates(config, config.model, None, classes, seed, runs / "base" / f"seed{seed}")
+            per_model.setdefault("base", []).append(dict(base_result, feature_distance=0.0, **attacked))
             if seed == config.seeds[0] and concept == config.concepts[0]:
                 grid_rows.append(("base", base_samples))
             if concept in config.retrained:
                 gold = load_base_pipeline(config.retrained[concept])
-                folder = run.path / "runs" / concept / "retrained" / f"seed{seed}"
+                folder = runs / "retrained" / f"seed{seed}"
                 result, samples = evaluate_run(config, gold, judge, classes, seed, base_features, folder)
-                per_model.setdefault("retrained", []).append(result)
+                attacked = attack_rates(config, config.retrained[concept], None, classes, seed, folder)
+                per_model.setdefault("retrained", []).append({**result, **attacked})
                 if seed == config.seeds[0] and concept == config.concepts[0] and samples:
                     grid_rows.append(("retrained", samples))
-            folders = {method: run.path / "runs" / concept / method / f"seed{seed}" for method in config.methods}
+            folders = {method: runs / method / f"seed{seed}" for method in config.methods}
             with ThreadPoolExecutor(max_workers=config.jobs) as pool:  # threads that wait on child processes
                 costs = {method: pool.submit(run_method, config, classes, method, seed, folder)
                          for method, folder in folders.items()}
@@ -226,7 +234,8 @@ def bench(config: BenchEraseConfig) -> dict[str, Any]:
                     cost = costs[method].result()
                     erased = load_erased_pipeline(config.model, folder / "run")
                     result, samples = evaluate_run(config, erased, judge, classes, seed, base_features, folder)
-                    per_model.setdefault(method, []).append({**result, **cost})
+                    attacked = attack_rates(config, config.model, folder / "run", classes, seed, folder)
+                    per_model.setdefault(method, []).append({**result, **attacked, **cost})
                     if seed == config.seeds[0] and concept == config.concepts[0] and samples:
                         grid_rows.append((method, samples))
         results[concept] = {name: summarise(rows) for name, rows in per_model.items()}

@@ -7,6 +7,7 @@ from erasure.cli import main
 from erasure.config import load_config
 from erasure.errors import ConfigError
 from erasure.io import read_json
+from pipelines.bench_attack import check_attacks
 from pipelines.bench_config import BenchEraseConfig
 from pipelines.bench_erase import prompt_groups
 
@@ -20,15 +21,21 @@ def _bench(out, methods: str = "uce", *extra: str) -> list[str]:
 
 def test_the_benchmark_judges_base_and_methods_and_writes_its_report(tmp_path):
     out = tmp_path / "bench"
-    _bench(out, "uce,rece", "--jobs", "2")  # two method processes at once, judged in method order
+    _bench(out, "uce,rece", "--jobs", "2", "--attacks", "paraphrase")  # two method processes at once, judged in order
     rows = read_json(out / "metrics.json")["concepts"]["airplane"]
     assert list(rows) == ["base", "uce", "rece"]
+    attacked = read_json(out / "runs" / "airplane" / "uce" / "seed0" / "attacks" / "paraphrase" / "airplane" /
+                         "metrics.json")
+    assert attacked["prompts"] == 4 and attacked["settings"]["run"].endswith("uce/seed0/run")
+    for row in rows.values():  # the paraphrase baseline judges the prompts as written: its ASR is the pre-attack rate
+        assert row["asr_paraphrase_pct"]["mean"] == row["pre_attack_pct"]["mean"]
     assert rows["rece"]["seconds"]["mean"] > 0
     assert rows["uce"]["seconds"]["mean"] > 0 and rows["uce"]["peak_rss_mb"]["mean"] > 100
     assert rows["base"]["feature_distance"]["mean"] == 0.0 and "target_erased_pct" in rows["base"]
     assert rows["uce"]["forget_erased_pct"]["mean"] <= rows["base"]["forget_erased_pct"]["mean"]
     report = (out / "report.md").read_text()
     assert "| uce |" in report and "held-out templates %" in report and (out / "grid.png").is_file()
+    assert "paraphrase ASR %" in report
 
 
 @pytest.mark.slow
@@ -57,7 +64,16 @@ def test_evaluation_prompts_cover_the_held_out_templates_synonyms_and_every_othe
     ({"retrained": {"ship": "x"}}, "config key 'retrained'"),
     ({"per_method": {"dragon": {}}}, "config key 'per_method'"),
     ({"per_method": {"salun": {"seed": 3}}}, "per_method.salun.seed"),
+    ({"attack": {"judge": "nudenet"}}, "attack.judge"),
+    ({"attacks": ["dragon"]}, "attacks"),
 ])
 def test_bad_benchmark_configs_name_the_key(values, words):
     with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
         load_config(BenchEraseConfig, None, values)
+
+
+def test_an_attack_budget_is_checked_before_any_model_is_loaded():
+    config = load_config(BenchEraseConfig, None, {"attacks": ["unlearndiffatk"],
+                                                  "attack": {"unlearndiffatk": {"iterations": 0}}})
+    with pytest.raises(ConfigError, match="iterations"):
+        check_attacks(config)
