@@ -42,7 +42,7 @@ class BenchEraseConfig:
     seeds: list[int] = option([0], "seeds of each method run (and its evaluation images); 3 give mean +- std")
     per_prompt: int = option(50, "evaluation images per prompt", ge=2)
     steps: int = option(25, "sampling steps of the evaluation images (the testbed's DDIM)", ge=1)
-    guidance: float = option(3.0, "guidance scale of the evaluation images", ge=1)
+    guidance: float = option(7.5, "guidance scale of the evaluation images (Stable Diffusion's default)", ge=1)
     batch_size: int = option(100, "images per pipeline call", ge=1)
     threads: int = option(1, "torch CPU threads (one was fastest on this busy 2-core machine)", ge=1)
     jobs: int = option(1, "method runs at once, each its own process with `threads` threads (2 on a 2-core "

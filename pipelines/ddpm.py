@@ -9,6 +9,7 @@ them, so a resumed run ends bit-identical to an uninterrupted one. A run directo
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,17 @@ class LoopSettings:
     checkpoint_every: int = 0
     ema_decay: float | None = None
     clip_before_mask: bool = False
+    cosine: bool = False
+    """After the warm-up, decay the learning rate to zero along a half cosine (else keep it constant)."""
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then constant or cosine-decayed (a pure function of the step)."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if not self.cosine:
+            return self.lr
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class DiffusionLoop:
@@ -129,18 +141,13 @@ class DiffusionLoop:
         params = masked_parameters(unet, mask) if mask is not None else list(unet.parameters())
         self.ema = EMA(unet, settings.ema_decay) if settings.ema_decay is not None else None
         self.trainer = Trainer(unet, torch.optim.Adam(params, lr=settings.lr), accelerator=accelerator, run=run,
-                               steps=settings.steps, lr_at=self.lr_at, mask=mask, grad_clip=settings.grad_clip,
+                               steps=settings.steps, lr_at=settings.lr_at, mask=mask, grad_clip=settings.grad_clip,
                                checkpoint_every=settings.checkpoint_every, ema=self.ema, name=name,
                                clip_before_mask=settings.clip_before_mask)
 
     @property
     def unwrapped(self) -> UNet2DModel:
         return self.trainer.unwrapped
-
-    def lr_at(self, step: int) -> float:
-        """Linear warm-up, then constant (a pure function of the step)."""
-        warmup = self.settings.warmup
-        return self.settings.lr * min(1.0, (step + 1) / warmup) if warmup else self.settings.lr
 
     def run_steps(self, loss_at: Callable[[nn.Module, int], Tensor]) -> dict[str, float]:
         """Train to `settings.steps` (from the last checkpoint when resuming); returns timing and the last loss."""

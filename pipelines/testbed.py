@@ -103,8 +103,8 @@ def train_vae(config: TestbedBuildConfig, data: ImageSet, run: RunDir) -> dict[s
     """Pixel MSE + a small KL on 16 px images; saves the VAE to `run/model`."""
     torch.manual_seed(config.seed)
     vae = build_vae()
-    settings = LoopSettings(config.vae_steps, config.vae_lr, grad_clip=config.grad_clip,
-                            checkpoint_every=config.checkpoint_every)
+    settings = LoopSettings(config.vae_steps, config.vae_lr, config.vae_warmup, config.grad_clip,
+                            config.checkpoint_every, cosine=config.vae_cosine)
     loop = DiffusionLoop(vae, settings, run, make_accelerator(), name="vae")
 
     def loss_at(model: nn.Module, step: int) -> Tensor:

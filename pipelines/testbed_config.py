@@ -26,7 +26,10 @@ class TestbedBuildConfig:
     text_width: int = option(64, "hidden size of the CLIP text encoder (= the UNet's cross-attention dim)", ge=8)
     vae_steps: int = option(400, "VAE optimizer steps", ge=1)
     vae_batch_size: int = option(128, "images per VAE step", ge=1)
-    vae_lr: float = option(1e-3, "VAE Adam learning rate", gt=0)
+    vae_lr: float = option(1e-3, "VAE Adam learning rate after warm-up", gt=0)
+    vae_warmup: int = option(0, "VAE steps of linear learning-rate warm-up", ge=0)
+    vae_cosine: bool = option(False, "decay the VAE's learning rate to zero along a half cosine after the warm-up "
+                                     "(else constant)")
     vae_kl_weight: float = option(1e-4, "weight of the VAE's KL term (per latent element) beside the pixel MSE", ge=0)
     steps: int = option(2500, "UNet + text encoder optimizer steps", ge=1)
     batch_size: int = option(128, "latents per UNet step", ge=1)
@@ -65,8 +68,12 @@ class TestbedEvalConfig:
     per_class: int = option(50, "images per class", ge=1)
     seed: int = option(0, "image i of a class is seeded with seed + i", ge=0)
     steps: int = option(25, "sampling steps", ge=1)
-    guidance: float = option(3.0, "classifier-free guidance scale (diffusers' guidance_scale)", ge=1)
+    guidance: float = option(7.5, "classifier-free guidance scale (diffusers' guidance_scale; Stable Diffusion's "
+                                   "default)", ge=1)
     batch_size: int = option(100, "images per pipeline call", ge=1)
+    reconstructions: int = option(1000, "CIFAR-10 test images the judge also sees as they are and through the "
+                                        "pipeline's VAE (what the decoder lets the UNet show; 0: skip)", ge=0)
+    data_dir: str | None = option(None, "folder holding cifar10_jpeg.npz (default: $ERASURE_DATA_DIR, ../shared/data)")
     threads: int = option(1, "torch CPU threads", ge=1)
 
 

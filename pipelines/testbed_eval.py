@@ -8,19 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 from torch import Tensor, nn
 
 from classifiers.metrics import predict_proba
 from classifiers.models import MODEL_FILE, load_model, save_model
-from erasure.datasets import ImageSet
+from erasure.datasets import ImageSet, load_cifar10
 from erasure.errors import ConfigError
 from erasure.io import atomic_dir, finished_run
 from pipelines.loading import load_base_pipeline
 from pipelines.testbed import PIPELINE_DIR
 from pipelines.testbed_captions import CLASSES, QUALITY_PROMPT, caption
 from pipelines.testbed_config import TestbedEvalConfig, TestbedExportConfig
-from pipelines.testbed_models import JUDGE_DIR, TESTBED_DIR, TESTBED_NAME
+from pipelines.testbed_models import JUDGE_DIR, RESOLUTION, TESTBED_DIR, TESTBED_NAME
 
 
 def load_judge(path: str | Path) -> nn.Module:
@@ -56,12 +56,35 @@ def class_accuracy(pipe: StableDiffusionPipeline, judge: nn.Module, *, per_class
             "seed": seed, "steps": steps, "guidance": guidance}
 
 
+@torch.no_grad()
+def reconstruction_accuracy(vae: AutoencoderKL, judge: nn.Module, data: ImageSet, batch_size: int = 500
+                            ) -> dict[str, float]:
+    """The judge's accuracy (%) on `data` as it is and decoded from the VAE's posterior means."""
+    decoded = []
+    for i in range(0, len(data), batch_size):
+        x = data.images[i:i + batch_size].float().div(127.5).sub(1.0).to(vae.dtype)
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.float()
+        decoded.append(((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+    scores = {}
+    for name, images in (("images", data.images), ("reconstructions", torch.cat(decoded))):
+        predicted = predict_proba(judge, ImageSet(images, data.labels)).argmax(1)
+        scores[name] = round(100.0 * float((predicted == data.labels).float().mean()), 2)
+    return {"test_images": len(data), "judge_accuracy": scores["images"],
+            "judge_accuracy_on_reconstructions": scores["reconstructions"]}
+
+
 def evaluate(config: TestbedEvalConfig) -> dict[str, Any]:
-    """`erasure testbed eval`: one JSON line with the per-class table and its mean."""
+    """`erasure testbed eval`: one JSON line with the per-class table and its mean (and, with `reconstructions`,
+    the judge's accuracy on test images through the pipeline's VAE beside its accuracy on them)."""
     torch.set_num_threads(config.threads)
+    test = load_cifar10(config.data_dir, resolution=RESOLUTION).test if config.reconstructions else None
     pipe = load_base_pipeline(config.model)
-    metrics = class_accuracy(pipe, load_judge(config.judge), per_class=config.per_class, seed=config.seed,
+    judge = load_judge(config.judge)
+    metrics = class_accuracy(pipe, judge, per_class=config.per_class, seed=config.seed,
                              steps=config.steps, guidance=config.guidance, batch_size=config.batch_size)
+    if test is not None:
+        subset = test.subset(torch.arange(min(config.reconstructions, len(test))))
+        metrics["vae"] = reconstruction_accuracy(pipe.vae, judge, subset)
     print(json.dumps({"model": config.model, "judge": config.judge, **metrics}))
     return metrics
 

@@ -290,3 +290,14 @@ def test_the_forget_probe_ignores_dropout_and_keeps_the_mode() -> None:
     config = from_dict(DDPMUnlearnConfig, {"run": "x", "forget": "cat", "forget_batch_size": 4})
     first, second = (probe_loss(config, unet, forget, build_scheduler()) for _ in range(2))
     assert first == second and unet.training
+
+
+def test_the_learning_rate_warms_up_then_stays_or_decays_along_a_cosine() -> None:
+    from pipelines.ddpm import LoopSettings
+
+    constant, cosine = LoopSettings(10, 1.0, warmup=2), LoopSettings(10, 1.0, warmup=2, cosine=True)
+    assert [constant.lr_at(s) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert [cosine.lr_at(s) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert cosine.lr_at(6) == pytest.approx(0.5) and cosine.lr_at(10) == pytest.approx(0.0)
+    rates = [cosine.lr_at(s) for s in range(2, 11)]
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
