@@ -36,11 +36,12 @@ from classifiers.models import to_input
 from erasure.config import load_config, to_dict
 from erasure.datasets import ImageSet
 from erasure.evaluation.fid import fid_kid
-from erasure.io import RunDir, atomic_open, read_json
+from erasure.io import MANIFEST, RunDir, atomic_open, read_json
 from erasure.media import image_grid, save_png
 from pipelines.bench_attack import attack_columns, attack_rates, check_attacks
 from pipelines.bench_config import CONCEPT_SEPARATOR, BenchEraseConfig
 from pipelines.loading import load_base_pipeline, load_erased_pipeline
+from pipelines.sampling import check_resumable
 from pipelines.sd_config import SDEraseConfig
 from pipelines.testbed_captions import CLASSES, HELD_OUT_TEMPLATES, QUALITY_PROMPT, SYNONYMS, caption
 from pipelines.testbed_eval import generate, load_judge
@@ -56,6 +57,10 @@ sys.exit(code)
 """The erasure process: `erasure sd`, then its own peak resident memory (VmHWM: the high-water mark of its address
 space since exec; rusage's maxrss would include the benchmark process's memory, inherited through fork)."""
 COST_FILE, EVAL_FILE = "cost.json", "bench.json"
+RESUMABLE_KEYS = ("resume", "overwrite", "concepts", "methods", "retrained", "attacks", "seeds", "batch_size",
+                  "threads", "jobs")
+"""Settings a resumed benchmark may change (rows and columns to add, how it runs); any other change would mix
+results judged or erased under different settings, and is refused."""
 
 
 def prompt_groups(classes: list[str], target: str | None = None) -> dict[str, list[tuple[str, int]]]:
@@ -202,6 +207,8 @@ def bench(config: BenchEraseConfig) -> dict[str, Any]:
         for classes in config.class_sets():
             load_config(SDEraseConfig, None, erase_args(config, classes, method, config.seeds[0], Path("x"))["values"])
     check_attacks(config)
+    if config.resume and not config.overwrite and (Path(config.out) / MANIFEST).is_file():
+        check_resumable(Path(config.out), to_dict(config), RESUMABLE_KEYS)
     run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume)
     run.start(to_dict(config), seed=config.seeds[0], device="cpu", kind="bench-erase")
     judge = load_judge(config.judge)

@@ -1,10 +1,12 @@
 """`erasure bench erase` on the committed testbed: one closed-form method, few images, seconds."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from erasure.cli import main
-from erasure.config import load_config
+from erasure.config import load_config, to_dict
 from erasure.errors import ConfigError
 from erasure.io import read_json
 from pipelines.bench_attack import check_attacks
@@ -47,6 +49,16 @@ def test_a_resumed_benchmark_keeps_its_finished_method_runs(tmp_path):
     (out / "manifest.json").write_text((out / "manifest.json").read_text().replace('"finished"', '"running"'))
     assert main([*args, "--resume"]) == 0
     assert cost.stat().st_mtime_ns == stamp, "a finished method run is kept on resume"
+
+
+def test_a_benchmark_resumed_with_other_judging_settings_is_refused(tmp_path, capsys):
+    out = tmp_path / "bench"
+    out.mkdir()
+    settings = to_dict(load_config(BenchEraseConfig, None, {"out": str(out)}))
+    (out / "manifest.json").write_text(json.dumps({"status": "running", "config": settings}))
+    args = ["bench", "erase", "--out", str(out), "--resume"]
+    assert main([*args, "--guidance", "3"]) != 0
+    assert "guidance: 7.5 -> 3.0" in capsys.readouterr().err
 
 
 def test_evaluation_prompts_cover_the_held_out_templates_synonyms_and_every_other_class():
