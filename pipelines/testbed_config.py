@@ -63,6 +63,8 @@ class TestbedEvalConfig:
     """Judge generations from "a photo of a {class}" (the testbed's quality bar): per-class accuracy and mean."""
 
     model: str = option("testbed", "the pipeline: a diffusers directory, or 'testbed' (the committed one)")
+    run: str | None = option(None, "an erased run (`erasure sd --out`) whose UNet replaces the pipeline's: the "
+                                   "table then shows what the erasure left of each class")
     judge: str = option("testbed", "the judge: a classifier model.safetensors, a finished `erasure classifier train` "
                                    "run, or 'testbed' (the committed one)")
     per_class: int = option(50, "images per class", ge=1)

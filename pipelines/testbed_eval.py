@@ -16,7 +16,7 @@ from classifiers.models import MODEL_FILE, load_model, save_model
 from erasure.datasets import ImageSet, load_cifar10
 from erasure.errors import ConfigError
 from erasure.io import atomic_dir, finished_run
-from pipelines.loading import load_base_pipeline
+from pipelines.loading import load_base_pipeline, load_erased_pipeline
 from pipelines.testbed import PIPELINE_DIR
 from pipelines.testbed_captions import CLASSES, QUALITY_PROMPT, caption
 from pipelines.testbed_config import TestbedEvalConfig, TestbedExportConfig
@@ -78,14 +78,14 @@ def evaluate(config: TestbedEvalConfig) -> dict[str, Any]:
     the judge's accuracy on test images through the pipeline's VAE beside its accuracy on them)."""
     torch.set_num_threads(config.threads)
     test = load_cifar10(config.data_dir, resolution=RESOLUTION).test if config.reconstructions else None
-    pipe = load_base_pipeline(config.model)
+    pipe = load_erased_pipeline(config.model, config.run) if config.run else load_base_pipeline(config.model)
     judge = load_judge(config.judge)
     metrics = class_accuracy(pipe, judge, per_class=config.per_class, seed=config.seed,
                              steps=config.steps, guidance=config.guidance, batch_size=config.batch_size)
     if test is not None:
         subset = test.subset(torch.arange(min(config.reconstructions, len(test))))
         metrics["vae"] = reconstruction_accuracy(pipe.vae, judge, subset)
-    print(json.dumps({"model": config.model, "judge": config.judge, **metrics}))
+    print(json.dumps({"model": config.model, "run": config.run, "judge": config.judge, **metrics}))
     return metrics
 
 

@@ -21,7 +21,7 @@ def _bench(out, methods: str = "uce", *extra: str) -> list[str]:
     return args
 
 
-def test_the_benchmark_judges_base_and_methods_and_writes_its_report(tmp_path):
+def test_the_benchmark_judges_base_and_methods_and_writes_its_report(tmp_path, capsys):
     out = tmp_path / "bench"
     _bench(out, "uce,rece", "--jobs", "2", "--attacks", "paraphrase")  # two method processes at once, judged in order
     rows = read_json(out / "metrics.json")["concepts"]["airplane"]
@@ -38,6 +38,11 @@ def test_the_benchmark_judges_base_and_methods_and_writes_its_report(tmp_path):
     report = (out / "report.md").read_text()
     assert "| uce |" in report and "held-out templates %" in report and (out / "grid.png").is_file()
     assert "paraphrase ASR %" in report
+    run = out / "runs" / "airplane" / "uce" / "seed0" / "run"  # the per-class table of an erased model
+    assert main(["testbed", "eval", "--run", str(run), "--per-class", "1", "--steps", "2",
+                 "--reconstructions", "0"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(line)["run"] == str(run) and "airplane" in json.loads(line)["per_class"]
 
 
 @pytest.mark.slow
