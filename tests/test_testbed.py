@@ -81,6 +81,7 @@ def test_committed_testbed_generates_what_its_judge_recognises():
 
 
 @needs_cifar10
+@pytest.mark.slow  # decodes CIFAR-10 for its test images; the default suite sits at its 300 s budget
 @pytest.mark.skipif(not (TESTBED_DIR / "model_index.json").is_file(), reason="the testbed is not committed yet")
 def test_testbed_eval_reports_what_the_vae_lets_the_judge_see(run_cli):
     status, output = run_cli("testbed", "eval", "--per-class", 1, "--steps", 2, "--reconstructions", 200)
