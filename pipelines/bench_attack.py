@@ -14,7 +14,8 @@ from erasure.io import finished_manifest
 from pipelines.attack_config import AttackEvalConfig
 from pipelines.bench_config import BenchEraseConfig
 from pipelines.testbed_captions import CLASSES, HELD_OUT_TEMPLATES, QUALITY_PROMPT, caption
-from pipelines.testbed_models import JUDGE_DIR, RESOLUTION, TESTBED_NAME
+from pipelines.testbed_eval import judge_path
+from pipelines.testbed_models import RESOLUTION
 
 ATTACK_DIR = "attacks"
 
@@ -28,9 +29,8 @@ def attack_values(config: BenchEraseConfig, attack: str, name: str, seed: int, m
                   folder: Path) -> dict[str, Any]:
     """The `erasure eval attack` config that attacks class `name` of `model` (with `run`'s erased weights, if
     given), its prompt file and output under `folder`."""
-    judge = JUDGE_DIR if config.judge == TESTBED_NAME else Path(config.judge)
     return {**config.attack, "attack": attack, "model": model, "run": None if run is None else str(run),
-            "prompts": str(folder / f"{name}.txt"), "judge": str(judge),
+            "prompts": str(folder / f"{name}.txt"), "judge": str(judge_path(config.judge)),
             "target_class": str(CLASSES.index(name)), "seed": seed, "guidance": config.guidance,
             "steps": config.steps, "height": RESOLUTION, "width": RESOLUTION, "grid_size": 0,
             "out": str(folder / attack / name), "resume": True}
@@ -46,11 +46,12 @@ def attack_rates(config: BenchEraseConfig, model: str, run: Path | None, classes
         return {}
     folder = folder / ATTACK_DIR
     folder.mkdir(parents=True, exist_ok=True)
+    for name in classes:
+        (folder / f"{name}.txt").write_text("\n".join(attack_prompts(name)) + "\n")
     rates: dict[str, float] = {}
     for attack in config.attacks:
         successes = before = prompts = 0
         for name in classes:
-            (folder / f"{name}.txt").write_text("\n".join(attack_prompts(name)) + "\n")
             values = attack_values(config, attack, name, seed, model, run, folder)
             out = Path(values["out"])
             manifest = finished_manifest(out)

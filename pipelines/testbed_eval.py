@@ -23,9 +23,14 @@ from pipelines.testbed_config import TestbedEvalConfig, TestbedExportConfig
 from pipelines.testbed_models import JUDGE_DIR, RESOLUTION, TESTBED_DIR, TESTBED_NAME
 
 
+def judge_path(path: str | Path) -> Path:
+    """The committed judge's folder for 'testbed', else `path` (a classifier run directory or its model file)."""
+    return JUDGE_DIR if str(path) == TESTBED_NAME else Path(path)
+
+
 def load_judge(path: str | Path) -> nn.Module:
     """A judge from 'testbed', a classifier run directory or its model file, in float32."""
-    path = JUDGE_DIR if str(path) == TESTBED_NAME else Path(path)
+    path = judge_path(path)
     model = load_model(path / MODEL_FILE if path.is_dir() else path)
     return model.float().eval()
 
