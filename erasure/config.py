@@ -261,11 +261,24 @@ def class_index(value: str | int, classes: typing.Sequence[str], what: str) -> i
                       f"(or an index 0-{len(classes) - 1})")
 
 
+def config_path(path: str | Path) -> Path:
+    """`path`; when it is missing and lies under configs/, the copy shipped in the installed package (so the
+    README's `--config configs/...` commands work from any directory)."""
+    path = Path(path)
+    if not path.is_file() and path.parts[:1] == ("configs",):
+        from importlib.resources import files
+
+        packaged = Path(str(files("configs").joinpath(*path.parts[1:])))
+        if packaged.is_file():
+            return packaged
+    return path
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with errors that say which file is wrong and how."""
+    """Read a YAML mapping (see `config_path`), with errors that say which file is wrong and how."""
     import yaml
 
-    path = Path(path)
+    path = config_path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file to --config (see configs/)")
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from erasure.config import option
+from erasure.config import config_path, option
 from erasure.errors import ConfigError
 
 
@@ -47,8 +47,14 @@ class TestbedBuildConfig:
     resume: bool = option(False, "continue an unfinished build: finished stages are kept, the running one resumes")
 
     def validate(self) -> None:
-        """Check the excluded classes and the reused build before any training."""
+        """Check the judge config, the excluded classes and the reused build before any data is read."""
         from pipelines.testbed_captions import CLASSES
+
+        judge_config = config_path(self.judge_config)
+        if not judge_config.is_file():
+            raise ConfigError(f"config key 'judge_config': no file '{self.judge_config}'; pass an `erasure classifier "
+                              "train` YAML such as configs/classifier_cifar10_16_train.yaml")
+        self.judge_config = str(judge_config)
 
         unknown = [name for name in self.exclude if name not in CLASSES]
         if unknown:

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from erasure.cli import COMMANDS, _resolve
-from erasure.config import from_dict, load_config, option
+from erasure.config import from_dict, load_config, option, read_yaml
 from erasure.errors import ConfigError
+from pipelines.testbed_config import TestbedBuildConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,6 +49,18 @@ def test_bad_values_name_the_key_and_what_is_allowed(data, words):
 def test_missing_config_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Example, tmp_path / "nope.yaml")
+
+
+def test_a_configs_path_reads_the_packaged_copy_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert read_yaml("configs/testbed.yaml")["steps"] == 5000
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_yaml("configs/nope.yaml")
+
+
+def test_a_testbed_build_checks_its_judge_config_before_reading_any_data(tmp_path):
+    with pytest.raises(ConfigError, match="config key 'judge_config'"):
+        load_config(TestbedBuildConfig, None, {"judge_config": str(tmp_path / "nope.yaml")})
 
 
 def test_a_yaml_list_at_top_level_is_refused(tmp_path):
