@@ -32,6 +32,9 @@ class BenchEraseConfig:
     erase: dict[str, Any] = option({}, "more `erasure sd` options for every method run (e.g. {num_images: 200})")
     per_method: dict[str, Any] = option({}, "more `erasure sd` options for one method, by method name (e.g. "
                                             "{salun: {alpha: 0.5, epochs: 5}}: SalUn's object recipe)")
+    lr_scale: float = option(1.0, "factor on every trained method's learning rate (its paper's default, or the one "
+                                   "`erase`/`per_method` sets): the paper recipes are for Stable Diffusion, pretrained "
+                                   "at 1e-4; the testbed pretrains at 1e-3, so its config sets 10", gt=0)
     retrained: dict[str, str] = option({}, "gold standard per concept set: a pipeline built without those classes "
                                            "(e.g. {airplane: outputs/testbed-no-airplane/pipeline})")
     attacks: list[str] = option([], "attacks whose success rate joins the report (each erased class's quality "

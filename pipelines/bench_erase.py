@@ -41,8 +41,9 @@ from erasure.media import image_grid, save_png
 from pipelines.bench_attack import attack_columns, attack_rates, check_attacks
 from pipelines.bench_config import CONCEPT_SEPARATOR, BenchEraseConfig
 from pipelines.loading import load_base_pipeline, load_erased_pipeline
+from pipelines.methods import SD_METHODS
 from pipelines.sampling import check_resumable
-from pipelines.sd_config import SDEraseConfig
+from pipelines.sd_config import DEFAULT_LR, SDEraseConfig
 from pipelines.testbed_captions import CLASSES, HELD_OUT_TEMPLATES, QUALITY_PROMPT, SYNONYMS, caption
 from pipelines.testbed_eval import generate, load_judge
 
@@ -111,6 +112,9 @@ def erase_args(config: BenchEraseConfig, classes: list[str], method: str, seed: 
     values = {"model": config.model, "method": method, "seed": seed, "out": str(out), "preserve": others,
               "grid_seeds": 0, "export_delta": False, "resolution": 16, "generation_steps": config.steps,
               "generation_guidance": config.guidance, **config.erase, **config.per_method.get(method, {})}
+    spec = SD_METHODS[method]
+    if spec.trains and config.lr_scale != 1:
+        values["lr"] = config.lr_scale * values.get("lr", spec.defaults.get("lr", DEFAULT_LR))
     values["forget_prompt"], values["remap_prompt"] = concepts[0]["forget"], concepts[0]["target"]
     return {"values": values, "concepts": concepts[1:]}
 

@@ -11,12 +11,12 @@ from erasure.errors import ConfigError
 from erasure.io import read_json
 from pipelines.bench_attack import check_attacks
 from pipelines.bench_config import BenchEraseConfig
-from pipelines.bench_erase import prompt_groups
+from pipelines.bench_erase import erase_args, prompt_groups
 
 
 def _bench(out, methods: str = "uce", *extra: str) -> list[str]:
-    args = ["bench", "erase", "--concepts", "airplane", "--methods", methods, "--per-prompt", "2", "--out", str(out),
-            *extra]
+    args = ["bench", "erase", "--concepts", "airplane", "--methods", methods, "--per-prompt", "2", "--steps", "5",
+            "--out", str(out), *extra]
     assert main(args) == 0
     return args
 
@@ -72,6 +72,16 @@ def test_evaluation_prompts_cover_the_held_out_templates_synonyms_and_every_othe
     assert [text for text, _ in groups["forget"]] == ["a photo of an airplane", "a photo of a ship"]
     assert len(groups["held_out"]) == 6 and ("a photo of a jet", 0) in groups["synonyms"]
     assert len(groups["retained"]) == 8 and all(label not in (0, 8) for _, label in groups["retained"])
+
+
+def test_the_lr_scale_multiplies_each_trained_methods_own_learning_rate(tmp_path):
+    config = load_config(BenchEraseConfig, None, {"lr_scale": 10, "per_method": {"esd": {"lr": 3e-5}}})
+
+    def lr(method: str) -> float | None:
+        return erase_args(config, ["airplane"], method, 0, tmp_path)["values"].get("lr")
+
+    assert lr("salun") == pytest.approx(1e-4) and lr("ca") == pytest.approx(1.6e-4)  # SD defaults 1e-5, 1.6e-5
+    assert lr("esd") == pytest.approx(3e-4) and lr("uce") is None  # a set lr is scaled too; closed forms have none
 
 
 @pytest.mark.parametrize("values, words", [

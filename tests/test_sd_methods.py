@@ -328,10 +328,12 @@ def test_a_resumed_esd_run_with_self_sampled_inputs_is_bit_identical(sets_run, t
     assert all(torch.equal(expected[name], got[name]) for name in expected)
 
 
+@pytest.mark.slow
 def test_eight_bit_adam_trains_the_masked_weights_only_and_resumes_exactly(sets_run, tiny_sd_dir, tmp_path,
                                                                           monkeypatch):
     """bitsandbytes' AdamW8bit (8-bit states for tensors of 4,096 entries or more) under the same mask; its
-    quantised states go through the checkpoint and back."""
+    quantised states go through the checkpoint and back. Slow (7 s): AdamW's case above keeps the masked,
+    resumable loop in the default suite."""
     pytest.importorskip("bitsandbytes")
     from erasure.saliency import Mask
     from pipelines.stable_diffusion import Eraser
