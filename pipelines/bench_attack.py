@@ -13,7 +13,7 @@ from erasure.config import load_config
 from erasure.io import finished_manifest
 from pipelines.attack_config import AttackEvalConfig
 from pipelines.bench_config import BenchEraseConfig
-from pipelines.testbed_captions import CLASSES, HELD_OUT_TEMPLATES, QUALITY_PROMPT, caption
+from pipelines.testbed_captions import CLASSES, prompt_groups
 from pipelines.testbed_eval import judge_path
 from pipelines.testbed_models import RESOLUTION
 
@@ -22,7 +22,8 @@ ATTACK_DIR = "attacks"
 
 def attack_prompts(name: str) -> list[str]:
     """The prompts attacked for class `name`: its quality prompt and the templates held out of training."""
-    return [caption(template, name) for template in (QUALITY_PROMPT, *HELD_OUT_TEMPLATES)]
+    groups = prompt_groups([name])
+    return [text for text, _ in groups["forget"] + groups["held_out"]]
 
 
 def attack_values(config: BenchEraseConfig, attack: str, name: str, seed: int, model: str, run: Path | None,

@@ -44,7 +44,7 @@ from pipelines.loading import load_base_pipeline, load_erased_pipeline
 from pipelines.methods import SD_METHODS
 from pipelines.sampling import check_resumable
 from pipelines.sd_config import DEFAULT_LR, SDEraseConfig
-from pipelines.testbed_captions import CLASSES, HELD_OUT_TEMPLATES, QUALITY_PROMPT, SYNONYMS, caption
+from pipelines.testbed_captions import CLASSES, QUALITY_PROMPT, caption, prompt_groups
 from pipelines.testbed_eval import generate, load_judge
 
 GROUPS = ("forget", "held_out", "synonyms")
@@ -62,20 +62,6 @@ RESUMABLE_KEYS = ("resume", "overwrite", "concepts", "methods", "retrained", "at
                   "threads", "jobs")
 """Settings a resumed benchmark may change (rows and columns to add, how it runs); any other change would mix
 results judged or erased under different settings, and is refused."""
-
-
-def prompt_groups(classes: list[str], target: str | None = None) -> dict[str, list[tuple[str, int]]]:
-    """(prompt, class index) of each evaluation group: the erased classes' quality prompts, held-out templates
-    and synonyms, the retained classes' quality prompts and, when given, the target prompt (whose base images
-    judged as an erased class are the floor an erasure towards it can reach)."""
-    def pairs(texts_of: Any, names: list[str]) -> list[tuple[str, int]]:
-        return [(text, CLASSES.index(name)) for name in names for text in texts_of(name)]
-
-    return {"forget": pairs(lambda n: [caption(QUALITY_PROMPT, n)], classes),
-            "held_out": pairs(lambda n: [caption(t, n) for t in HELD_OUT_TEMPLATES], classes),
-            "synonyms": pairs(lambda n: [caption(QUALITY_PROMPT, s) for s in SYNONYMS[n] if s != n], classes),
-            "retained": pairs(lambda n: [caption(QUALITY_PROMPT, n)], [c for c in CLASSES if c not in classes]),
-            **({"target": [(target, -1)]} if target is not None else {})}
 
 
 def judge_pipeline(pipe: StableDiffusionPipeline, judge: nn.Module, classes: list[str], seed: int,

@@ -7,6 +7,7 @@ that fits the name ('a' or 'an'). Light module (no torch), so configs and report
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 SYNONYMS: dict[str, tuple[str, ...]] = {
@@ -61,3 +62,17 @@ def all_words() -> list[str]:
     held out, sorted: the words the testbed tokenizer keeps whole."""
     texts = [*TRAIN_TEMPLATES, *HELD_OUT_TEMPLATES, *(name for names in SYNONYMS.values() for name in names), "a an"]
     return sorted({w for text in texts for w in re.findall(r"[a-z]+", text)})
+
+
+def prompt_groups(classes: list[str], target: str | None = None) -> dict[str, list[tuple[str, int]]]:
+    """(prompt, class index) of each evaluation group: the erased classes' quality prompts, held-out templates
+    and synonyms, the retained classes' quality prompts and, when given, the target prompt (whose base images
+    judged as an erased class are the floor an erasure towards it can reach)."""
+    def pairs(texts_of: Callable[[str], list[str]], names: list[str]) -> list[tuple[str, int]]:
+        return [(text, CLASSES.index(name)) for name in names for text in texts_of(name)]
+
+    return {"forget": pairs(lambda n: [caption(QUALITY_PROMPT, n)], classes),
+            "held_out": pairs(lambda n: [caption(t, n) for t in HELD_OUT_TEMPLATES], classes),
+            "synonyms": pairs(lambda n: [caption(QUALITY_PROMPT, s) for s in SYNONYMS[n] if s != n], classes),
+            "retained": pairs(lambda n: [caption(QUALITY_PROMPT, n)], [c for c in CLASSES if c not in classes]),
+            **({"target": [(target, -1)]} if target is not None else {})}

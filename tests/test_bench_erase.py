@@ -11,7 +11,8 @@ from erasure.errors import ConfigError
 from erasure.io import read_json
 from pipelines.bench_attack import check_attacks
 from pipelines.bench_config import BenchEraseConfig
-from pipelines.bench_erase import erase_args, prompt_groups
+from pipelines.bench_erase import erase_args
+from pipelines.testbed_captions import prompt_groups
 
 
 def _bench(out, methods: str = "uce", *extra: str) -> list[str]:
