@@ -8,9 +8,10 @@ from erasure.config import option
 from erasure.errors import ConfigError
 from pipelines.attack_config import ATTACK_SETTINGS
 from pipelines.methods import SD_METHODS
-from pipelines.testbed_captions import CLASSES
+from pipelines.testbed_captions import CLASSES, QUALITY_PROMPT, caption
 
 CONCEPT_SEPARATOR = "+"
+NEXT_CLASS = "next-class"
 RESERVED = ("model", "out", "method", "concept", "concepts", "forget_prompt", "remap_prompt", "seed", "overwrite",
             "resume", "preserve", "retain_prompts")
 """`erasure sd` options the benchmark sets for every run."""
@@ -29,6 +30,9 @@ class BenchEraseConfig:
                                                "several in one run (airplane+ship)")
     methods: list[str] = option(list(SD_METHODS), "the methods to compare", choices=tuple(SD_METHODS))
     target: str = option("a photo", "every concept's remap / anchor / target prompt")
+    method_targets: dict[str, str] = option({}, "a method's own target instead of `target`, by method name: a "
+                                                f"prompt, or '{NEXT_CLASS}' (the quality prompt of the next class "
+                                                "not erased: SalUn's class-wise recipe, random_label.py)")
     erase: dict[str, Any] = option({}, "more `erasure sd` options for every method run (e.g. {num_images: 200})")
     per_method: dict[str, Any] = option({}, "more `erasure sd` options for one method, by method name (e.g. "
                                             "{salun: {alpha: 0.5, epochs: 5}}: SalUn's object recipe)")
@@ -58,6 +62,15 @@ class BenchEraseConfig:
         """Each concept set as its list of classes."""
         return [entry.split(CONCEPT_SEPARATOR) for entry in self.concepts]
 
+    def target_of(self, method: str, name: str, erased: list[str]) -> str:
+        """The target prompt `method` erases class `name` towards, when it erases the classes `erased`."""
+        target = self.method_targets.get(method, self.target)
+        if target != NEXT_CLASS:
+            return target
+        start = CLASSES.index(name)
+        following = (CLASSES[(start + step) % len(CLASSES)] for step in range(1, len(CLASSES)))
+        return caption(QUALITY_PROMPT, next(c for c in following if c not in erased))
+
     def validate(self) -> None:
         """Check classes, the retrained keys and the `erase` options before any model is loaded."""
         for i, classes in enumerate(self.class_sets()):
@@ -71,10 +84,11 @@ class BenchEraseConfig:
                               f"{self.concepts}")
         if not self.seeds:
             raise ConfigError("config key 'seeds' must list at least one seed")
-        unknown = set(self.per_method) - set(SD_METHODS)
-        if unknown:
-            raise ConfigError(f"config key 'per_method': '{sorted(unknown)[0]}' is not a method "
-                              f"({', '.join(SD_METHODS)})")
+        for key in ("per_method", "method_targets"):
+            unknown = set(getattr(self, key)) - set(SD_METHODS)
+            if unknown:
+                raise ConfigError(f"config key '{key}': '{sorted(unknown)[0]}' is not a method "
+                                  f"({', '.join(SD_METHODS)})")
         for where, options, reserved, command in [
                 ("erase", self.erase, RESERVED, "erasure sd"), ("attack", self.attack, ATTACK_RESERVED, "eval attack"),
                 *((f"per_method.{m}", o, RESERVED, "erasure sd") for m, o in self.per_method.items())]:

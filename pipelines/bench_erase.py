@@ -2,9 +2,9 @@
 
 For each concept set and seed, every method runs as its own `erasure sd` process (so its wall time and peak
 memory are its own; `jobs` of them at once, each judged as soon as it is done) on the base pipeline, with every
-erased class's quality prompt as a concept (target: the `target` prompt) and the other classes' quality prompts
-to preserve. Each result is judged by the testbed's classifier on the same prompts and seeds as the base model
-(and the retrained gold standard when given):
+erased class's quality prompt as a concept (target: the `target` prompt, or the method's own in
+`method_targets`) and the other classes' quality prompts to preserve. Each result is judged by the testbed's
+classifier on the same prompts and seeds as the base model (and the retrained gold standard when given):
 
 - forgetting: the share of images judged as an erased class, from its quality prompt, from the templates held
   out of training, and from its synonyms (lower is better; UA = 100 - it);
@@ -94,7 +94,8 @@ def judge_pipeline(pipe: StableDiffusionPipeline, judge: nn.Module, classes: lis
 def erase_args(config: BenchEraseConfig, classes: list[str], method: str, seed: int, out: Path) -> dict[str, Any]:
     """The `erasure sd` config of one method run."""
     others = [caption(QUALITY_PROMPT, c) for c in CLASSES if c not in classes]
-    concepts = [{"forget": caption(QUALITY_PROMPT, c), "target": config.target} for c in classes]
+    concepts = [{"forget": caption(QUALITY_PROMPT, c), "target": config.target_of(method, c, classes)}
+                for c in classes]
     values = {"model": config.model, "method": method, "seed": seed, "out": str(out), "preserve": others,
               "grid_seeds": 0, "export_delta": False, "resolution": 16, "generation_steps": config.steps,
               "generation_guidance": config.guidance, **config.erase, **config.per_method.get(method, {})}

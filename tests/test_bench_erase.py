@@ -85,6 +85,15 @@ def test_the_lr_scale_multiplies_each_trained_methods_own_learning_rate(tmp_path
     assert lr("esd") == pytest.approx(3e-4) and lr("uce") is None  # a set lr is scaled too; closed forms have none
 
 
+def test_salun_can_take_its_class_wise_reference_target_the_next_class_not_erased(tmp_path):
+    config = load_config(BenchEraseConfig, None, {"method_targets": {"salun": "next-class"}})
+    concepts = erase_args(config, ["airplane", "automobile", "truck"], "salun", 0, tmp_path)
+    assert concepts["values"]["remap_prompt"] == "a photo of a bird"  # automobile is erased too: skipped
+    assert concepts["concepts"] == [{"forget": "a photo of an automobile", "target": "a photo of a bird"},
+                                    {"forget": "a photo of a truck", "target": "a photo of a bird"}]
+    assert erase_args(config, ["airplane"], "esd", 0, tmp_path)["values"]["remap_prompt"] == "a photo"
+
+
 @pytest.mark.parametrize("values, words", [
     ({"concepts": ["dragon"]}, "concepts[0]"),
     ({"concepts": ["airplane+airplane"]}, "distinct testbed classes"),
@@ -92,6 +101,7 @@ def test_the_lr_scale_multiplies_each_trained_methods_own_learning_rate(tmp_path
     ({"retrained": {"ship": "x"}}, "config key 'retrained'"),
     ({"per_method": {"dragon": {}}}, "config key 'per_method'"),
     ({"per_method": {"salun": {"seed": 3}}}, "per_method.salun.seed"),
+    ({"method_targets": {"dragon": "next-class"}}, "config key 'method_targets'"),
     ({"attack": {"judge": "nudenet"}}, "attack.judge"),
     ({"attacks": ["dragon"]}, "attacks"),
 ])
