@@ -33,6 +33,12 @@ class BenchEraseConfig:
     method_targets: dict[str, str] = option({}, "a method's own target instead of `target`, by method name: a "
                                                 f"prompt, or '{NEXT_CLASS}' (the quality prompt of the next class "
                                                 "not erased: SalUn's class-wise recipe, random_label.py)")
+    images: str = option("generated", "forget/retain sets of the trained methods: 'generated' by the base model "
+                                      "from the prompts, or 'real' CIFAR-10 training images of the erased / other "
+                                      "classes with their quality prompts (SalUn's class-wise reference)",
+                         choices=("generated", "real"))
+    data_dir: str | None = option(None, "folder holding cifar10_jpeg.npz for `images: real` (default: "
+                                        "$ERASURE_DATA_DIR, ../shared/data)")
     erase: dict[str, Any] = option({}, "more `erasure sd` options for every method run (e.g. {num_images: 200})")
     per_method: dict[str, Any] = option({}, "more `erasure sd` options for one method, by method name (e.g. "
                                             "{salun: {alpha: 0.5, epochs: 5}}: SalUn's object recipe)")

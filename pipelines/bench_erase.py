@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
 from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
@@ -40,6 +41,7 @@ from erasure.io import MANIFEST, RunDir, atomic_open, read_json
 from erasure.media import image_grid, save_png
 from pipelines.bench_attack import attack_columns, attack_rates, check_attacks
 from pipelines.bench_config import CONCEPT_SEPARATOR, BenchEraseConfig
+from pipelines.bench_data import real_sets
 from pipelines.loading import load_base_pipeline, load_erased_pipeline
 from pipelines.methods import SD_METHODS
 from pipelines.sampling import check_resumable
@@ -62,6 +64,7 @@ RESUMABLE_KEYS = ("resume", "overwrite", "concepts", "methods", "retrained", "at
                   "threads", "jobs")
 """Settings a resumed benchmark may change (rows and columns to add, how it runs); any other change would mix
 results judged or erased under different settings, and is refused."""
+DEFAULT_NUM_IMAGES = next(f.default for f in fields(SDEraseConfig) if f.name == "num_images")
 
 
 def judge_pipeline(pipe: StableDiffusionPipeline, judge: nn.Module, classes: list[str], seed: int,
@@ -91,14 +94,16 @@ def judge_pipeline(pipe: StableDiffusionPipeline, judge: nn.Module, classes: lis
     return result, features, samples
 
 
-def erase_args(config: BenchEraseConfig, classes: list[str], method: str, seed: int, out: Path) -> dict[str, Any]:
-    """The `erasure sd` config of one method run."""
+def erase_args(config: BenchEraseConfig, classes: list[str], method: str, seed: int, out: Path,
+               images: dict[str, str] | None = None) -> dict[str, Any]:
+    """The `erasure sd` config of one method run (`images`: its forget/retain image folders, if not generated)."""
     others = [caption(QUALITY_PROMPT, c) for c in CLASSES if c not in classes]
     concepts = [{"forget": caption(QUALITY_PROMPT, c), "target": config.target_of(method, c, classes)}
                 for c in classes]
     values = {"model": config.model, "method": method, "seed": seed, "out": str(out), "preserve": others,
               "grid_seeds": 0, "export_delta": False, "resolution": 16, "generation_steps": config.steps,
-              "generation_guidance": config.guidance, **config.erase, **config.per_method.get(method, {})}
+              "generation_guidance": config.guidance, **(images or {}), **config.erase,
+              **config.per_method.get(method, {})}
     spec = SD_METHODS[method]
     if spec.trains and config.lr_scale != 1:
         values["lr"] = config.lr_scale * values.get("lr", spec.defaults.get("lr", DEFAULT_LR))
@@ -106,13 +111,23 @@ def erase_args(config: BenchEraseConfig, classes: list[str], method: str, seed: 
     return {"values": values, "concepts": concepts[1:]}
 
 
-def run_method(config: BenchEraseConfig, classes: list[str], method: str, seed: int, folder: Path) -> dict[str, Any]:
+def real_images(config: BenchEraseConfig, classes: list[str], method: str, folder: Path) -> dict[str, str] | None:
+    """A trained method's real forget/retain folders under `folder` (written once per size) when `images` is
+    'real'; None otherwise."""
+    if config.images != "real" or not SD_METHODS[method].trains:
+        return None
+    count = {**config.erase, **config.per_method.get(method, {})}.get("num_images", DEFAULT_NUM_IMAGES)
+    return real_sets(classes, count, folder / f"real{count}", config.data_dir)
+
+
+def run_method(config: BenchEraseConfig, classes: list[str], method: str, seed: int, folder: Path,
+               images: dict[str, str] | None = None) -> dict[str, Any]:
     """Erase in a child process (kept when already finished); returns its cost."""
     cost_file, run = folder / COST_FILE, folder / "run"
     if cost_file.is_file() and (run / "manifest.json").is_file() and \
             read_json(run / "manifest.json").get("status") == "finished":
         return read_json(cost_file)
-    spec = erase_args(config, classes, method, seed, run)
+    spec = erase_args(config, classes, method, seed, run, images)
     folder.mkdir(parents=True, exist_ok=True)
     values = dict(spec["values"], overwrite=True)
     if spec["concepts"]:
@@ -225,8 +240,9 @@ def bench(config: BenchEraseConfig) -> dict[str, Any]:
                 if seed == config.seeds[0] and concept == config.concepts[0] and samples:
                     grid_rows.append(("retrained", samples))
             folders = {method: runs / method / f"seed{seed}" for method in config.methods}
+            images = {method: real_images(config, classes, method, runs / "data") for method in config.methods}
             with ThreadPoolExecutor(max_workers=config.jobs) as pool:  # threads that wait on child processes
-                costs = {method: pool.submit(run_method, config, classes, method, seed, folder)
+                costs = {method: pool.submit(run_method, config, classes, method, seed, folder, images[method])
                          for method, folder in folders.items()}
                 for method, folder in folders.items():  # judged in order, each as soon as its run is done
                     cost = costs[method].result()

@@ -11,7 +11,7 @@ from erasure.errors import ConfigError
 from erasure.io import read_json
 from pipelines.bench_attack import check_attacks
 from pipelines.bench_config import BenchEraseConfig
-from pipelines.bench_erase import erase_args
+from pipelines.bench_erase import erase_args, real_images
 from pipelines.testbed_captions import prompt_groups
 
 
@@ -92,6 +92,28 @@ def test_salun_can_take_its_class_wise_reference_target_the_next_class_not_erase
     assert concepts["concepts"] == [{"forget": "a photo of an automobile", "target": "a photo of a bird"},
                                     {"forget": "a photo of a truck", "target": "a photo of a bird"}]
     assert erase_args(config, ["airplane"], "esd", 0, tmp_path)["values"]["remap_prompt"] == "a photo"
+
+
+def test_real_sets_take_each_class_in_turn_and_caption_it_with_its_quality_prompt(tmp_path):
+    import torch
+
+    from erasure.datasets import ImageSet
+    from pipelines.bench_data import balanced, write_folder
+    from pipelines.sd_data import read_set
+
+    labels = torch.tensor([3, 0, 3, 5, 0, 3, 5])
+    data = ImageSet(torch.arange(7, dtype=torch.uint8).view(7, 1, 1, 1).expand(7, 3, 16, 16).contiguous(), labels)
+    assert balanced(data, [3, 5], 3).tolist() == [0, 3, 2] and balanced(data, [0, 5], 4).tolist() == [1, 3, 4, 6]
+    with pytest.raises(ValueError, match="only 4 images"):
+        balanced(data, [0, 5], 5)
+    write_folder(tmp_path / "retain", data.subset(balanced(data, [3, 5], 3)))
+    read = read_set(tmp_path / "retain", ["unused"], 16)
+    assert read.prompts == ["a photo of a cat", "a photo of a dog", "a photo of a cat"]
+    assert read.images[:, 0, 0, 0].tolist() == [0, 3, 2]
+    config = load_config(BenchEraseConfig, None, {"images": "real"})
+    values = erase_args(config, ["airplane"], "salun", 0, tmp_path, {"retain_images": str(tmp_path / "retain")})
+    assert values["values"]["retain_images"] == str(tmp_path / "retain")
+    assert real_images(config, ["airplane"], "uce", tmp_path) is None  # closed-form edits take no images
 
 
 @pytest.mark.parametrize("values, words", [
