@@ -106,7 +106,7 @@ def erase_args(config: BenchEraseConfig, classes: list[str], method: str, seed: 
               **config.per_method.get(method, {})}
     spec = SD_METHODS[method]
     if spec.trains and config.lr_scale != 1:
-        values["lr"] = config.lr_scale * values.get("lr", spec.defaults.get("lr", DEFAULT_LR))
+        values["lr"] = float(f'{config.lr_scale * values.get("lr", spec.defaults.get("lr", DEFAULT_LR)):.6g}')
     values["forget_prompt"], values["remap_prompt"] = concepts[0]["forget"], concepts[0]["target"]
     return {"values": values, "concepts": concepts[1:]}
 
