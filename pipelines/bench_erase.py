@@ -206,6 +206,15 @@ def report(config: BenchEraseConfig, results: dict[str, dict[str, dict[str, Any]
     return "\n".join(lines)
 
 
+def check_resume(config: BenchEraseConfig) -> None:
+    """Refuse a resume that changes how finished results were judged; an attack budget may be set on resuming a
+    benchmark that ran no attacks (nothing was judged under another budget)."""
+    manifest = Path(config.out) / MANIFEST
+    if config.resume and not config.overwrite and manifest.is_file():
+        attacked = read_json(manifest).get("config", {}).get("attacks")
+        check_resumable(Path(config.out), to_dict(config), RESUMABLE_KEYS + (() if attacked else ("attack",)))
+
+
 def bench(config: BenchEraseConfig) -> dict[str, Any]:
     """Run the benchmark; writes metrics.json, report.md and grid.png under `out`."""
     torch.set_num_threads(config.threads)
@@ -213,8 +222,7 @@ def bench(config: BenchEraseConfig) -> dict[str, Any]:
         for classes in config.class_sets():
             load_config(SDEraseConfig, None, erase_args(config, classes, method, config.seeds[0], Path("x"))["values"])
     check_attacks(config)
-    if config.resume and not config.overwrite and (Path(config.out) / MANIFEST).is_file():
-        check_resumable(Path(config.out), to_dict(config), RESUMABLE_KEYS)
+    check_resume(config)
     run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume)
     run.start(to_dict(config), seed=config.seeds[0], device="cpu", kind="bench-erase")
     judge = load_judge(config.judge)

@@ -7,11 +7,11 @@ import pytest
 
 from erasure.cli import main
 from erasure.config import load_config, to_dict
-from erasure.errors import ConfigError
+from erasure.errors import ConfigError, ErasureError
 from erasure.io import read_json
 from pipelines.bench_attack import check_attacks
 from pipelines.bench_config import BenchEraseConfig
-from pipelines.bench_erase import erase_args, real_images
+from pipelines.bench_erase import check_resume, erase_args, real_images
 from pipelines.testbed_captions import prompt_groups
 
 
@@ -65,6 +65,11 @@ def test_a_benchmark_resumed_with_other_judging_settings_is_refused(tmp_path, ca
     args = ["bench", "erase", "--out", str(out), "--resume"]
     assert main([*args, "--guidance", "3"]) != 0
     assert "guidance: 7.5 -> 3.0" in capsys.readouterr().err
+    budget = {"out": str(out), "resume": True, "attacks": ["unlearndiffatk"], "attack": {"unlearndiffatk": {"k": 3}}}
+    check_resume(load_config(BenchEraseConfig, None, budget))  # no attack ran before: a budget may be set
+    (out / "manifest.json").write_text(json.dumps({"status": "running", "config": dict(settings, attacks=["p4d"])}))
+    with pytest.raises(ErasureError, match="attack: {}"):
+        check_resume(load_config(BenchEraseConfig, None, budget))
 
 
 def test_evaluation_prompts_cover_the_held_out_templates_synonyms_and_every_other_class():
