@@ -9,7 +9,7 @@ import pytest
 from erasure.cli import COMMANDS, _resolve
 from erasure.config import from_dict, load_config, option, read_yaml
 from erasure.errors import ConfigError
-from pipelines.testbed_config import TestbedBuildConfig
+from pipelines.testbed_config import TestbedBuildConfig as BuildConfig  # not a pytest class
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +60,7 @@ def test_a_configs_path_reads_the_packaged_copy_from_any_directory(tmp_path, mon
 
 def test_a_testbed_build_checks_its_judge_config_before_reading_any_data(tmp_path):
     with pytest.raises(ConfigError, match="config key 'judge_config'"):
-        load_config(TestbedBuildConfig, None, {"judge_config": str(tmp_path / "nope.yaml")})
+        load_config(BuildConfig, None, {"judge_config": str(tmp_path / "nope.yaml")})
 
 
 def test_a_yaml_list_at_top_level_is_refused(tmp_path):
