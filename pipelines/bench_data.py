@@ -32,9 +32,7 @@ def balanced(data: ImageSet, labels: list[int], count: int) -> torch.Tensor:
 
 
 def write_folder(folder: Path, data: ImageSet) -> None:
-    """Images as PNGs with a prompts.jsonl naming each one's quality prompt (kept when already written)."""
-    if (folder / RECORDS).is_file():
-        return
+    """Images as PNGs with a prompts.jsonl naming each one's quality prompt."""
     with atomic_dir(folder) as tmp:
         lines = []
         for i, (image, label) in enumerate(zip(data.images, data.labels.tolist(), strict=True)):
@@ -46,11 +44,12 @@ def write_folder(folder: Path, data: ImageSet) -> None:
 
 def real_sets(classes: list[str], count: int, folder: Path, data_dir: str | None = None) -> dict[str, str]:
     """`forget_images` (the erased classes') and `retain_images` (the other classes') folders under `folder`,
-    `count` images each, balanced over their classes."""
-    data = load_cifar10(data_dir, resolution=RESOLUTION).train
-    erased = [CLASSES.index(name) for name in classes]
-    kept = [label for label in range(len(CLASSES)) if label not in erased]
+    `count` images each, balanced over their classes (kept when already written: CIFAR-10 is then not read)."""
     folders = {"forget_images": folder / "forget", "retain_images": folder / "retain"}
-    for path, labels in zip(folders.values(), (erased, kept), strict=True):
-        write_folder(path, data.subset(balanced(data, labels, count)))
+    if not all((path / RECORDS).is_file() for path in folders.values()):
+        data = load_cifar10(data_dir, resolution=RESOLUTION).train
+        erased = [CLASSES.index(name) for name in classes]
+        kept = [label for label in range(len(CLASSES)) if label not in erased]
+        for path, labels in zip(folders.values(), (erased, kept), strict=True):
+            write_folder(path, data.subset(balanced(data, labels, count)))
     return {key: str(path) for key, path in folders.items()}

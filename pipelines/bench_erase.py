@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields
 from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
@@ -64,7 +63,6 @@ RESUMABLE_KEYS = ("resume", "overwrite", "concepts", "methods", "retrained", "at
                   "threads", "jobs")
 """Settings a resumed benchmark may change (rows and columns to add, how it runs); any other change would mix
 results judged or erased under different settings, and is refused."""
-DEFAULT_NUM_IMAGES = next(f.default for f in fields(SDEraseConfig) if f.name == "num_images")
 
 
 def judge_pipeline(pipe: StableDiffusionPipeline, judge: nn.Module, classes: list[str], seed: int,
@@ -116,7 +114,7 @@ def real_images(config: BenchEraseConfig, classes: list[str], method: str, folde
     'real'; None otherwise."""
     if config.images != "real" or not SD_METHODS[method].trains:
         return None
-    count = {**config.erase, **config.per_method.get(method, {})}.get("num_images", DEFAULT_NUM_IMAGES)
+    count = {**config.erase, **config.per_method.get(method, {})}.get("num_images", SDEraseConfig.num_images)
     return real_sets(classes, count, folder / f"real{count}", config.data_dir)
 
 
@@ -231,8 +229,9 @@ def bench(config: BenchEraseConfig) -> dict[str, Any]:
     grid_rows: list[tuple[str, dict[str, np.ndarray]]] = []
     for concept, classes in zip(config.concepts, config.class_sets(), strict=True):
         per_model: dict[str, list[dict[str, Any]]] = {}
+        runs = run.path / "runs" / concept
+        images = {method: real_images(config, classes, method, runs / "data") for method in config.methods}
         for seed in config.seeds:
-            runs = run.path / "runs" / concept
             base_result, base_features, base_samples = judge_pipeline(base, judge, classes, seed, config,
                                                                       target=config.target)
             attacked = attack_rates(config, config.model, None, classes, seed, runs / "base" / f"seed{seed}")
@@ -248,7 +247,6 @@ def bench(config: BenchEraseConfig) -> dict[str, Any]:
                 if seed == config.seeds[0] and concept == config.concepts[0] and samples:
                     grid_rows.append(("retrained", samples))
             folders = {method: runs / method / f"seed{seed}" for method in config.methods}
-            images = {method: real_images(config, classes, method, runs / "data") for method in config.methods}
             with ThreadPoolExecutor(max_workers=config.jobs) as pool:  # threads that wait on child processes
                 costs = {method: pool.submit(run_method, config, classes, method, seed, folder, images[method])
                          for method, folder in folders.items()}
