@@ -23,7 +23,7 @@ class SampleConfig:
     model: str = option(DEFAULT_BASE_MODEL,
                         "base model (SD 1.x/2.x or SDXL): a hub id (cached locally), a local diffusers "
                         "directory, or 'tiny' / 'tiny-sdxl' (seeded random toy pipelines for offline smoke tests)")
-    run: str | None = option(None, "an erased run directory whose unet/ replaces the base model's UNet")
+    run: str | None = option(None, "an erased run directory whose unet/ (SD3: transformer/) replaces the base model's")
     subset: str | None = option(None, "keep only prompts whose 'categories' contain this (e.g. sexual)")
     limit: int | None = option(None, "use only the first N prompts (after --subset)", ge=1)
     height: int = option(512, "image height in pixels (a multiple of 8)", ge=8)

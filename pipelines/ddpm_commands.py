@@ -52,7 +52,7 @@ from pipelines.ddpm_config import (
 from pipelines.methods import DDPM_METHODS
 from pipelines.methods.base import Chunk, Draw, TrainedMethod
 from pipelines.model_card import ddpm_card
-from pipelines.objectives import ddim_window, diffusion_loss, guided_diffusion_loss, noised, squared_error
+from pipelines.objectives import diffusion_loss, guided_diffusion_loss, noised, sampling_window, squared_error
 
 MASK_FILE = "mask.safetensors"
 GRID_FILE = "grid/grid.png"
@@ -185,7 +185,7 @@ class DDPMSession:
                base: bool = False) -> Tensor:
         model = self.base if base else self.model
         condition = condition.to(self.batch[0].device)
-        return ddim_window(predictor(model), self.scheduler.config, noise.to(condition.device), condition,
+        return sampling_window(predictor(model), self.scheduler, noise.to(condition.device), condition,
                            torch.full_like(condition, NULL_CLASS), steps=steps, window=window, guidance=guidance)
 
     def loss(self, chunk: Chunk) -> Tensor:

@@ -66,8 +66,11 @@ def read_delta(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 
 def apply_delta(target: Any, path: str | Path) -> nn.Module:
-    """Overwrite the changed tensors of a UNet (or of a pipeline's `.unet`) in place; returns the UNet."""
-    unet = getattr(target, "unet", target)
+    """Overwrite the changed tensors of a denoiser (or of a pipeline's UNet or SD3 transformer) in place; returns
+    the denoiser."""
+    from pipelines.families import denoiser
+
+    unet = denoiser(target) if hasattr(target, "vae") else target
     tensors, summary = read_delta(path)
     state = unet.state_dict()
     wrong = [name for name, value in tensors.items() if name not in state or state[name].shape != value.shape]

@@ -19,7 +19,8 @@ from pipelines.delta import export_delta
 from pipelines.export_config import ExportConfig
 from pipelines.export_ldm import to_ldm_state_dict
 from pipelines.export_lora import WEIGHTS_NAME, fused_state, lora_from_difference, prediction_error, summarise
-from pipelines.loading import load_base_pipeline, load_erased_pipeline
+from pipelines.families import denoiser, denoiser_name
+from pipelines.loading import load_base_pipeline, load_erased_pipeline, model_family
 
 SINGLE_FILE = "model.safetensors"
 DELTA_FILE = "delta.safetensors"
@@ -32,6 +33,7 @@ def export_run(config: ExportConfig) -> dict[str, Any]:
         raise ErasureError(f"'{config.run}' holds a {manifest.get('kind')} run, not a Stable Diffusion erasure; "
                            "pass the --out folder of an `erasure sd` run to --run")
     base_model = manifest["config"]["model"]
+    check_exportable(base_model, config.format)
     out = RunDir(config.out, overwrite=config.overwrite)
     erased = load_erased_pipeline(base_model, config.run)
     out.start(to_dict(config), seed=None, device="cpu", kind=f"export-{config.format}")
@@ -45,17 +47,24 @@ def export_run(config: ExportConfig) -> dict[str, Any]:
     else:
         base_state = _base_unet_state(base_model)
         if config.format == "delta":
-            metrics.update(export_delta(base_state, erased.unet, out.path / DELTA_FILE, base_model=base_model))
+            metrics.update(export_delta(base_state, denoiser(erased), out.path / DELTA_FILE, base_model=base_model))
             metrics["path"] = str(out.path / DELTA_FILE)
         else:
-            tensors, layers, left_out = lora_from_difference(base_state, erased.unet, config.rank,
-                                                             bias=config.lora_bias)
+            tensors, layers, left_out = lora_from_difference(base_state, denoiser(erased), config.rank,
+                                                             bias=config.lora_bias, prefix=denoiser_name(erased))
             with atomic_path(out.path / WEIGHTS_NAME) as tmp:
                 save_file(tensors, str(tmp), metadata={"format": "pt"})
             metrics.update(summarise(layers, left_out, config.rank), path=str(out.path / WEIGHTS_NAME),
                            prediction_error=prediction_error(erased, base_state, fused_state(base_state, tensors)))
     out.finish(metrics)
     return metrics
+
+
+def check_exportable(base_model: str, fmt: str) -> None:
+    """Refuse, in one line, a format the base model's family has no layout for (SD3 has no single-file one here)."""
+    if fmt == "single-file" and model_family(base_model) == "sd3":
+        raise ErasureError(f"'{base_model}' is an SD3 model, which has no single-file layout here; export it with "
+                           "--format diffusers, lora or delta")
 
 
 def write_single_file(pipe: StableDiffusionPipeline, path: Path) -> dict[str, Any]:
@@ -67,7 +76,7 @@ def write_single_file(pipe: StableDiffusionPipeline, path: Path) -> dict[str, An
 
 
 def _base_unet_state(base_model: str) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu() for k, v in load_base_pipeline(base_model).unet.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in denoiser(load_base_pipeline(base_model)).state_dict().items()}
 
 
 def export_command(config: ExportConfig) -> dict[str, Any]:

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-PREFIX = "unet."
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -32,9 +31,10 @@ def _factor(delta: Tensor, rank: int) -> tuple[Tensor, Tensor, int, float]:
 
 
 def lora_from_difference(base: Mapping[str, Tensor], erased: nn.Module, rank: int, *, bias: bool = False,
-                         ) -> tuple[dict[str, Tensor], list[dict[str, Any]], list[dict[str, Any]]]:
-    """(state dict with `unet.`-prefixed peft keys, one report row per fitted layer, rows of left-out parameters);
-    `bias` also carries the changed biases of those layers."""
+                         prefix: str = "unet") -> tuple[dict[str, Tensor], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(state dict with peft keys under `prefix` (the pipeline's denoiser: 'unet', or 'transformer' for SD3), one
+    report row per fitted layer, rows of left-out parameters); `bias` also carries the changed biases of those
+    layers."""
     tensors: dict[str, Tensor] = {}
     layers: list[dict[str, Any]] = []
     covered: set[str] = set()
@@ -51,7 +51,7 @@ def lora_from_difference(base: Mapping[str, Tensor], erased: nn.Module, rank: in
         b, a, used, error = _factor(delta.reshape(delta.shape[0], -1), rank)
         if isinstance(module, nn.Conv2d):
             b, a = b[:, :, None, None], a.reshape(used, *weight.shape[1:])
-        key = f"{PREFIX}{name}"
+        key = f"{prefix}.{name}"
         tensors[f"{key}.lora_B.weight"] = b.to(weight.dtype).contiguous()
         tensors[f"{key}.lora_A.weight"] = a.to(weight.dtype).contiguous()
         if bias and module.bias is not None:
@@ -67,21 +67,23 @@ def lora_from_difference(base: Mapping[str, Tensor], erased: nn.Module, rank: in
                              "relative_change": change / size if size > 0 else None})
     if any(key.endswith("lora_B.bias") for key in tensors):  # peft then gives every adapted layer a bias
         for row in layers:
-            b = tensors[f"{PREFIX}{row['layer']}.lora_B.weight"]
-            tensors.setdefault(f"{PREFIX}{row['layer']}.lora_B.bias", torch.zeros(b.shape[0], dtype=b.dtype))
+            b = tensors[f"{prefix}.{row['layer']}.lora_B.weight"]
+            tensors.setdefault(f"{prefix}.{row['layer']}.lora_B.bias", torch.zeros(b.shape[0], dtype=b.dtype))
     return tensors, layers, left_out
 
 
 def fused_state(base: Mapping[str, Tensor], tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The base UNet state with each layer's B @ A (and LoRA bias) added: what loading and fusing the file gives."""
+    """The base denoiser state with each layer's B @ A (and LoRA bias) added: what loading and fusing the file
+    gives (keys under any one prefix, `unet.` or `transformer.`)."""
     state = dict(base)
     for key, b in tensors.items():
         if not key.endswith(".lora_B.weight"):
             continue
-        name = key.removeprefix(PREFIX).removesuffix(".lora_B.weight")
-        weight, a = base[f"{name}.weight"], tensors[f"{PREFIX}{name}.lora_A.weight"]
+        prefix, _, rest = key.partition(".")
+        name = rest.removesuffix(".lora_B.weight")
+        weight, a = base[f"{name}.weight"], tensors[f"{prefix}.{name}.lora_A.weight"]
         state[f"{name}.weight"] = weight + (b.flatten(1) @ a.flatten(1)).reshape(weight.shape)
-        bias = tensors.get(f"{PREFIX}{name}.lora_B.bias")
+        bias = tensors.get(f"{prefix}.{name}.lora_B.bias")
         if bias is not None and f"{name}.bias" in base:
             state[f"{name}.bias"] = base[f"{name}.bias"] + bias
     return state
@@ -93,11 +95,11 @@ PROBE_PROMPTS = ("a photo", "a photo of a nude person")
 @torch.no_grad()
 def prediction_error(pipe: Any, base: Mapping[str, Tensor], fused: Mapping[str, Tensor], seed: int = 0) -> float:
     """||eps_lora - eps_erased|| / ||eps_erased - eps_base|| on seeded latents under PROBE_PROMPTS: the share of
-    the erasure's change of the prediction that the LoRA misses (0: all of it kept). `pipe.unet` (the erased UNet)
-    is restored afterwards."""
-    from pipelines.families import text_conditioning
+    the erasure's change of the prediction that the LoRA misses (0: all of it kept). The pipeline's denoiser (the
+    erased one) is restored afterwards."""
+    from pipelines.families import denoiser, text_conditioning
 
-    unet = pipe.unet
+    unet = denoiser(pipe)
     config, param = unet.config, next(unet.parameters())
     text = text_conditioning(pipe)
     generator = torch.Generator().manual_seed(seed)

@@ -11,8 +11,14 @@ like a text embedding, and `predictor(unet)(x_t, t, condition)` unpacks it for t
 `token_states` gives the per-token states a cross-attention edit (UCE, RECE) works on: the rows the keys and
 values project, without the added-conditions row.
 
-The transformer families (SD3, FLUX) condition a different denoiser (`SD3Transformer2DModel`,
-`FluxTransformer2DModel`) with flow matching; they are refused by name when loading, with this list.
+- `sd3` (`StableDiffusion3Pipeline`): the prompt embeddings `encode_prompt` makes (both CLIP encoders' penultimate
+  states side by side, padded to T5's width, then the T5 states along the sequence; zeros when the pipeline has no
+  T5), plus one row carrying the pooled projections of both CLIP encoders: (P, 77 + 256 + 1, D). Its denoiser is
+  an `SD3Transformer2DModel` (`pipe.transformer`, saved as `transformer/`), trained by flow matching
+  (`pipelines.objectives`). Its attention is joint (text and image tokens attend together), so there is no
+  cross-attention for a closed-form edit (UCE, RECE), which `edits` says.
+
+FLUX (`FluxTransformer2DModel`, packed latents and rotary text/image ids) is refused by name when loading.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from torch import Tensor, nn
 
 from pipelines.objectives import Predict
 
-FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
 """The pipeline classes `erasure` loads (model_index.json's `_class_name`), by family."""
 TIME_IDS = 6
 
@@ -32,6 +38,8 @@ class TextConditioning:
     """SD 1.x / 2.x: a prompt's condition is its CLIP last hidden states."""
 
     family = "sd"
+    edits = True
+    """Whether the denoiser has cross-attention whose key and value projections read the text (UCE, RECE)."""
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
@@ -121,16 +129,70 @@ class SDXLConditioning(TextConditioning):
         return self.pipe.text_encoder.config.hidden_size + self.pipe.text_encoder_2.config.hidden_size
 
 
+class SD3Conditioning(TextConditioning):
+    """SD3: `encode_prompt`'s joint CLIP + T5 sequence, plus a row carrying the pooled CLIP projections."""
+
+    family = "sd3"
+    edits = False
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        encoders = [self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3]
+        return [encoder for encoder in encoders if encoder is not None]
+
+    @property
+    def pooled_width(self) -> int:
+        return self.pipe.transformer.config.pooled_projection_dim
+
+    def encode(self, prompts: list[str]) -> Tensor:
+        device = self.pipe.text_encoder.device
+        with torch.no_grad():
+            embeds, _, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
+                                                           device=device, do_classifier_free_guidance=False)
+        extra = embeds.new_zeros(len(prompts), 1, embeds.shape[-1])
+        extra[:, 0, :self.pooled_width] = pooled
+        return torch.cat([embeds, extra], dim=1).float()
+
+    def token_states(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        raise ValueError("SD3's joint attention has no cross-attention to edit in closed form")
+
+    def predictor(self, transformer: nn.Module) -> Predict:
+        width = self.pooled_width
+
+        def predict(x_t: Tensor, t: Tensor, condition: Tensor) -> Tensor:
+            pooled = condition[:, -1, :width]
+            return transformer(hidden_states=x_t, timestep=t.expand(x_t.shape[0]),
+                               encoder_hidden_states=condition[:, :-1], pooled_projections=pooled).sample
+
+        return predict
+
+    def text_width(self) -> int:
+        return self.pipe.transformer.config.joint_attention_dim
+
+
 def text_conditioning(pipe: Any, resolution: int | None = None) -> TextConditioning:
     """The conditioning of `pipe`'s family; SDXL's time ids use `resolution` (default: the UNet's native size)."""
-    if family_of(pipe) == "sdxl":
+    family = family_of(pipe)
+    if family == "sdxl":
         return SDXLConditioning(pipe, resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    if family == "sd3":
+        return SD3Conditioning(pipe)
     return TextConditioning(pipe)
 
 
 def family_of(pipe: Any) -> str:
-    """'sd' or 'sdxl', from the pipeline's class."""
+    """'sd', 'sdxl' or 'sd3', from the pipeline's class."""
     return FAMILIES[type(pipe).__name__]
+
+
+def denoiser_name(pipe: Any) -> str:
+    """The pipeline attribute (and a run's folder) of the trained denoiser: 'transformer' (SD3) or 'unet'."""
+    return "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+
+
+def denoiser(pipe: Any) -> nn.Module:
+    """The pipeline's denoiser: its UNet, or its transformer for SD3."""
+    return getattr(pipe, denoiser_name(pipe))
 
 
 def _tokenize(tokenizer: Any, prompts: list[str]) -> Any:

@@ -1,9 +1,12 @@
-"""Load a base Stable Diffusion pipeline (SD 1.x/2.x or SDXL, picked from the model's own model_index.json), or
-one whose UNet comes from an erased run.
+"""Load a base Stable Diffusion pipeline (SD 1.x/2.x, SDXL or SD3, picked from the model's own model_index.json),
+or one whose denoiser comes from an erased run.
 
-An erased run saves its UNet in diffusers format under `<run>/unet/`, so plain diffusers also works:
+An erased run saves its denoiser in diffusers format under `<run>/unet/` (`<run>/transformer/` for SD3), so plain
+diffusers also works:
 `StableDiffusionPipeline.from_pretrained(base, unet=UNet2DConditionModel.from_pretrained(run + "/unet"))`
-(`StableDiffusionXLPipeline` for an SDXL base).
+(`StableDiffusionXLPipeline` for an SDXL base;
+`StableDiffusion3Pipeline.from_pretrained(base,
+transformer=SD3Transformer2DModel.from_pretrained(run + "/transformer"))` for SD3).
 """
 from __future__ import annotations
 
@@ -15,13 +18,17 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, SD3Transformer2DModel, StableDiffusionPipeline, UNet2DConditionModel
+from torch import nn
 
 from erasure.errors import ErasureError, first_line
-from pipelines.families import FAMILIES, text_conditioning
+from pipelines.families import FAMILIES, denoiser, denoiser_name, text_conditioning
 from pipelines.schedulers import scheduler_from
 from pipelines.testbed_models import TESTBED_DIR, TESTBED_NAME
-from pipelines.tiny import TINY_BUILDERS, TINY_SDXL_NAME
+from pipelines.tiny import TINY_BUILDERS, TINY_SD3_NAME, TINY_SDXL_NAME
+
+DENOISERS = {"unet": UNet2DConditionModel, "transformer": SD3Transformer2DModel}
+"""The denoiser class an erased run's folder holds, by folder name."""
 
 
 class ModelLoadError(ErasureError):
@@ -29,20 +36,21 @@ class ModelLoadError(ErasureError):
 
 
 def load_base_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                       unet: UNet2DConditionModel | None = None) -> Any:
-    """A StableDiffusionPipeline (without safety checker) or StableDiffusionXLPipeline, as the model's
-    model_index.json names it, from a hub id, a local directory, 'tiny', 'tiny-sdxl' or 'testbed'."""
+                       erased: dict[str, nn.Module] | None = None) -> Any:
+    """A StableDiffusionPipeline (without safety checker), StableDiffusionXLPipeline or StableDiffusion3Pipeline,
+    as the model's model_index.json names it, from a hub id, a local directory, 'tiny', 'tiny-sd2', 'tiny-sdxl',
+    'tiny-sd3' or 'testbed'; `erased` ({'unet': ...} or {'transformer': ...}) replaces its denoiser."""
     if model == TESTBED_NAME:
         model = str(TESTBED_DIR)
     if model in TINY_BUILDERS:
         pipe = TINY_BUILDERS[model]()
-        if unet is not None:
-            pipe.unet = unet
+        for name, module in (erased or {}).items():
+            setattr(pipe, name, module)
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     else:
         pipeline_class = _pipeline_class(model)
-        extra: dict[str, Any] = {"unet": unet} if unet is not None else {}
+        extra: dict[str, Any] = dict(erased or {})
         if pipeline_class is StableDiffusionPipeline:
             extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         try:
@@ -65,28 +73,30 @@ def load_base_pipeline(model: str, device: torch.device | str = "cpu", dtype: to
 
 
 def erased_unet_dir(run_dir: str | Path) -> Path:
-    """`<run_dir>/unet`, or a ModelLoadError when it holds no saved UNet."""
-    unet_dir = Path(run_dir) / "unet"
-    if not (unet_dir / "config.json").is_file():
-        raise ModelLoadError(
-            f"'{run_dir}' holds no erased UNet ({unet_dir}/config.json is missing); "
-            "pass the --out directory of a finished `erasure sd` run to --run"
-        )
-    return unet_dir
+    """`<run_dir>/unet` (or `<run_dir>/transformer`, an SD3 run's), or a ModelLoadError when it holds no saved
+    denoiser."""
+    for name in DENOISERS:
+        folder = Path(run_dir) / name
+        if (folder / "config.json").is_file():
+            return folder
+    raise ModelLoadError(
+        f"'{run_dir}' holds no erased UNet or transformer ({run_dir}/unet/config.json is missing); "
+        "pass the --out directory of a finished `erasure sd` run to --run"
+    )
 
 
 def load_erased_pipeline(base: str, run_dir: str | Path, device: torch.device | str = "cpu",
-                         dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """The base pipeline with the UNet saved by an erased run (`<run_dir>/unet`)."""
-    unet_dir = erased_unet_dir(run_dir)
+                         dtype: torch.dtype = torch.float32) -> Any:
+    """The base pipeline with the denoiser saved by an erased run (`<run_dir>/unet` or `<run_dir>/transformer`)."""
+    folder = erased_unet_dir(run_dir)
     try:
         with _torch_dtype_accepted():
-            unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype)
+            module = DENOISERS[folder.name].from_pretrained(folder, torch_dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
-            f"cannot load the UNet in '{unet_dir}' ({first_line(exc)}); rerun or resume the erasure run"
+            f"cannot load the {folder.name} in '{folder}' ({first_line(exc)}); rerun or resume the erasure run"
         ) from None
-    return load_base_pipeline(base, device, dtype, unet=unet)
+    return load_base_pipeline(base, device, dtype, erased={folder.name: module})
 
 
 def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> str:
@@ -97,9 +107,9 @@ def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> str:
 
 
 def model_family(model: str) -> str:
-    """The family ('sd' or 'sdxl') of a base model, read from its model_index.json without loading it."""
+    """The family ('sd', 'sdxl' or 'sd3') of a base model, read from its model_index.json without loading it."""
     if model in TINY_BUILDERS:
-        return "sdxl" if model == TINY_SDXL_NAME else "sd"
+        return {TINY_SDXL_NAME: "sdxl", TINY_SD3_NAME: "sd3"}.get(model, "sd")
     return FAMILIES[_pipeline_class(str(TESTBED_DIR) if model == TESTBED_NAME else model).__name__]
 
 
@@ -113,17 +123,18 @@ def _pipeline_class(model: str) -> type:
     except (OSError, ValueError):
         return StableDiffusionPipeline
     if name not in FAMILIES:
-        raise ModelLoadError(f"'{model}' is a {name}; erasure loads {' and '.join(FAMILIES)} models (SD 1.x/2.x, "
-                             "SDXL); pass one of those to --model")
+        raise ModelLoadError(f"'{model}' is a {name}; erasure loads {', '.join(FAMILIES)} models (SD 1.x/2.x, "
+                             "SDXL, SD3); pass one of those to --model")
     return getattr(diffusers, name)
 
 
 def _check_unet_fits(pipe: Any, model: str) -> None:
-    unet, vae = pipe.unet.config, pipe.vae.config
+    config, vae = denoiser(pipe).config, pipe.vae.config
     width = text_conditioning(pipe).text_width()
-    if unet.cross_attention_dim != width or unet.in_channels != vae.latent_channels:
+    text = config.get("cross_attention_dim") or config.get("joint_attention_dim")
+    if text != width or config.in_channels != vae.latent_channels:
         raise ModelLoadError(
-            f"the UNet (cross_attention_dim {unet.cross_attention_dim}, in_channels {unet.in_channels}) does not "
+            f"the {denoiser_name(pipe)} (text width {text}, in_channels {config.in_channels}) does not "
             f"fit base model '{model}' (text width {width}, latent channels {vae.latent_channels}); "
             "pass the --model the run was erased from"
         )

@@ -39,6 +39,9 @@ def _metrics_table(metrics: dict[str, Any], keys: tuple[str, ...]) -> str:
 def sd_card(run: Path, config: dict[str, Any], source: str, metrics: dict[str, Any], pipeline_class: str) -> None:
     """Write the card of an `erasure sd` run (its config as a dict) into `run`."""
     model, method = config["model"], config["method"]
+    mask = " and the saliency mask" if "mask" in metrics else ""
+    folder, denoiser = ("transformer", "SD3Transformer2DModel") if metrics.get("family") == "sd3" else (
+        "unet", "UNet2DConditionModel")
     concepts = metrics["concepts"]
     header = {**({"base_model": model} if HUB_ID.match(model) and not Path(model).exists() else {}),
               "library_name": "diffusers", "pipeline_tag": "text-to-image",
@@ -54,14 +57,14 @@ Erased with the `erasure` toolkit, `erasure sd --method {method}`: {source}.
 - What changed: {metrics.get('scope', 'the UNet')}
 
 {_metrics_table({**metrics, "mask_density": (metrics.get("mask") or {}).get("density")}, SD_METRICS)}
-The folder holds the erased UNet (`unet/`, diffusers format){' and the saliency mask' if 'mask' in metrics else ''};
+The folder holds the erased {folder} (`{folder}/`, diffusers format){mask};
 `manifest.json` has the full configuration, the seed and the package versions, `metrics.json` every metric.
 
 ```python
-from diffusers import {pipeline_class}, UNet2DConditionModel
+from diffusers import {pipeline_class}, {denoiser}
 
-unet = UNet2DConditionModel.from_pretrained("<this repository or folder>", subfolder="unet")
-pipe = {pipeline_class}.from_pretrained("{model}", unet=unet)
+{folder} = {denoiser}.from_pretrained("<this repository or folder>", subfolder="{folder}")
+pipe = {pipeline_class}.from_pretrained("{model}", {folder}={folder})
 ```
 
 Reproduce: save this run's configuration as `config.yaml` and run `erasure sd --config config.yaml`:

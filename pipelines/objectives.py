@@ -4,8 +4,12 @@ Each takes `predict(x_t, t, condition) -> prediction`, so it does not care wheth
 text embedding (SD) or a class label (DDPM). What the model predicts follows the scheduler's
 `prediction_type`, as diffusers' training scripts choose it: the noise (`epsilon`, SD 1.x, SD 2 base),
 the velocity (`v_prediction`, SD 2.x at 768 px) or the clean sample (`sample`); every loss here trains
-against that target. Noise and timesteps come from an explicit generator, which makes a step
-reproducible from (seed, step) and resume exact.
+against that target. A flow-matching model (SD3; `FlowMatchEulerDiscreteScheduler`) is trained as diffusers'
+SD3 scripts train it: x_t = (1 - sigma) x0 + sigma noise, target noise - x0, the model's timestep sigma x 1000,
+sigma from the scheduler's shifted training sigmas. Everywhere else a timestep is an integer index t in
+[0, num_train_timesteps) with 0 the cleanest (a DDPM timestep); `model_timesteps` maps it to what the model
+reads. Noise and timesteps come from an explicit generator, which makes a step reproducible from (seed, step)
+and resume exact.
 """
 from __future__ import annotations
 
@@ -40,8 +44,34 @@ def guided_epsilon(conditional: Tensor, unconditional: Tensor, weight: float) ->
     return (1.0 + weight) * conditional - weight * unconditional
 
 
+def is_flow_matching(scheduler: Any) -> bool:
+    """Whether `scheduler` is a flow-matching one (SD3's `FlowMatchEulerDiscreteScheduler`)."""
+    return type(scheduler).__name__.startswith("FlowMatch")
+
+
+def training_scheduler(scheduler: Any) -> Any:
+    """A fresh scheduler that noises training samples for a model sampled by `scheduler`: DDPM's with its config
+    (the same betas and prediction type) or, for flow matching, its own class with its shifted training sigmas
+    (before any `set_timesteps`)."""
+    from diffusers import DDPMScheduler
+
+    return (type(scheduler) if is_flow_matching(scheduler) else DDPMScheduler).from_config(scheduler.config)
+
+
+def model_timesteps(scheduler: Any, t: Tensor) -> Tensor:
+    """The timesteps the model reads for DDPM-style indices `t` (0 the cleanest): `t` itself, or for flow matching
+    sigma(t) x 1000 with sigma(t) the (t+1)-th smallest training sigma."""
+    if not is_flow_matching(scheduler):
+        return t
+    steps = scheduler.config.num_train_timesteps
+    return scheduler.timesteps[steps - 1 - t.cpu()].to(t.device)
+
+
 def training_target(scheduler: Any, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-    """What the model should predict at x_t = add_noise(x0, noise, t), by `scheduler.config.prediction_type`."""
+    """What the model should predict at x_t = add_noise(x0, noise, t), by `scheduler.config.prediction_type`
+    (the velocity noise - x0 under flow matching)."""
+    if is_flow_matching(scheduler):
+        return noise - x0
     kind = scheduler.config.get("prediction_type", "epsilon")
     if kind == "epsilon":
         return noise
@@ -93,25 +123,33 @@ def noised_rows(scheduler: Any, x0: Tensor, generator: torch.Generator, rows: sl
     """`noised` for the rows `rows` of a global batch of `total`: the whole batch's timesteps and noise are
     drawn (in `noised`'s order) and only `rows` kept, so a data-parallel shard gets exactly the noise that
     its samples get in a one-process run. With rows=slice(None) and total=len(x0) it equals `noised`.
-    Returns (x_t, target, t), the target as `training_target` gives it."""
+    Returns (x_t, target, t), the target as `training_target` gives it and t as the model reads it."""
     steps = scheduler.config.num_train_timesteps
     t = timesteps(steps, total, generator, antithetic=antithetic)[rows].to(x0.device)
     noise = torch.randn((total, *x0.shape[1:]), generator=generator, dtype=torch.float32)[rows]
     noise = noise.to(x0.device, x0.dtype)
+    if is_flow_matching(scheduler):
+        sigma = scheduler.sigmas[steps - 1 - t.cpu()].to(x0.device, x0.dtype).view(-1, *[1] * (x0.ndim - 1))
+        x_t = (1.0 - sigma) * x0 + sigma * noise
+        return x_t, training_target(scheduler, x0, noise, t), model_timesteps(scheduler, t)
     return scheduler.add_noise(x0, noise, t), training_target(scheduler, x0, noise, t), t
 
 
-def ddim_window(predict: Predict, scheduler_config: Any, noise: Tensor, condition: Tensor, null: Tensor, *,
-                steps: int, window: tuple[int, int], guidance: float) -> Tensor:
-    """The latent after DDIM steps window[0]..window[1]-1 of `steps` (eta 0; step 0 is the noisiest) started from
+def sampling_window(predict: Predict, scheduler: Any, noise: Tensor, condition: Tensor, null: Tensor, *, steps: int,
+                    window: tuple[int, int], guidance: float) -> Tensor:
+    """The latent after sampling steps window[0]..window[1]-1 of `steps` (step 0 is the noisiest) started from
     `noise`, with classifier-free guidance eps(null) + guidance (eps(c) - eps(null)) (ESD's `quick_sample_till_t`),
-    without gradient. Like the reference's ldm DDIM sampler (and unlike diffusers' DDIM defaults) the predicted x0
-    is not clipped and the last step ends at alphas_cumprod[0]."""
+    without gradient: DDIM (eta 0) with `scheduler`'s config, or its own Euler steps under flow matching. Like the
+    reference's ldm DDIM sampler (and unlike diffusers' DDIM defaults) the predicted x0 is not clipped and the last
+    step ends at alphas_cumprod[0]."""
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler.from_config(scheduler_config, clip_sample=False, set_alpha_to_one=False)
+    if is_flow_matching(scheduler):
+        scheduler = type(scheduler).from_config(scheduler.config)
+    else:
+        scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False, set_alpha_to_one=False)
     scheduler.set_timesteps(steps)
-    latents = noise * scheduler.init_noise_sigma
+    latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)
     with torch.no_grad():
         for t in scheduler.timesteps[window[0]:window[1]]:
             both = predict(torch.cat([latents, latents]), t, torch.cat([null, condition]))

@@ -9,8 +9,11 @@ from pipelines.sd_config import SDEraseConfig
 
 def erase_sd(config: SDEraseConfig) -> None:
     """`erasure sd`: erase a concept from Stable Diffusion and save the UNet, mask, delta and grid (+ `--export`s)."""
+    from pipelines.export import check_exportable
     from pipelines.stable_diffusion import erase
 
+    for fmt in config.export:  # before any training
+        check_exportable(config.model, fmt)
     metrics = erase(config)
     if os.environ.get("RANK", "0") != "0":
         return

@@ -56,9 +56,9 @@ class SDEraseSharedConfig(TrackerConfig):
                                              "repeat the flag for several; unset options are taken from the first")
     concepts: str | None = option(None, "a .yaml (list of {forget, target}) or .csv (columns forget,target) file "
                                         "of more concepts to erase in the same run")
-    model: str = option(DEFAULT_BASE_MODEL, "base model (SD 1.x/2.x or SDXL, read from its model_index.json): a hub "
-                                            "id, a local diffusers directory, or 'tiny' / 'tiny-sdxl' (seeded "
-                                            "random toy pipelines for offline smoke tests)")
+    model: str = option(DEFAULT_BASE_MODEL, "base model (SD 1.x/2.x, SDXL or SD3, read from its model_index.json): a "
+                                            "hub id, a local diffusers directory, or 'tiny' / 'tiny-sd2' / 'tiny-sdxl' "
+                                            "/ 'tiny-sd3' (seeded random toy pipelines for offline smoke tests)")
     out: str | None = option(None, "output directory (default: outputs/sd-<concept>)")
     method: str = option("salun", method_help(SD_METHODS) + "; its own settings: the section of its name",
                          choices=tuple(SD_METHODS))

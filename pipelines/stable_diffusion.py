@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
-from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline
 from torch import Tensor
 
 from erasure.accel import make_accelerator
@@ -36,12 +36,12 @@ from erasure.streams import endless_batch, register_streams, stream_generator
 from erasure.trainer import Trainer
 from erasure.training import evaluating
 from pipelines.delta import export_delta
-from pipelines.families import family_of, text_conditioning
-from pipelines.loading import load_base_pipeline
+from pipelines.families import denoiser, denoiser_name, family_of, text_conditioning
+from pipelines.loading import load_base_pipeline, model_family
 from pipelines.methods import SD_METHODS
 from pipelines.methods.base import IMAGE_SETS, Chunk, Draw
 from pipelines.model_card import sd_card
-from pipelines.objectives import ddim_window, guided_diffusion_loss, noised_rows, squared_error
+from pipelines.objectives import guided_diffusion_loss, noised_rows, sampling_window, squared_error, training_scheduler
 from pipelines.sampling import generate_batch, sampling_context
 from pipelines.sd_config import SDEraseConfig
 from pipelines.sd_data import ImageSet, generate_set, plan, prompt_texts, read_set
@@ -98,21 +98,23 @@ def weight_dtype(accelerator: Accelerator) -> torch.dtype:
 
 
 def load_components(config: SDEraseConfig, accelerator: Accelerator) -> StableDiffusionPipeline:
-    """The base pipeline on the device: UNet float32 (trained), VAE and text encoders frozen in the weight dtype."""
+    """The base pipeline on the device: denoiser (UNet, or SD3's transformer) float32 (trained), VAE and text
+    encoders frozen in the weight dtype."""
     pipe = load_base_pipeline(config.model, accelerator.device, torch.float32)
     dtype = weight_dtype(accelerator)
     for frozen in (pipe.vae, *text_conditioning(pipe).text_encoders):
         frozen.requires_grad_(False)
         if dtype != torch.float32:
             frozen.to(dtype=dtype)
-    pipe.unet.train()
+    denoiser(pipe).train()
     if config.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        denoiser(pipe).enable_gradient_checkpointing()
     return pipe
 
 
 def encode_images(pipe: StableDiffusionPipeline, images: np.ndarray, batch_size: int) -> tuple[Tensor, Tensor]:
-    """float32 scaled VAE posterior means and standard deviations of uint8 RGB images."""
+    """float32 VAE posterior means and standard deviations of uint8 RGB images, shifted and scaled as the denoiser
+    reads latents ((z - shift_factor) x scaling_factor; SD3's VAE has a shift, SD's none)."""
     vae = pipe.vae
     means, stds = [], []
     for start in range(0, len(images), batch_size):
@@ -121,8 +123,8 @@ def encode_images(pipe: StableDiffusionPipeline, images: np.ndarray, batch_size:
             posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
         means.append(posterior.mean.float())
         stds.append(posterior.std.float())
-    scale = vae.config.scaling_factor
-    return torch.cat(means) * scale, torch.cat(stds) * scale
+    scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
+    return (torch.cat(means) - shift) * scale, torch.cat(stds) * scale
 
 
 def set_texts(config: SDEraseConfig, pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
@@ -155,7 +157,7 @@ def to_latents(pipe: StableDiffusionPipeline, images: ImageSet, prompts: list[st
     for text in images.prompts:
         if text not in prompts:
             prompts.append(text)
-    index = torch.tensor([prompts.index(text) for text in images.prompts], device=pipe.unet.device)
+    index = torch.tensor([prompts.index(text) for text in images.prompts], device=pipe.vae.device)
     return Latents(*encode_images(pipe, images.images, batch_size), index)
 
 
@@ -222,21 +224,21 @@ class Eraser:
         self.spec, self.method = SD_METHODS[config.method], build_method(config)
         self.predictor = text_conditioning(pipe, config.resolution).predictor
         self.concepts = conditions.forget.shape[0]
-        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.scheduler = training_scheduler(pipe.scheduler)
         size = config.resolution // pipe.vae_scale_factor
-        self.latent_shape = (pipe.unet.config.in_channels, size, size)
+        self.latent_shape = (denoiser(pipe).config.in_channels, size, size)
         self.base = self._frozen_copy() if self.method.needs_frozen else None
         self.mask: Mask | None = None
-        self.unet: torch.nn.Module = pipe.unet
+        self.unet: torch.nn.Module = denoiser(pipe)
         self.trainer: Trainer | None = None
 
     @property
-    def unwrapped(self) -> UNet2DConditionModel:
+    def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.unet)
 
-    def _frozen_copy(self) -> UNet2DConditionModel:
-        """The base UNet, frozen in the weight dtype (ESD's and CA's targets come from it)."""
-        frozen = copy.deepcopy(self.pipe.unet).requires_grad_(False).eval()
+    def _frozen_copy(self) -> torch.nn.Module:
+        """The base denoiser, frozen in the weight dtype (ESD's and CA's targets come from it)."""
+        frozen = copy.deepcopy(denoiser(self.pipe)).requires_grad_(False).eval()
         dtype = weight_dtype(self.accelerator)
         return frozen if dtype == torch.float32 else frozen.to(dtype=dtype)
 
@@ -276,7 +278,7 @@ class Eraser:
     def sample(self, noise: Tensor, condition: Tensor, *, steps: int, window: tuple[int, int], guidance: float,
                base: bool = False) -> Tensor:
         predict = self.frozen if base else self.predictor(self.unwrapped)
-        return ddim_window(predict, self.pipe.scheduler.config, noise.to(condition.device),
+        return sampling_window(predict, self.pipe.scheduler, noise.to(condition.device),
                            condition, self.condition("null", torch.zeros(noise.shape[0], dtype=torch.long)),
                            steps=steps, window=window, guidance=guidance)
 
@@ -343,13 +345,13 @@ class Eraser:
         own = self.run.path / MASK_FILE
         path = self.config.mask or (own if self.run.resumed and own.is_file() else None)
         if path is not None:
-            return Mask.load(path, self.pipe.unet)
+            return Mask.load(path, denoiser(self.pipe))
         if self.config.mask_ratio is None:
             return None
         size, forget = self.config.batch_size, self.sets["forget"]
         batches = [{"index": i, "rows": torch.arange(start, min(start + size, len(forget)))}
                    for i, start in enumerate(range(0, len(forget), size))]
-        mask = compute_mask(self.pipe.unet, batches, self._mask_loss, ratio=self.config.mask_ratio,
+        mask = compute_mask(denoiser(self.pipe), batches, self._mask_loss, ratio=self.config.mask_ratio,
                             params=self.method.scope.includes, accelerator=self.accelerator,
                             loss_name=f"guided diffusion loss (w={self.config.mask_guidance})",
                             progress=self.accelerator.is_main_process)
@@ -375,10 +377,13 @@ class Eraser:
         """Mask, optimizer over the method's scope (and the mask), and the Trainer (which prepares both,
         protecting the unmasked weights)."""
         self.mask = self.build_mask()
-        unet, config, scope = self.pipe.unet, self.config, self.method.scope.includes
+        unet, config, scope = denoiser(self.pipe), self.config, self.method.scope.includes
         allowed = {id(p) for p in masked_parameters(unet, self.mask)} if self.mask is not None else None
         params = [p for name, p in unet.named_parameters()
                   if scope(name) and (allowed is None or id(p) in allowed)]
+        if not params:
+            raise ConfigError(f"method {config.method} trains {self.method.scope.name}, which this "
+                              f"{denoiser_name(self.pipe)} does not have; pick another method or parameter scope")
         for name, p in unet.named_parameters():
             p.requires_grad_(scope(name))
         optimizer = make_optimizer(config.optimizer, params, lr=config.lr, weight_decay=config.weight_decay)
@@ -450,6 +455,10 @@ def erase(config: SDEraseConfig, accelerator: Accelerator | None = None) -> dict
         if folder is not None:
             list_images(folder)
     spec = SD_METHODS[config.method]
+    if not spec.trains and model_family(config.model) == "sd3":
+        raise ConfigError(f"method {config.method} edits cross-attention in closed form and SD3's joint attention has "
+                          "none; pick a trained method (e.g. --method esd-x, which trains SD3's text key/value "
+                          "projections)")
     accelerator = accelerator or make_accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
     shards = accelerator.num_processes * config.gradient_accumulation_steps
     if spec.trains and config.batch_size % shards:
@@ -458,11 +467,11 @@ def erase(config: SDEraseConfig, accelerator: Accelerator | None = None) -> dict
     run = open_run(config, accelerator)
     pipe = load_components(config, accelerator)
     if config.mask is not None:  # a corrupt or foreign --mask fails now, not after minutes of generation
-        Mask.load(config.mask, pipe.unet)
+        Mask.load(config.mask, denoiser(pipe))
     run.start(to_dict(config), seed=config.seed, device=str(accelerator.device), kind="sd-erase")
     prompts = grid_prompts(config, pairs) if config.grid_seeds else []
     before = render(pipe, prompts, config, accelerator) if accelerator.is_main_process and prompts else []
-    base_state = ({k: v.detach().cpu().clone() for k, v in pipe.unet.state_dict().items()}
+    base_state = ({k: v.detach().cpu().clone() for k, v in denoiser(pipe).state_dict().items()}
                   if config.export_delta and accelerator.is_main_process else None)
     metrics = {"method": config.method, "family": family_of(pipe),
                "concepts": [{"forget": f, "target": t} for f, t in pairs],
@@ -485,9 +494,9 @@ def erase(config: SDEraseConfig, accelerator: Accelerator | None = None) -> dict
         method = build_method(config)
         metrics.update(method.edit(pipe, pairs, list(config.preserve)), scope=method.scope.name,
                        edit_seconds=round(time.perf_counter() - started, 3))
-        unet = pipe.unet.eval()
+        unet = denoiser(pipe).eval()
     if accelerator.is_main_process:
-        with atomic_dir(run.path / "unet") as tmp:
+        with atomic_dir(run.path / denoiser_name(pipe)) as tmp:
             unet.save_pretrained(tmp)
         if mask is not None:
             mask.save(run.path / MASK_FILE)
@@ -495,7 +504,7 @@ def erase(config: SDEraseConfig, accelerator: Accelerator | None = None) -> dict
         if base_state is not None:
             metrics["delta"] = export_delta(base_state, unet, run.path / DELTA_FILE, base_model=config.model)
         if prompts:
-            pipe.unet = unet
+            setattr(pipe, denoiser_name(pipe), unet)
             save_before_after(run.path / GRID_FILE, before, render(pipe, prompts, config, accelerator),
                               config.grid_seeds)
         sd_card(run.path, to_dict(config), spec.source, metrics, type(pipe).__name__)

@@ -5,26 +5,40 @@ the released models: `tiny` is SD v1 (UNet2DConditionModel, AutoencoderKL, CLIPT
 `tiny-sd2` is SD 2.x at 768 px in kind (an OpenCLIP-style GELU text encoder, linear attention projections,
 per-level head widths, v-prediction); `tiny-sdxl` is SDXL (two CLIP text encoders, the second with a projection;
 a UNet with SDXL's added text-and-time conditioning, linear attention projections and two transformer layers in
-its deeper block). `--model tiny` (or tiny-sd2, tiny-sdxl) uses them. Weights are seeded: the same seed gives the
-same model.
+its deeper block); `tiny-sd3` is SD3 (an MMDiT `SD3Transformer2DModel` trained by flow matching, two CLIP encoders
+with projections and a T5 encoder whose SentencePiece-style tokenizer is built from a vocabulary written here, a
+16-channel VAE with a shift factor). `--model tiny` (or tiny-sd2, tiny-sdxl, tiny-sd3) uses them. Weights are
+seeded: the same seed gives the same model.
 """
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 import torch
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     PNDMScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_clip_tokenizer"
-TINY_NAME, TINY_SD2_NAME, TINY_SDXL_NAME = "tiny", "tiny-sd2", "tiny-sdxl"
+TINY_NAME, TINY_SD2_NAME, TINY_SDXL_NAME, TINY_SD3_NAME = "tiny", "tiny-sd2", "tiny-sdxl", "tiny-sd3"
 HIDDEN = 32
 HIDDEN_2 = 48
 """The width of tiny SDXL's second encoder: the two differ, as SDXL's (768 and 1280), which is also how a
@@ -57,18 +71,37 @@ def tiny_unet(sd2: bool = False) -> UNet2DConditionModel:
     )
 
 
-def tiny_vae() -> AutoencoderKL:
-    """A two-level VAE with SD's latent layout (4 channels, 2x downsampling per level)."""
+def tiny_vae(sd3: bool = False) -> AutoencoderKL:
+    """A two-level VAE with SD's latent layout (4 channels, 2x downsampling per level); with SD3's when `sd3` (16
+    channels, no quant convs, SD3's scaling and shift factors)."""
+    extra = ({"latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
+              "scaling_factor": 1.5305, "shift_factor": 0.0609} if sd3 else {"latent_channels": 4})
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         block_out_channels=(32, 64),
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
         norm_num_groups=8,
         sample_size=32,
+        **extra,
     )
+
+
+def tiny_t5_tokenizer() -> T5Tokenizer:
+    """A T5 (Unigram) tokenizer built offline from a vocabulary of single characters, lowercase letters also with
+    SentencePiece's word-start mark; T5's special tokens first (pad 0, eos 1, unk 2)."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
+    pieces += [("\u2581" + c, -2.5) for c in string.ascii_lowercase]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def tiny_sd3_transformer() -> SD3Transformer2DModel:
+    """A two-block MMDiT at width 32 with SD3's layout (patch 2, joint text-image attention, pooled conditioning)."""
+    return SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                 attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                 joint_attention_dim=2 * HIDDEN, pooled_projection_dim=2 * HIDDEN)
 
 
 def tiny_sdxl_unet() -> UNet2DConditionModel:
@@ -151,8 +184,29 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
                                      tokenizer=tokenizer, tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=scheduler)
 
 
+def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+    """A tiny SD3 pipeline with seeded random weights (32x32 images by default): two projected CLIP encoders whose
+    hidden states side by side are as wide as the T5 encoder's (SD3 pads them to T5's width), and SD3's flow-matching
+    scheduler (shift 3)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        transformer = tiny_sd3_transformer()
+        vae = tiny_vae(sd3=True)
+        tokenizer = tiny_tokenizer()
+        text_encoder = tiny_text_encoder(tokenizer, projection=True)
+        text_encoder_2 = tiny_text_encoder(tokenizer, projection=True, gelu=True)
+        tokenizer_3 = tiny_t5_tokenizer()
+        text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=2 * HIDDEN, d_kv=8, d_ff=64,
+                                                 num_layers=2, num_heads=4, dropout_rate=0.0, pad_token_id=0,
+                                                 eos_token_id=1, decoder_start_token_id=0))
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                    text_encoder_2=text_encoder_2, tokenizer_2=tiny_tokenizer(),
+                                    text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+
+
 TINY_BUILDERS = {TINY_NAME: build_tiny_pipeline, TINY_SD2_NAME: build_tiny_sd2_pipeline,
-                 TINY_SDXL_NAME: build_tiny_sdxl_pipeline}
+                 TINY_SDXL_NAME: build_tiny_sdxl_pipeline, TINY_SD3_NAME: build_tiny_sd3_pipeline}
 
 
 def save_tiny_pipeline(path: str | Path, seed: int = 0, name: str = TINY_NAME) -> Path:

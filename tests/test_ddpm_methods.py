@@ -13,7 +13,7 @@ from pipelines.ddpm_commands import DDPMSession, build_method
 from pipelines.ddpm_config import DDPMUnlearnConfig
 from pipelines.methods.base import Draw
 from pipelines.methods.esd import reference_window
-from pipelines.objectives import ddim_window, noised
+from pipelines.objectives import noised, sampling_window
 
 FORGET, REMAP = 3, 5  # cat -> dog
 
@@ -51,7 +51,7 @@ def test_esd_regresses_the_forgotten_class_onto_the_frozen_negatively_guided_pre
     t = torch.randint(low, high, (3,), generator=generator)
     noise = torch.randn((3, 3, 8, 8), generator=generator)
     with torch.no_grad():
-        x_t = ddim_window(lambda x, s, c: unet(x, s, class_labels=c).sample, scheduler.config, noise,
+        x_t = sampling_window(lambda x, s, c: unet(x, s, class_labels=c).sample, scheduler, noise,
                           torch.full((3,), FORGET), torch.full((3,), NULL_CLASS), steps=5,
                           window=reference_window(t_enc, 5), guidance=3.0)
         null, concept = eps(base, x_t, t, NULL_CLASS), eps(base, x_t, t, FORGET)

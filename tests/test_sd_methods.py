@@ -84,7 +84,7 @@ def test_concept_ablation_trains_cross_attention_keys_and_values_on_anchor_image
 
 def test_ddim_prefix_is_the_reference_ddim_update_stopped_at_t_enc():
     """ESD's `quick_sample_till_t`: t_enc DDIM (eta 0) steps from noise, guided eps_u + s (eps_c - eps_u)."""
-    from pipelines.objectives import ddim_window
+    from pipelines.objectives import sampling_window
     from pipelines.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline()
@@ -107,10 +107,10 @@ def test_ddim_prefix_is_the_reference_ddim_update_stopped_at_t_enc():
             prev = t - config.num_train_timesteps // steps
             a, a_prev = alphas[t], alphas[prev] if prev >= 0 else alphas.new_tensor(1.0)
             x = a_prev.sqrt() * (x - (1 - a).sqrt() * e) / a.sqrt() + (1 - a_prev).sqrt() * e
-        ours = ddim_window(lambda x_t, t, c: eps(x_t, t, c), config, noise, condition, null, steps=steps,
+        ours = sampling_window(lambda x_t, t, c: eps(x_t, t, c), pipe.scheduler, noise, condition, null, steps=steps,
                            window=(0, stop), guidance=scale)
     torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ddim_window(eps, config, noise, condition, null, steps=steps, window=(1, 1),
+    torch.testing.assert_close(sampling_window(eps, pipe.scheduler, noise, condition, null, steps=steps, window=(1, 1),
                                            guidance=scale), noise)
 
 

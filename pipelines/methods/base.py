@@ -150,22 +150,33 @@ class Scope:
     includes: Callable[[str], bool]
 
 
+SD3_TEXT_KEY_VALUE = (".attn.add_k_proj.", ".attn.add_v_proj.")
+"""In SD3's joint attention (`transformer_blocks.*.attn`), the projections of the text tokens into keys and values
+the image tokens attend to: the part of an MMDiT that plays cross-attention's role. (SD3.5's `attn2` is image
+self-attention, not cross-attention.)"""
+
+
 def _cross_attention(name: str) -> bool:
+    if name.startswith("transformer_blocks."):  # an SD3 transformer's parameter
+        return any(part in name for part in SD3_TEXT_KEY_VALUE)
     return ".attn2." in name
 
 
 def _cross_attention_key_value(name: str) -> bool:
+    if name.startswith("transformer_blocks."):
+        return any(part in name for part in SD3_TEXT_KEY_VALUE)
     return ".attn2.to_k." in name or ".attn2.to_v." in name
 
 
 def _attention_projections(name: str) -> bool:
-    return any(f".{part}." in name for part in ("to_q", "to_k", "to_v", "to_out"))
+    return any(f".{part}." in name for part in ("to_q", "to_k", "to_v", "to_out", "add_q_proj", "add_k_proj",
+                                                  "add_v_proj", "to_add_out"))
 
 
 EVERYTHING = Scope("the whole UNet", lambda name: True)
-CROSS_ATTENTION = Scope("cross-attention (attn2)", _cross_attention)
+CROSS_ATTENTION = Scope("cross-attention (attn2; SD3: the text key and value projections)", _cross_attention)
 CROSS_ATTENTION_KEY_VALUE = Scope("cross-attention key and value projections", _cross_attention_key_value)
-ATTENTION = Scope("every attention projection (q, k, v, out)", _attention_projections)
+ATTENTION = Scope("every attention projection (q, k, v, out; SD3: of both streams)", _attention_projections)
 
 
 class ImageObjective:

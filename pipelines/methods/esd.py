@@ -83,6 +83,8 @@ class ESD:
         as its `till_T = t_enc` stops it, and a DDPM timestep in t_enc's slice of [0, T)."""
         import torch
 
+        from pipelines.objectives import model_timesteps
+
         steps, total = self.settings.ddim_steps, session.scheduler.config.num_train_timesteps
         t_enc = int(torch.randint(steps, (1,), generator=draw.noise))
         low, high = round(t_enc / steps * total), round((t_enc + 1) / steps * total)
@@ -91,7 +93,7 @@ class ESD:
         x_t = session.sample(noise, session.condition("forget", concept), steps=steps,
                              window=reference_window(t_enc, steps), guidance=self.settings.start_guidance,
                              base=self.settings.sampler == "base")
-        return x_t, t.to(x_t.device)
+        return x_t, model_timesteps(session.scheduler, t).to(x_t.device)
 
 
 def reference_window(t_enc: int, steps: int) -> tuple[int, int]:
@@ -107,9 +109,13 @@ def _spec(name: str, scope: Scope, reference: str, summary: str) -> MethodSpec:
                       defaults={"steps": 1000, "batch_size": 1, "lr": 1e-5})
 
 
+OUTSIDE_U = ("time_embedding.", "conv_norm_out.", "conv_out.", "time_text_embed.", "norm_out.", "proj_out.")
+"""The time embedding and output layers ESD-u leaves alone: the UNet's, and their SD3 transformer counterparts."""
+
+
 def _unconditioned(name: str) -> bool:
     """ESD-u's parameters: not cross-attention, not the time embedding, not the output layers."""
-    return not (".attn2." in name or name.startswith(("time_embedding.", "conv_norm_out.", "conv_out.")))
+    return not (CROSS_ATTENTION.includes(name) or name.startswith(OUTSIDE_U))
 
 
 UNCONDITIONED = Scope("everything but cross-attention, the time embedding and the output layers", _unconditioned)

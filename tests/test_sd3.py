@@ -1,0 +1,174 @@
+"""SD3, the flow-matching transformer family: its conditioning and noising against diffusers' own, erasure end to
+end on a tiny SD3 pipeline (with a T5 encoder and tokenizer built offline) saved in diffusers format, loading with
+plain diffusers, the parameter scopes of its joint attention, exports, and the closed-form edits refused."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_sd_erase import erase_args, reuse_sets
+
+from erasure.cli import main
+from erasure.io import read_json
+
+
+def transformer_state(folder: Path) -> dict[str, torch.Tensor]:
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel.from_pretrained(folder).state_dict()
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipelines.tiny import TINY_SD3_NAME, save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd3") / "pipeline", name=TINY_SD3_NAME)
+
+
+@pytest.fixture(scope="module")
+def salun_run(sd3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sd3") / "salun"
+    assert main(erase_args(sd3_dir, out, "--steps", 2, "--lr", 1e-3, "--grid-seeds", 0)) == 0
+    return out
+
+
+def test_the_condition_is_what_the_sd3_pipeline_feeds_its_transformer() -> None:
+    """The joint CLIP + T5 sequence and the pooled CLIP projections as `encode_prompt` makes them."""
+    from pipelines.families import text_conditioning
+    from pipelines.tiny import build_tiny_sd3_pipeline
+
+    pipe = build_tiny_sd3_pipeline()
+    text = text_conditioning(pipe)
+    condition = text.encode(["a photo of a cat", ""])
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt("a photo of a cat", None, None, device="cpu",
+                                                                    do_classifier_free_guidance=True)
+    x_t, t = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([500.0, 500.0])
+    with torch.no_grad():
+        ours = text.predictor(pipe.transformer)(x_t, t, condition)
+        theirs = pipe.transformer(hidden_states=x_t, timestep=t, encoder_hidden_states=torch.cat([embeds, negative]),
+                                  pooled_projections=torch.cat([pooled, negative_pooled])).sample
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert condition.shape == (2, 77 + 256 + 1, 64) and bool(pipe.text_encoder_3 is not None)
+
+
+def test_flow_matching_noises_as_diffusers_sd3_training_does() -> None:
+    """x_t = (1 - sigma) x0 + sigma noise (the scheduler's own `scale_noise`), target noise - x0, the model reading
+    sigma x 1000; index t = 0 is the cleanest training sigma and t = T - 1 pure noise."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from pipelines.objectives import model_timesteps, noised_rows, training_scheduler
+
+    scheduler = training_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0))
+    x0 = torch.randn(6, 16, 4, 4, generator=torch.Generator().manual_seed(1))
+    x_t, target, t = noised_rows(scheduler, x0, torch.Generator().manual_seed(2), slice(None), 6)
+    index = torch.randint(0, 1000, (6,), generator=torch.Generator().manual_seed(2))
+    noise = _after_index(2, 6, x0.shape)
+    torch.testing.assert_close(t, scheduler.timesteps[999 - index])
+    torch.testing.assert_close(target, noise - x0)
+    for row in range(6):
+        expected = scheduler.scale_noise(x0[row:row + 1], t[row:row + 1], noise[row:row + 1])
+        torch.testing.assert_close(x_t[row:row + 1], expected, rtol=1e-5, atol=1e-5)
+    ends = model_timesteps(scheduler, torch.tensor([0, 999]))
+    assert float(ends[1]) == 1000.0 and 0 < float(ends[0]) < 10
+
+
+def _after_index(seed: int, count: int, shape: torch.Size) -> torch.Tensor:
+    """The noise `noised_rows` draws after its `count` timestep indices from a generator seeded `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.randint(0, 1000, (count,), generator=generator)
+    return torch.randn(shape, generator=generator)
+
+
+def test_the_flow_sampling_window_takes_the_schedulers_euler_steps() -> None:
+    """With a constant velocity v, guidance aside, steps 0..k-1 move the noise by (sigma_k - sigma_0) v."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from pipelines.objectives import sampling_window
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    noise, velocity = torch.randn(2, 1, 16, 4, 4, generator=torch.Generator().manual_seed(0)).unbind(0)
+    condition, null = torch.zeros(2, 1, 3, 8).unbind(0)
+    latents = sampling_window(lambda x, t, c: velocity.expand_as(x), scheduler, noise, condition, null, steps=10,
+                              window=(0, 4), guidance=3.0)
+    reference = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    reference.set_timesteps(10)
+    torch.testing.assert_close(latents, noise + (reference.sigmas[4] - reference.sigmas[0]) * velocity)
+
+
+def test_salun_erases_an_sd3_model_whose_transformer_loads_with_plain_diffusers(salun_run: Path,
+                                                                                 sd3_dir: Path) -> None:
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from erasure.saliency import Mask
+    from pipelines.loading import load_erased_pipeline
+
+    metrics = read_json(salun_run / "metrics.json")
+    assert metrics["family"] == "sd3" and metrics["forget_objective_after"] < metrics["forget_objective_before"]
+    assert not (salun_run / "unet").exists()
+    base, after = transformer_state(sd3_dir / "transformer"), transformer_state(salun_run / "transformer")
+    mask = Mask.load(salun_run / "mask.safetensors")
+    for name in mask:
+        assert torch.equal(after[name][~mask[name].bool()], base[name][~mask[name].bool()]), name
+    assert any(not torch.equal(after[name], base[name]) for name in base)
+    plain = StableDiffusion3Pipeline.from_pretrained(
+        sd3_dir, transformer=SD3Transformer2DModel.from_pretrained(salun_run / "transformer"))
+    ours = load_erased_pipeline(str(sd3_dir), salun_run)
+    assert type(ours) is StableDiffusion3Pipeline
+    for pipe in (plain, ours):
+        assert all(torch.equal(v, after[k]) for k, v in pipe.transformer.state_dict().items())
+    assert "SD3Transformer2DModel.from_pretrained" in (salun_run / "README.md").read_text()
+
+
+def test_esd_x_trains_only_the_text_key_value_projections_of_sd3(salun_run: Path, sd3_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    out = tmp_path / "esd-x"
+    assert main(erase_args(sd3_dir, out, "--method", "esd-x", "--esd-ddim-steps", 2, *reuse_sets(salun_run),
+                           "--steps", 1, "--lr", 1e-3, "--grid-seeds", 0, "--no-export-delta")) == 0
+    base, after = transformer_state(sd3_dir / "transformer"), transformer_state(out / "transformer")
+    changed = {name for name in base if not torch.equal(base[name], after[name])}
+    assert changed and all(".attn.add_k_proj." in name or ".attn.add_v_proj." in name for name in changed)
+
+
+def test_a_closed_form_edit_is_refused_on_sd3_before_loading(sd3_dir: Path, tmp_path: Path, run_cli) -> None:
+    status, output = run_cli("sd", "--concept", "nudity", "--method", "uce", "--model", "tiny-sd3",
+                             "--out", tmp_path / "uce")
+    assert status == 2 and "SD3's joint attention has none" in output and not (tmp_path / "uce").exists(), output
+
+
+def test_exports_of_an_sd3_run_load(salun_run: Path, sd3_dir: Path, tmp_path: Path, run_cli) -> None:
+    from diffusers import StableDiffusion3Pipeline
+
+    from pipelines.delta import apply_delta
+
+    assert main(["export", "--run", str(salun_run), "--format", "lora", "--rank", "100000",
+                 "--out", str(tmp_path / "lora")]) == 0
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir)
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    left_out = {row["parameter"] for row in read_json(tmp_path / "lora" / "metrics.json")["left_out"]}
+    after = transformer_state(salun_run / "transformer")
+    for name, value in pipe.transformer.state_dict().items():
+        if name not in left_out:
+            torch.testing.assert_close(value, after[name], rtol=0, atol=1e-5, msg=name)
+    patched = apply_delta(StableDiffusion3Pipeline.from_pretrained(sd3_dir), salun_run / "delta.safetensors")
+    assert all(torch.equal(v, after[k]) for k, v in patched.state_dict().items())
+    status, output = run_cli("export", "--run", salun_run, "--format", "single-file", "--out", tmp_path / "single")
+    assert status == 2 and "no single-file layout" in output and not (tmp_path / "single").exists(), output
+
+
+@pytest.mark.slow  # two processes under accelerate launch: ~40 s
+def test_two_cpu_processes_erase_sd3_like_one(salun_run: Path, sd3_dir: Path, tmp_path: Path) -> None:
+    from helpers.launch import accelerate_launch, log_of
+
+    out = tmp_path / "two"
+    result = accelerate_launch(Path(__file__).parent.parent / "erase.py", *erase_args(
+        sd3_dir, out, *reuse_sets(salun_run), "--steps", 2, "--lr", 1e-3, "--mask", salun_run / "mask.safetensors",
+        "--grid-seeds", 0, "--no-export-delta"))
+    assert (out / "metrics.json").is_file(), log_of(result)
+    assert read_json(out / "metrics.json")["processes"] == 2
+    base, expected = transformer_state(sd3_dir / "transformer"), transformer_state(salun_run / "transformer")
+    got = transformer_state(out / "transformer")
+    moved = max(float((expected[n] - base[n]).abs().max()) for n in base)
+    assert max(float((got[n] - expected[n]).abs().max()) for n in expected) < 0.05 * moved
