@@ -61,10 +61,12 @@ def export_run(config: ExportConfig) -> dict[str, Any]:
 
 
 def check_exportable(base_model: str, fmt: str) -> None:
-    """Refuse, in one line, a format the base model's family has no layout for (SD3 has no single-file one here)."""
-    if fmt == "single-file" and model_family(base_model) == "sd3":
-        raise ErasureError(f"'{base_model}' is an SD3 model, which has no single-file layout here; export it with "
-                           "--format diffusers, lora or delta")
+    """Refuse, in one line, a format the base model's family has no layout for (SD3 and FLUX have no single-file
+    one here)."""
+    family = model_family(base_model)
+    if fmt == "single-file" and family in ("sd3", "flux"):
+        raise ErasureError(f"'{base_model}' is an {family.upper()} model, which has no single-file layout here; "
+                           "export it with --format diffusers, lora or delta")
 
 
 def write_single_file(pipe: StableDiffusionPipeline, path: Path) -> dict[str, Any]:

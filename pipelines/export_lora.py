@@ -103,7 +103,8 @@ def prediction_error(pipe: Any, base: Mapping[str, Tensor], fused: Mapping[str, 
     config, param = unet.config, next(unet.parameters())
     text = text_conditioning(pipe)
     generator = torch.Generator().manual_seed(seed)
-    sample = torch.randn(2, config.in_channels, config.sample_size, config.sample_size, generator=generator)
+    size = config.get("sample_size", 8)  # a UNet's or SD3's native latent size; FLUX's transformer has none
+    sample = torch.randn(2, pipe.vae.config.latent_channels, size, size, generator=generator)
     inputs = (sample.to(param), torch.tensor([100, 700], device=param.device),
               text.encode(list(PROBE_PROMPTS)).to(param))
     erased = {k: v.detach().clone() for k, v in unet.state_dict().items()}

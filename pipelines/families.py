@@ -18,7 +18,11 @@ values project, without the added-conditions row.
   (`pipelines.objectives`). Its attention is joint (text and image tokens attend together), so there is no
   cross-attention for a closed-form edit (UCE, RECE), which `edits` says.
 
-FLUX (`FluxTransformer2DModel`, packed latents and rotary text/image ids) is refused by name when loading.
+- `flux` (`FluxPipeline`): `encode_prompt`'s T5 states plus one row carrying the CLIP pooled vector: (P, 512 + 1,
+  D). Its denoiser is a `FluxTransformer2DModel` (`pipe.transformer`) that reads 2x2-packed latents with rotary
+  image ids, zero text ids, sigma (not sigma x 1000) as its timestep and, for guidance-distilled models
+  (FLUX.1-dev), an embedded guidance scale: `predictor` packs and unpacks, so the loop sees ordinary (B, C, H, W)
+  latents. Its attention is joint too (no closed-form edits).
 """
 from __future__ import annotations
 
@@ -29,7 +33,12 @@ from torch import Tensor, nn
 
 from pipelines.objectives import Predict
 
-FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3",
+            "FluxPipeline": "flux"}
+EDITABLE = ("sd", "sdxl")
+"""The families with cross-attention reading the text encoder's states, which UCE and RECE edit in closed form."""
+FLUX_TRAINING_GUIDANCE = 3.5
+"""The guidance scale a guidance-distilled FLUX transformer is trained with: diffusers' FLUX fine-tuning default."""
 """The pipeline classes `erasure` loads (model_index.json's `_class_name`), by family."""
 TIME_IDS = 6
 
@@ -170,6 +179,46 @@ class SD3Conditioning(TextConditioning):
         return self.pipe.transformer.config.joint_attention_dim
 
 
+class FluxConditioning(SD3Conditioning):
+    """FLUX: `encode_prompt`'s T5 sequence plus a row carrying the CLIP pooled vector; packed latents."""
+
+    family = "flux"
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        return [self.pipe.text_encoder, self.pipe.text_encoder_2]
+
+    def encode(self, prompts: list[str]) -> Tensor:
+        with torch.no_grad():
+            embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None,
+                                                        device=self.pipe.text_encoder.device)
+        extra = embeds.new_zeros(len(prompts), 1, embeds.shape[-1])
+        extra[:, 0, :self.pooled_width] = pooled
+        return torch.cat([embeds, extra], dim=1).float()
+
+    def predictor(self, transformer: nn.Module) -> Predict:
+        width = self.pooled_width
+        guided = self.pipe.transformer.config.guidance_embeds  # `transformer` may be DDP-wrapped
+
+        def predict(x_t: Tensor, t: Tensor, condition: Tensor) -> Tensor:
+            batch, channels, height, width_ = x_t.shape
+            packed = x_t.view(batch, channels, height // 2, 2, width_ // 2, 2).permute(0, 2, 4, 1, 3, 5)
+            image_ids = torch.zeros(height // 2, width_ // 2, 3)
+            image_ids[..., 1] += torch.arange(height // 2)[:, None]
+            image_ids[..., 2] += torch.arange(width_ // 2)[None, :]
+            text = condition[:, :-1]
+            guidance = torch.full((batch,), FLUX_TRAINING_GUIDANCE, device=x_t.device) if guided else None
+            out = transformer(hidden_states=packed.reshape(batch, -1, channels * 4),
+                              timestep=t.expand(batch).to(x_t.dtype) / 1000, guidance=guidance,
+                              pooled_projections=condition[:, -1, :width], encoder_hidden_states=text,
+                              txt_ids=text.new_zeros(text.shape[1], 3),
+                              img_ids=image_ids.reshape(-1, 3).to(x_t)).sample
+            out = out.view(batch, height // 2, width_ // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+            return out.reshape(batch, channels, height, width_)
+
+        return predict
+
+
 def text_conditioning(pipe: Any, resolution: int | None = None) -> TextConditioning:
     """The conditioning of `pipe`'s family; SDXL's time ids use `resolution` (default: the UNet's native size)."""
     family = family_of(pipe)
@@ -177,21 +226,23 @@ def text_conditioning(pipe: Any, resolution: int | None = None) -> TextCondition
         return SDXLConditioning(pipe, resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor)
     if family == "sd3":
         return SD3Conditioning(pipe)
+    if family == "flux":
+        return FluxConditioning(pipe)
     return TextConditioning(pipe)
 
 
 def family_of(pipe: Any) -> str:
-    """'sd', 'sdxl' or 'sd3', from the pipeline's class."""
+    """'sd', 'sdxl', 'sd3' or 'flux', from the pipeline's class."""
     return FAMILIES[type(pipe).__name__]
 
 
 def denoiser_name(pipe: Any) -> str:
-    """The pipeline attribute (and a run's folder) of the trained denoiser: 'transformer' (SD3) or 'unet'."""
+    """The pipeline attribute (and a run's folder) of the trained denoiser: 'transformer' (SD3, FLUX) or 'unet'."""
     return "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
 
 
 def denoiser(pipe: Any) -> nn.Module:
-    """The pipeline's denoiser: its UNet, or its transformer for SD3."""
+    """The pipeline's denoiser: its UNet, or its transformer for SD3 and FLUX."""
     return getattr(pipe, denoiser_name(pipe))
 
 

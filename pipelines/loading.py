@@ -6,7 +6,8 @@ diffusers also works:
 `StableDiffusionPipeline.from_pretrained(base, unet=UNet2DConditionModel.from_pretrained(run + "/unet"))`
 (`StableDiffusionXLPipeline` for an SDXL base;
 `StableDiffusion3Pipeline.from_pretrained(base,
-transformer=SD3Transformer2DModel.from_pretrained(run + "/transformer"))` for SD3).
+transformer=SD3Transformer2DModel.from_pretrained(run + "/transformer"))` for SD3, `FluxPipeline` and
+`FluxTransformer2DModel` for FLUX).
 """
 from __future__ import annotations
 
@@ -18,17 +19,18 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import DiffusionPipeline, SD3Transformer2DModel, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from torch import nn
 
 from erasure.errors import ErasureError, first_line
-from pipelines.families import FAMILIES, denoiser, denoiser_name, text_conditioning
+from erasure.io import read_json
+from pipelines.families import FAMILIES, denoiser, denoiser_name, family_of, text_conditioning
 from pipelines.schedulers import scheduler_from
 from pipelines.testbed_models import TESTBED_DIR, TESTBED_NAME
-from pipelines.tiny import TINY_BUILDERS, TINY_SD3_NAME, TINY_SDXL_NAME
+from pipelines.tiny import TINY_BUILDERS, TINY_FLUX_NAME, TINY_SD3_NAME, TINY_SDXL_NAME
 
-DENOISERS = {"unet": UNet2DConditionModel, "transformer": SD3Transformer2DModel}
-"""The denoiser class an erased run's folder holds, by folder name."""
+DENOISER_FOLDERS = ("unet", "transformer")
+"""The folders an erased run keeps its denoiser in: a UNet's, or an SD3 or FLUX transformer's."""
 
 
 class ModelLoadError(ErasureError):
@@ -39,7 +41,8 @@ def load_base_pipeline(model: str, device: torch.device | str = "cpu", dtype: to
                        erased: dict[str, nn.Module] | None = None) -> Any:
     """A StableDiffusionPipeline (without safety checker), StableDiffusionXLPipeline or StableDiffusion3Pipeline,
     as the model's model_index.json names it, from a hub id, a local directory, 'tiny', 'tiny-sd2', 'tiny-sdxl',
-    'tiny-sd3' or 'testbed'; `erased` ({'unet': ...} or {'transformer': ...}) replaces its denoiser."""
+    'tiny-sd3', 'tiny-flux' or 'testbed'; `erased` ({'unet': ...} or {'transformer': ...}) replaces its
+    denoiser."""
     if model == TESTBED_NAME:
         model = str(TESTBED_DIR)
     if model in TINY_BUILDERS:
@@ -73,9 +76,9 @@ def load_base_pipeline(model: str, device: torch.device | str = "cpu", dtype: to
 
 
 def erased_unet_dir(run_dir: str | Path) -> Path:
-    """`<run_dir>/unet` (or `<run_dir>/transformer`, an SD3 run's), or a ModelLoadError when it holds no saved
-    denoiser."""
-    for name in DENOISERS:
+    """`<run_dir>/unet` (or `<run_dir>/transformer`, an SD3 or FLUX run's), or a ModelLoadError when it holds no
+    saved denoiser."""
+    for name in DENOISER_FOLDERS:
         folder = Path(run_dir) / name
         if (folder / "config.json").is_file():
             return folder
@@ -90,8 +93,11 @@ def load_erased_pipeline(base: str, run_dir: str | Path, device: torch.device | 
     """The base pipeline with the denoiser saved by an erased run (`<run_dir>/unet` or `<run_dir>/transformer`)."""
     folder = erased_unet_dir(run_dir)
     try:
+        model_class = getattr(diffusers, read_json(folder / "config.json").get("_class_name", ""), None)
+        if model_class is None:
+            raise ValueError("its config.json names no diffusers model class")
         with _torch_dtype_accepted():
-            module = DENOISERS[folder.name].from_pretrained(folder, torch_dtype=dtype)
+            module = model_class.from_pretrained(folder, torch_dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"cannot load the {folder.name} in '{folder}' ({first_line(exc)}); rerun or resume the erasure run"
@@ -107,9 +113,10 @@ def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> str:
 
 
 def model_family(model: str) -> str:
-    """The family ('sd', 'sdxl' or 'sd3') of a base model, read from its model_index.json without loading it."""
+    """The family ('sd', 'sdxl', 'sd3' or 'flux') of a base model, read from its model_index.json without loading
+    it."""
     if model in TINY_BUILDERS:
-        return {TINY_SDXL_NAME: "sdxl", TINY_SD3_NAME: "sd3"}.get(model, "sd")
+        return {TINY_SDXL_NAME: "sdxl", TINY_SD3_NAME: "sd3", TINY_FLUX_NAME: "flux"}.get(model, "sd")
     return FAMILIES[_pipeline_class(str(TESTBED_DIR) if model == TESTBED_NAME else model).__name__]
 
 
@@ -124,7 +131,7 @@ def _pipeline_class(model: str) -> type:
         return StableDiffusionPipeline
     if name not in FAMILIES:
         raise ModelLoadError(f"'{model}' is a {name}; erasure loads {', '.join(FAMILIES)} models (SD 1.x/2.x, "
-                             "SDXL, SD3); pass one of those to --model")
+                             "SDXL, SD3, FLUX); pass one of those to --model")
     return getattr(diffusers, name)
 
 
@@ -132,7 +139,8 @@ def _check_unet_fits(pipe: Any, model: str) -> None:
     config, vae = denoiser(pipe).config, pipe.vae.config
     width = text_conditioning(pipe).text_width()
     text = config.get("cross_attention_dim") or config.get("joint_attention_dim")
-    if text != width or config.in_channels != vae.latent_channels:
+    packed = 4 if family_of(pipe) == "flux" else 1  # FLUX reads 2x2 patches of latents as channels
+    if text != width or config.in_channels != vae.latent_channels * packed:
         raise ModelLoadError(
             f"the {denoiser_name(pipe)} (text width {text}, in_channels {config.in_channels}) does not "
             f"fit base model '{model}' (text width {width}, latent channels {vae.latent_channels}); "

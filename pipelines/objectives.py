@@ -135,6 +135,21 @@ def noised_rows(scheduler: Any, x0: Tensor, generator: torch.Generator, rows: sl
     return scheduler.add_noise(x0, noise, t), training_target(scheduler, x0, noise, t), t
 
 
+def flow_sampling_schedule(config: Any, steps: int, shape: tuple[int, ...]) -> dict[str, Any]:
+    """`set_timesteps` arguments of a flow-matching sampler as the pipelines give them: none for a fixed shift (SD3);
+    with dynamic shifting (FLUX) the sigmas linspace(1, 1 / steps, steps) and the shift mu interpolated from the
+    number of 2x2 latent patches, as `FluxPipeline` computes them."""
+    if not config.get("use_dynamic_shifting"):
+        return {}
+    import numpy as np
+
+    patches = (shape[-2] // 2) * (shape[-1] // 2)
+    low, high = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    slope = (config.get("max_shift", 1.15) - config.get("base_shift", 0.5)) / (high - low)
+    mu = config.get("base_shift", 0.5) + slope * (patches - low)
+    return {"sigmas": np.linspace(1.0, 1 / steps, steps), "mu": mu}
+
+
 def sampling_window(predict: Predict, scheduler: Any, noise: Tensor, condition: Tensor, null: Tensor, *, steps: int,
                     window: tuple[int, int], guidance: float) -> Tensor:
     """The latent after sampling steps window[0]..window[1]-1 of `steps` (step 0 is the noisiest) started from
@@ -146,9 +161,10 @@ def sampling_window(predict: Predict, scheduler: Any, noise: Tensor, condition: 
 
     if is_flow_matching(scheduler):
         scheduler = type(scheduler).from_config(scheduler.config)
+        scheduler.set_timesteps(steps, **flow_sampling_schedule(scheduler.config, steps, noise.shape))
     else:
         scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False, set_alpha_to_one=False)
-    scheduler.set_timesteps(steps)
+        scheduler.set_timesteps(steps)
     latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)
     with torch.no_grad():
         for t in scheduler.timesteps[window[0]:window[1]]:

@@ -36,7 +36,7 @@ from erasure.streams import endless_batch, register_streams, stream_generator
 from erasure.trainer import Trainer
 from erasure.training import evaluating
 from pipelines.delta import export_delta
-from pipelines.families import denoiser, denoiser_name, family_of, text_conditioning
+from pipelines.families import EDITABLE, denoiser, denoiser_name, family_of, text_conditioning
 from pipelines.loading import load_base_pipeline, model_family
 from pipelines.methods import SD_METHODS
 from pipelines.methods.base import IMAGE_SETS, Chunk, Draw
@@ -226,7 +226,7 @@ class Eraser:
         self.concepts = conditions.forget.shape[0]
         self.scheduler = training_scheduler(pipe.scheduler)
         size = config.resolution // pipe.vae_scale_factor
-        self.latent_shape = (denoiser(pipe).config.in_channels, size, size)
+        self.latent_shape = (pipe.vae.config.latent_channels, size, size)
         self.base = self._frozen_copy() if self.method.needs_frozen else None
         self.mask: Mask | None = None
         self.unet: torch.nn.Module = denoiser(pipe)
@@ -455,10 +455,11 @@ def erase(config: SDEraseConfig, accelerator: Accelerator | None = None) -> dict
         if folder is not None:
             list_images(folder)
     spec = SD_METHODS[config.method]
-    if not spec.trains and model_family(config.model) == "sd3":
-        raise ConfigError(f"method {config.method} edits cross-attention in closed form and SD3's joint attention has "
-                          "none; pick a trained method (e.g. --method esd-x, which trains SD3's text key/value "
-                          "projections)")
+    family = model_family(config.model)
+    if not spec.trains and family not in EDITABLE:
+        raise ConfigError(f"method {config.method} edits cross-attention in closed form and {family.upper()}'s joint "
+                          "attention has none; pick a trained method (e.g. --method esd-x, which trains the text "
+                          "key/value projections of its joint attention)")
     accelerator = accelerator or make_accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
     shards = accelerator.num_processes * config.gradient_accumulation_steps
     if spec.trains and config.batch_size % shards:

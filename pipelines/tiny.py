@@ -7,8 +7,11 @@ per-level head widths, v-prediction); `tiny-sdxl` is SDXL (two CLIP text encoder
 a UNet with SDXL's added text-and-time conditioning, linear attention projections and two transformer layers in
 its deeper block); `tiny-sd3` is SD3 (an MMDiT `SD3Transformer2DModel` trained by flow matching, two CLIP encoders
 with projections and a T5 encoder whose SentencePiece-style tokenizer is built from a vocabulary written here, a
-16-channel VAE with a shift factor). `--model tiny` (or tiny-sd2, tiny-sdxl, tiny-sd3) uses them. Weights are
-seeded: the same seed gives the same model.
+16-channel VAE with a shift factor); `tiny-flux` is FLUX.1-dev in kind (a `FluxTransformer2DModel` with double- and
+single-stream blocks, rotary position ids and guidance distillation, one CLIP encoder for the pooled vector and a
+T5 encoder for the sequence, FLUX's VAE factors and its dynamically shifted flow-matching scheduler). `--model
+tiny` (or tiny-sd2, tiny-sdxl, tiny-sd3, tiny-flux) uses them. Weights are seeded: the same seed gives the same
+model.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     PNDMScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
@@ -38,7 +43,8 @@ from transformers import (
 )
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_clip_tokenizer"
-TINY_NAME, TINY_SD2_NAME, TINY_SDXL_NAME, TINY_SD3_NAME = "tiny", "tiny-sd2", "tiny-sdxl", "tiny-sd3"
+TINY_NAME, TINY_SD2_NAME, TINY_SDXL_NAME, TINY_SD3_NAME, TINY_FLUX_NAME = (
+    "tiny", "tiny-sd2", "tiny-sdxl", "tiny-sd3", "tiny-flux")
 HIDDEN = 32
 HIDDEN_2 = 48
 """The width of tiny SDXL's second encoder: the two differ, as SDXL's (768 and 1280), which is also how a
@@ -71,11 +77,18 @@ def tiny_unet(sd2: bool = False) -> UNet2DConditionModel:
     )
 
 
-def tiny_vae(sd3: bool = False) -> AutoencoderKL:
-    """A two-level VAE with SD's latent layout (4 channels, 2x downsampling per level); with SD3's when `sd3` (16
-    channels, no quant convs, SD3's scaling and shift factors)."""
-    extra = ({"latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
-              "scaling_factor": 1.5305, "shift_factor": 0.0609} if sd3 else {"latent_channels": 4})
+VAE_FACTORS = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}
+"""(scaling_factor, shift_factor) of the 16-channel VAEs of SD3 and FLUX."""
+
+
+def tiny_vae(family: str = "sd") -> AutoencoderKL:
+    """A two-level VAE with SD's latent layout (4 channels, 2x downsampling per level); with SD3's or FLUX's when
+    `family` names one (16 channels, no quant convs, that family's scaling and shift factors)."""
+    extra: dict[str, object] = {"latent_channels": 4}
+    if family in VAE_FACTORS:
+        scale, shift = VAE_FACTORS[family]
+        extra = {"latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
+                 "scaling_factor": scale, "shift_factor": shift}
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -95,6 +108,21 @@ def tiny_t5_tokenizer() -> T5Tokenizer:
     pieces += [(c, -3.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
     pieces += [("\u2581" + c, -2.5) for c in string.ascii_lowercase]
     return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def tiny_t5_encoder(tokenizer: T5Tokenizer) -> T5EncoderModel:
+    """A two-layer T5 encoder of width 64 (no dropout) for `tokenizer`."""
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=2 * HIDDEN, d_kv=8, d_ff=64, num_layers=2,
+                                   num_heads=4, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+                                   decoder_start_token_id=0))
+
+
+def tiny_flux_transformer() -> FluxTransformer2DModel:
+    """A FLUX transformer at width 32 (one double-stream and one single-stream block, rotary axes 4/4/8 over the
+    16-wide heads) that reads 2x2-packed 16-channel latents and an embedded guidance scale, as FLUX.1-dev."""
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=2 * HIDDEN,
+                                  pooled_projection_dim=HIDDEN, axes_dims_rope=(4, 4, 8), guidance_embeds=True)
 
 
 def tiny_sd3_transformer() -> SD3Transformer2DModel:
@@ -191,22 +219,38 @@ def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         transformer = tiny_sd3_transformer()
-        vae = tiny_vae(sd3=True)
+        vae = tiny_vae("sd3")
         tokenizer = tiny_tokenizer()
         text_encoder = tiny_text_encoder(tokenizer, projection=True)
         text_encoder_2 = tiny_text_encoder(tokenizer, projection=True, gelu=True)
         tokenizer_3 = tiny_t5_tokenizer()
-        text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=2 * HIDDEN, d_kv=8, d_ff=64,
-                                                 num_layers=2, num_heads=4, dropout_rate=0.0, pad_token_id=0,
-                                                 eos_token_id=1, decoder_start_token_id=0))
+        text_encoder_3 = tiny_t5_encoder(tokenizer_3)
     return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                     vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                     text_encoder_2=text_encoder_2, tokenizer_2=tiny_tokenizer(),
                                     text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
 
 
+def build_tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
+    """A tiny FLUX pipeline with seeded random weights (32x32 images by default) and FLUX.1-dev's scheduler
+    settings (dynamic shifting between base shift 0.5 and max shift 1.15)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        transformer = tiny_flux_transformer()
+        vae = tiny_vae("flux")
+        tokenizer = tiny_tokenizer()
+        text_encoder = tiny_text_encoder(tokenizer)
+        tokenizer_2 = tiny_t5_tokenizer()
+        text_encoder_2 = tiny_t5_encoder(tokenizer_2)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+
+
 TINY_BUILDERS = {TINY_NAME: build_tiny_pipeline, TINY_SD2_NAME: build_tiny_sd2_pipeline,
-                 TINY_SDXL_NAME: build_tiny_sdxl_pipeline, TINY_SD3_NAME: build_tiny_sd3_pipeline}
+                 TINY_SDXL_NAME: build_tiny_sdxl_pipeline, TINY_SD3_NAME: build_tiny_sd3_pipeline,
+                 TINY_FLUX_NAME: build_tiny_flux_pipeline}
 
 
 def save_tiny_pipeline(path: str | Path, seed: int = 0, name: str = TINY_NAME) -> Path:

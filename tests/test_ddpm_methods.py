@@ -74,7 +74,7 @@ def test_concept_ablation_makes_the_forgotten_class_predict_the_remap_class_on_i
     assert torch.equal(chunk.condition, torch.full((2,), FORGET))
     with torch.no_grad():
         torch.testing.assert_close(chunk.target, eps(unet, x_t, t, REMAP))
-    assert method.images == ("anchor",) and method.scope.name == "the whole UNet"
+    assert method.images == ("anchor",) and method.scope.name == "the whole denoiser (UNet or transformer)"
 
 
 def test_settings_of_another_method_and_an_unknown_remap_class_are_refused() -> None:

@@ -151,9 +151,10 @@ class Scope:
 
 
 SD3_TEXT_KEY_VALUE = (".attn.add_k_proj.", ".attn.add_v_proj.")
-"""In SD3's joint attention (`transformer_blocks.*.attn`), the projections of the text tokens into keys and values
-the image tokens attend to: the part of an MMDiT that plays cross-attention's role. (SD3.5's `attn2` is image
-self-attention, not cross-attention.)"""
+"""In the joint attention of SD3's and FLUX's double-stream blocks (`transformer_blocks.*.attn`), the projections
+of the text tokens into keys and values the image tokens attend to: the part of an MMDiT that plays
+cross-attention's role. (SD3.5's `attn2` is image self-attention, not cross-attention; FLUX's single-stream
+blocks project text and image tokens with the same weights, so they have no text-only part.)"""
 
 
 def _cross_attention(name: str) -> bool:
@@ -173,8 +174,9 @@ def _attention_projections(name: str) -> bool:
                                                   "add_v_proj", "to_add_out"))
 
 
-EVERYTHING = Scope("the whole UNet", lambda name: True)
-CROSS_ATTENTION = Scope("cross-attention (attn2; SD3: the text key and value projections)", _cross_attention)
+EVERYTHING = Scope("the whole denoiser (UNet or transformer)", lambda name: True)
+CROSS_ATTENTION = Scope("cross-attention (attn2; SD3 and FLUX: the text key and value projections of the joint "
+                        "attention)", _cross_attention)
 CROSS_ATTENTION_KEY_VALUE = Scope("cross-attention key and value projections", _cross_attention_key_value)
 ATTENTION = Scope("every attention projection (q, k, v, out; SD3: of both streams)", _attention_projections)
 

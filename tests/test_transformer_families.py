@@ -1,6 +1,7 @@
-"""SD3, the flow-matching transformer family: its conditioning and noising against diffusers' own, erasure end to
-end on a tiny SD3 pipeline (with a T5 encoder and tokenizer built offline) saved in diffusers format, loading with
-plain diffusers, the parameter scopes of its joint attention, exports, and the closed-form edits refused."""
+"""SD3 and FLUX, the flow-matching transformer families: their conditioning and noising against diffusers' own,
+erasure end to end on tiny pipelines of both (with T5 encoders and tokenizers built offline) saved in diffusers
+format, loading with plain diffusers, the parameter scopes of their joint attention, exports, and the closed-form
+edits refused."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,24 +13,34 @@ from test_sd_erase import erase_args, reuse_sets
 from erasure.cli import main
 from erasure.io import read_json
 
+PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+TRANSFORMERS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
+
 
 def transformer_state(folder: Path) -> dict[str, torch.Tensor]:
-    from diffusers import SD3Transformer2DModel
+    import diffusers
 
-    return SD3Transformer2DModel.from_pretrained(folder).state_dict()
+    from erasure.io import read_json as read
+
+    return getattr(diffusers, read(folder / "config.json")["_class_name"]).from_pretrained(folder).state_dict()
+
+
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipelines.tiny import TINY_SD3_NAME, save_tiny_pipeline
+def model_dir(family: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipelines.tiny import save_tiny_pipeline
 
-    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd3") / "pipeline", name=TINY_SD3_NAME)
+    return save_tiny_pipeline(tmp_path_factory.mktemp(f"tiny-{family}") / "pipeline", name=f"tiny-{family}")
 
 
 @pytest.fixture(scope="module")
-def salun_run(sd3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sd3") / "salun"
-    assert main(erase_args(sd3_dir, out, "--steps", 2, "--lr", 1e-3, "--grid-seeds", 0)) == 0
+def salun_run(model_dir: Path, family: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp(family) / "salun"
+    assert main(erase_args(model_dir, out, "--steps", 2, "--lr", 1e-3, "--grid-seeds", 0)) == 0
     return out
 
 
@@ -50,6 +61,40 @@ def test_the_condition_is_what_the_sd3_pipeline_feeds_its_transformer() -> None:
                                   pooled_projections=torch.cat([pooled, negative_pooled])).sample
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert condition.shape == (2, 77 + 256 + 1, 64) and bool(pipe.text_encoder_3 is not None)
+
+
+def test_the_condition_and_packing_are_what_the_flux_pipeline_feeds_its_transformer() -> None:
+    """T5 states and the CLIP pooled vector as `encode_prompt` makes them, latents packed 2x2 with the pipeline's
+    image ids, sigma as the timestep and the embedded guidance diffusers' FLUX fine-tuning uses."""
+    from pipelines.families import FLUX_TRAINING_GUIDANCE, text_conditioning
+    from pipelines.tiny import build_tiny_flux_pipeline
+
+    pipe = build_tiny_flux_pipeline()
+    text = text_conditioning(pipe)
+    condition = text.encode(["a photo of a cat", ""])
+    embeds, pooled, text_ids = pipe.encode_prompt(["a photo of a cat", ""], None, device="cpu")
+    x_t, t = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([500.0, 250.0])
+    with torch.no_grad():
+        ours = text.predictor(pipe.transformer)(x_t, t, condition)
+        packed = pipe.transformer(hidden_states=pipe._pack_latents(x_t, 2, 16, 4, 4), timestep=t / 1000,
+                                  guidance=torch.full((2,), FLUX_TRAINING_GUIDANCE), pooled_projections=pooled,
+                                  encoder_hidden_states=embeds, txt_ids=text_ids,
+                                  img_ids=pipe._prepare_latent_image_ids(2, 2, 2, "cpu", torch.float32)).sample
+    torch.testing.assert_close(ours, pipe._unpack_latents(packed, 8, 8, 2), rtol=1e-5, atol=1e-5)
+    assert condition.shape == (2, 512 + 1, 64)
+
+
+def test_the_flux_sampling_schedule_is_the_pipelines() -> None:
+    """Dynamic shifting: sigmas linspace(1, 1/n, n) and mu from the number of latent patches (`calculate_shift`)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from pipelines.objectives import flow_sampling_schedule
+    from pipelines.tiny import build_tiny_flux_pipeline
+
+    config = build_tiny_flux_pipeline().scheduler.config
+    schedule = flow_sampling_schedule(config, 8, (1, 16, 64, 48))
+    assert schedule["mu"] == pytest.approx(calculate_shift(32 * 24, 256, 4096, 0.5, 1.15))
+    assert list(schedule["sigmas"]) == pytest.approx([1 - i / 8 for i in range(8)])
 
 
 def test_flow_matching_noises_as_diffusers_sd3_training_does() -> None:
@@ -96,54 +141,58 @@ def test_the_flow_sampling_window_takes_the_schedulers_euler_steps() -> None:
     torch.testing.assert_close(latents, noise + (reference.sigmas[4] - reference.sigmas[0]) * velocity)
 
 
-def test_salun_erases_an_sd3_model_whose_transformer_loads_with_plain_diffusers(salun_run: Path,
-                                                                                 sd3_dir: Path) -> None:
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+def test_salun_erases_a_transformer_model_that_loads_with_plain_diffusers(salun_run: Path, model_dir: Path,
+                                                                          family: str) -> None:
+    import diffusers
 
     from erasure.saliency import Mask
     from pipelines.loading import load_erased_pipeline
 
+    pipeline_class, transformer_class = (getattr(diffusers, c[family]) for c in (PIPELINES, TRANSFORMERS))
     metrics = read_json(salun_run / "metrics.json")
-    assert metrics["family"] == "sd3" and metrics["forget_objective_after"] < metrics["forget_objective_before"]
+    assert metrics["family"] == family and metrics["forget_objective_after"] < metrics["forget_objective_before"]
     assert not (salun_run / "unet").exists()
-    base, after = transformer_state(sd3_dir / "transformer"), transformer_state(salun_run / "transformer")
+    base, after = transformer_state(model_dir / "transformer"), transformer_state(salun_run / "transformer")
     mask = Mask.load(salun_run / "mask.safetensors")
     for name in mask:
         assert torch.equal(after[name][~mask[name].bool()], base[name][~mask[name].bool()]), name
     assert any(not torch.equal(after[name], base[name]) for name in base)
-    plain = StableDiffusion3Pipeline.from_pretrained(
-        sd3_dir, transformer=SD3Transformer2DModel.from_pretrained(salun_run / "transformer"))
-    ours = load_erased_pipeline(str(sd3_dir), salun_run)
-    assert type(ours) is StableDiffusion3Pipeline
+    plain = pipeline_class.from_pretrained(model_dir,
+                                           transformer=transformer_class.from_pretrained(salun_run / "transformer"))
+    ours = load_erased_pipeline(str(model_dir), salun_run)
+    assert type(ours) is pipeline_class
     for pipe in (plain, ours):
         assert all(torch.equal(v, after[k]) for k, v in pipe.transformer.state_dict().items())
-    assert "SD3Transformer2DModel.from_pretrained" in (salun_run / "README.md").read_text()
+    assert f"{TRANSFORMERS[family]}.from_pretrained" in (salun_run / "README.md").read_text()
 
 
-def test_esd_x_trains_only_the_text_key_value_projections_of_sd3(salun_run: Path, sd3_dir: Path,
-                                                                  tmp_path: Path) -> None:
+def test_esd_x_trains_only_the_text_key_value_projections(salun_run: Path, model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "esd-x"
-    assert main(erase_args(sd3_dir, out, "--method", "esd-x", "--esd-ddim-steps", 2, *reuse_sets(salun_run),
+    assert main(erase_args(model_dir, out, "--method", "esd-x", "--esd-ddim-steps", 2, *reuse_sets(salun_run),
                            "--steps", 1, "--lr", 1e-3, "--grid-seeds", 0, "--no-export-delta")) == 0
-    base, after = transformer_state(sd3_dir / "transformer"), transformer_state(out / "transformer")
+    base, after = transformer_state(model_dir / "transformer"), transformer_state(out / "transformer")
     changed = {name for name in base if not torch.equal(base[name], after[name])}
     assert changed and all(".attn.add_k_proj." in name or ".attn.add_v_proj." in name for name in changed)
 
 
-def test_a_closed_form_edit_is_refused_on_sd3_before_loading(sd3_dir: Path, tmp_path: Path, run_cli) -> None:
-    status, output = run_cli("sd", "--concept", "nudity", "--method", "uce", "--model", "tiny-sd3",
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_a_closed_form_edit_is_refused_before_loading(name: str, tmp_path: Path, run_cli) -> None:
+    status, output = run_cli("sd", "--concept", "nudity", "--method", "uce", "--model", f"tiny-{name}",
                              "--out", tmp_path / "uce")
-    assert status == 2 and "SD3's joint attention has none" in output and not (tmp_path / "uce").exists(), output
+    assert status == 2 and f"{name.upper()}'s joint attention has none" in output, output
+    assert not (tmp_path / "uce").exists()
 
 
-def test_exports_of_an_sd3_run_load(salun_run: Path, sd3_dir: Path, tmp_path: Path, run_cli) -> None:
-    from diffusers import StableDiffusion3Pipeline
+def test_exports_of_a_transformer_run_load(salun_run: Path, model_dir: Path, family: str, tmp_path: Path,
+                                           run_cli) -> None:
+    import diffusers
 
     from pipelines.delta import apply_delta
 
+    pipeline_class = getattr(diffusers, PIPELINES[family])
     assert main(["export", "--run", str(salun_run), "--format", "lora", "--rank", "100000",
                  "--out", str(tmp_path / "lora")]) == 0
-    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir)
+    pipe = pipeline_class.from_pretrained(model_dir)
     pipe.load_lora_weights(str(tmp_path / "lora"))
     pipe.fuse_lora()
     pipe.unload_lora_weights()
@@ -152,23 +201,23 @@ def test_exports_of_an_sd3_run_load(salun_run: Path, sd3_dir: Path, tmp_path: Pa
     for name, value in pipe.transformer.state_dict().items():
         if name not in left_out:
             torch.testing.assert_close(value, after[name], rtol=0, atol=1e-5, msg=name)
-    patched = apply_delta(StableDiffusion3Pipeline.from_pretrained(sd3_dir), salun_run / "delta.safetensors")
+    patched = apply_delta(pipeline_class.from_pretrained(model_dir), salun_run / "delta.safetensors")
     assert all(torch.equal(v, after[k]) for k, v in patched.state_dict().items())
     status, output = run_cli("export", "--run", salun_run, "--format", "single-file", "--out", tmp_path / "single")
     assert status == 2 and "no single-file layout" in output and not (tmp_path / "single").exists(), output
 
 
 @pytest.mark.slow  # two processes under accelerate launch: ~40 s
-def test_two_cpu_processes_erase_sd3_like_one(salun_run: Path, sd3_dir: Path, tmp_path: Path) -> None:
+def test_two_cpu_processes_erase_a_transformer_model_like_one(salun_run: Path, model_dir: Path, tmp_path: Path) -> None:
     from helpers.launch import accelerate_launch, log_of
 
     out = tmp_path / "two"
     result = accelerate_launch(Path(__file__).parent.parent / "erase.py", *erase_args(
-        sd3_dir, out, *reuse_sets(salun_run), "--steps", 2, "--lr", 1e-3, "--mask", salun_run / "mask.safetensors",
+        model_dir, out, *reuse_sets(salun_run), "--steps", 2, "--lr", 1e-3, "--mask", salun_run / "mask.safetensors",
         "--grid-seeds", 0, "--no-export-delta"))
     assert (out / "metrics.json").is_file(), log_of(result)
     assert read_json(out / "metrics.json")["processes"] == 2
-    base, expected = transformer_state(sd3_dir / "transformer"), transformer_state(salun_run / "transformer")
+    base, expected = transformer_state(model_dir / "transformer"), transformer_state(salun_run / "transformer")
     got = transformer_state(out / "transformer")
     moved = max(float((expected[n] - base[n]).abs().max()) for n in base)
     assert max(float((got[n] - expected[n]).abs().max()) for n in expected) < 0.05 * moved
