@@ -109,11 +109,12 @@ def test_exports_of_an_sdxl_run_load(salun_run: Path, sdxl_dir: Path, tmp_path: 
 
 
 def test_a_model_family_erasure_does_not_train_is_refused_by_name(tmp_path: Path, run_cli) -> None:
-    model = tmp_path / "flux"
+    model = tmp_path / "pixart"
     model.mkdir()
-    (model / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "_diffusers_version": "0.30"}))
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline",
+                                                        "_diffusers_version": "0.30"}))
     status, output = run_cli("sd", "--concept", "nudity", "--model", model, "--out", tmp_path / "run")
-    assert status != 0 and "is a FluxPipeline" in output and "SDXL" in output
+    assert status != 0 and "is a PixArtAlphaPipeline" in output and "SDXL, SD3, FLUX" in output
 
 
 def test_the_attacks_refuse_an_sdxl_model_in_one_line(tmp_path: Path, run_cli) -> None:
