@@ -60,7 +60,7 @@ def attack_rates(config: BenchEraseConfig, model: str, run: Path | None, classes
             successes += metrics["successes"]
             before += metrics["successes_before_attack"]
             prompts += metrics["prompts"]
-        rates["pre_attack_pct"] = round(100.0 * before / prompts, 2)
+        rates.setdefault("pre_attack_pct", round(100.0 * before / prompts, 2))  # the prompts as written: one rate
         rates[f"asr_{attack}_pct"] = round(100.0 * successes / prompts, 2)
     return rates
 
