@@ -36,6 +36,8 @@ from pipelines.objectives import Predict
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3",
             "FluxPipeline": "flux"}
 EDITABLE = ("sd", "sdxl")
+FLOW_MATCHING = ("sd3", "flux")
+"""The families trained and sampled by flow matching."""
 """The families with cross-attention reading the text encoder's states, which UCE and RECE edit in closed form."""
 FLUX_TRAINING_GUIDANCE = 3.5
 """The guidance scale a guidance-distilled FLUX transformer is trained with: diffusers' FLUX fine-tuning default."""

@@ -24,7 +24,7 @@ from torch import nn
 
 from erasure.errors import ErasureError, first_line
 from erasure.io import read_json
-from pipelines.families import FAMILIES, denoiser, denoiser_name, family_of, text_conditioning
+from pipelines.families import FAMILIES, FLOW_MATCHING, denoiser, denoiser_name, family_of, text_conditioning
 from pipelines.schedulers import scheduler_from
 from pipelines.testbed_models import TESTBED_DIR, TESTBED_NAME
 from pipelines.tiny import TINY_BUILDERS, TINY_FLUX_NAME, TINY_SD3_NAME, TINY_SDXL_NAME
@@ -110,6 +110,15 @@ def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> str:
     if name != "model":
         pipe.scheduler = scheduler_from(name, pipe.scheduler.config)
     return type(pipe.scheduler).__name__
+
+
+def check_scheduler(model: str, name: str) -> None:
+    """Refuse, before loading, a `--scheduler` swap on a flow-matching model (SD3, FLUX): the named samplers are
+    diffusion (DDPM-family) samplers; such a model keeps its own."""
+    family = model_family(model)
+    if name != "model" and family in FLOW_MATCHING:
+        raise ModelLoadError(f"--scheduler {name} is a diffusion sampler and '{model}' is a flow-matching "
+                             f"{family.upper()} model; pass --scheduler model (its own Euler sampler)")
 
 
 def model_family(model: str) -> str:

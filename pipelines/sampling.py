@@ -26,7 +26,7 @@ from erasure.io import MANIFEST, RunDir, atomic_open, read_json
 from erasure.media import UNIT, save_png, to_uint8
 from erasure.prompts import RECORDS, Prompt, read_prompts, sha256_file
 from pipelines.config import SampleConfig
-from pipelines.loading import erased_unet_dir, load_base_pipeline, load_erased_pipeline, set_scheduler
+from pipelines.loading import check_scheduler, erased_unet_dir, load_base_pipeline, load_erased_pipeline, set_scheduler
 
 # Settings that may change when a sample directory is resumed; any other change is refused.
 RESUMABLE_KEYS = ("resume", "overwrite", "batch_size", "limit", "device")
@@ -67,6 +67,7 @@ def check_inputs(config: SampleConfig) -> list[Prompt]:
                            guidance=config.guidance)
     if config.run:
         erased_unet_dir(config.run)
+    check_scheduler(config.model, config.scheduler)
     return prompts
 
 

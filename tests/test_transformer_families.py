@@ -183,6 +183,14 @@ def test_a_closed_form_edit_is_refused_before_loading(name: str, tmp_path: Path,
     assert not (tmp_path / "uce").exists()
 
 
+def test_a_diffusion_sampler_is_refused_for_a_flow_matching_model(tmp_path: Path, run_cli) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n")
+    status, output = run_cli("sample", "--model", "tiny-flux", "--prompts", prompts, "--scheduler", "ddim",
+                             "--out", tmp_path / "images")
+    assert status == 2 and "flow-matching FLUX model" in output and not (tmp_path / "images").exists(), output
+
+
 def test_exports_of_a_transformer_run_load(salun_run: Path, model_dir: Path, family: str, tmp_path: Path,
                                            run_cli) -> None:
     import diffusers
