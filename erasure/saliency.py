@@ -604,17 +604,18 @@ class Mask:
 
     def apply_to_grads(self, model: nn.Module) -> None:
         """Zero, in place, the gradient of every unmasked entry (a soft mask multiplies it by its
-        weight); parameters not in the mask lose all of it."""
+        weight); parameters not in the mask lose all of it. A parameter sharded by FSDP2 (a DTensor) is
+        masked on its own shard, with the same shard of the mask: no communication."""
         for name, p in model.named_parameters():
             if p.grad is None:
                 continue
-            frozen = self._frozen_on(name, p)
+            frozen, grad = self._frozen_on(name, p), _local(p.grad)
             if frozen is None:
-                p.grad.zero_()
+                grad.zero_()
             elif self.is_soft:
-                p.grad.mul_(self._weights_on(name, p))
+                grad.mul_(self._weights_on(name, p))
             else:
-                p.grad.masked_fill_(frozen, 0)
+                grad.masked_fill_(frozen, 0)
 
     def protect_unmasked(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.utils.hooks.RemovableHandle:
         """Keep every unmasked weight bit-identical to its current value, whatever the optimizer does.
@@ -632,14 +633,15 @@ class Mask:
             with torch.no_grad():
                 for p, frozen, values in saved:
                     if frozen is None:
-                        p.copy_(values)
+                        _local(p).copy_(values)
                     else:
-                        p.masked_scatter_(frozen, values)
+                        _local(p).masked_scatter_(frozen, values)
 
         return optimizer.register_step_post_hook(restore)
 
     def _frozen_on(self, name: str, p: Tensor) -> Tensor | None:
-        """The inverted mask (True = keep fixed) of `name` on p's device, cached; None if not in the mask."""
+        """The inverted mask (True = keep fixed) of `name` on p's device (on p's shard when p is an FSDP2
+        DTensor), cached; None if not in the mask."""
         if name not in self.masks:
             return None
         key = (name, p.device)
@@ -649,24 +651,40 @@ class Mask:
                     f"mask for {name} has shape {tuple(self.masks[name].shape)} but the parameter has "
                     f"{tuple(p.shape)}; recompute the mask for this model"
                 )
-            self._frozen[key] = (self.masks[name] == 0).to(p.device)
+            self._frozen[key] = _shard_like(self.masks[name] == 0, p)
         return self._frozen[key]
 
     def _weights_on(self, name: str, p: Tensor) -> Tensor:
-        """The soft weights of `name` on p's device and in p's gradient dtype, cached."""
+        """The soft weights of `name` on p's device and in p's gradient dtype (on p's shard), cached."""
         key = (name, p.device, p.dtype)
         if key not in self._weights:
-            self._weights[key] = self.masks[name].to(device=p.device, dtype=p.dtype)
+            self._weights[key] = _shard_like(self.masks[name].to(dtype=p.dtype), p)
         return self._weights[key]
 
     def _unmasked_values(self, name: str, p: nn.Parameter) -> tuple[Tensor, Tensor | None, Tensor] | None:
-        """(param, frozen mask or None for all-frozen, saved values), or None if nothing is frozen."""
-        frozen = self._frozen_on(name, p)
+        """(param, frozen mask or None for all-frozen, saved values), or None if nothing is frozen (all on p's
+        shard for a DTensor)."""
+        frozen, local = self._frozen_on(name, p), _local(p).detach()
         if frozen is None:
-            return p, None, p.detach().clone()
+            return p, None, local.clone()
         if not bool(frozen.any()):
             return None
-        return p, frozen, p.detach()[frozen].clone()
+        return p, frozen, local[frozen].clone()
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This rank's shard of an FSDP2-sharded tensor (a DTensor; the same storage), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "device_mesh") else tensor
+
+
+def _shard_like(full: Tensor, p: Tensor) -> Tensor:
+    """`full` (a whole-parameter mask, the same on every rank) on p's device, cut to p's shard when p is a
+    DTensor: each rank keeps its own piece of its own copy, so nothing is communicated."""
+    if not hasattr(p, "device_mesh"):
+        return full.to(p.device)
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
 
 
 def masked_parameters(model: nn.Module, mask: Mask) -> list[nn.Parameter]:

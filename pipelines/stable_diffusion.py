@@ -394,6 +394,20 @@ class Eraser:
                                name=f"'{config.method}'", accumulation=config.gradient_accumulation_steps)
         self.unet = self.trainer.model
 
+    def trained_denoiser(self) -> torch.nn.Module:
+        """The trained denoiser as an ordinary module: the unwrapped one, or under FSDP (Accelerate's FSDP2 config,
+        whose parameters are shards) a fresh copy holding the gathered full weights on the main process. Call it on
+        every rank: gathering is a collective."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type != DistributedType.FSDP:
+            return self.unwrapped
+        state = self.accelerator.get_state_dict(self.unet)
+        model = type(self.unwrapped).from_config(self.unwrapped.config)
+        if self.accelerator.is_main_process:
+            model.load_state_dict(state)
+        return model.to(self.accelerator.device)
+
     def train(self) -> dict[str, Any]:
         """Run the optimizer steps (from the last checkpoint when resuming); returns timing and the last loss."""
         stats = self.trainer.fit(self.loss_at)
@@ -486,7 +500,7 @@ def erase(config: SDEraseConfig, accelerator: Accelerator | None = None) -> dict
         eraser.prepare()
         stats = eraser.train()
         accelerator.wait_for_everyone()
-        unet, mask = eraser.unwrapped.eval(), eraser.mask
+        unet, mask = eraser.trained_denoiser().eval(), eraser.mask
         metrics.update(forget_objective_before=objective_before, forget_objective_after=eraser.forget_objective(),
                        images={name: len(latents) for name, latents in eraser.sets.items()},
                        scope=eraser.method.scope.name, **stats)

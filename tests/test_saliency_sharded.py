@@ -50,3 +50,19 @@ def test_two_ranks_select_exactly_the_one_process_top_k_ties_included(tmp_path: 
 def test_sharded_selection_without_a_process_group_says_how_to_run_it() -> None:
     with pytest.raises(MaskError, match="process group"):
         select_mask({"a": torch.rand(10)}, ratio=0.5, sharded=True)
+
+
+@pytest.mark.slow  # two processes (~10 s)
+def test_a_mask_trains_an_fsdp2_sharded_model_as_it_trains_the_whole_one(tmp_path: Path) -> None:
+    """Each rank masks its own shard of every gradient and keeps its shard of the unmasked weights: the gathered
+    result equals unsharded training, and unmasked entries stay bit-identical to the start (weight decay on)."""
+    result = accelerate_launch(REPO / "tests" / "helpers" / "fsdp_mask_worker.py", tmp_path, timeout=120)
+    assert (tmp_path / "result.pt").is_file(), log_of(result)
+    run = torch.load(tmp_path / "result.pt")
+    assert run["world"] == 2 and run["types"] == ["DTensor"]
+    for name, base in run["base"].items():
+        frozen = ~run["masks"][name] if name in run["masks"] else torch.ones_like(base, dtype=torch.bool)
+        for model in ("sharded", "single"):
+            assert torch.equal(run[model][name][frozen], base[frozen]), (model, name)
+        torch.testing.assert_close(run["sharded"][name], run["single"][name], rtol=1e-5, atol=1e-6)
+        assert name not in run["masks"] or not torch.equal(run["sharded"][name], base), name
