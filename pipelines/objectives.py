@@ -4,9 +4,10 @@ Each takes `predict(x_t, t, condition) -> prediction`, so it does not care wheth
 text embedding (SD) or a class label (DDPM). What the model predicts follows the scheduler's
 `prediction_type`, as diffusers' training scripts choose it: the noise (`epsilon`, SD 1.x, SD 2 base),
 the velocity (`v_prediction`, SD 2.x at 768 px) or the clean sample (`sample`); every loss here trains
-against that target. A flow-matching model (SD3; `FlowMatchEulerDiscreteScheduler`) is trained as diffusers'
-SD3 scripts train it: x_t = (1 - sigma) x0 + sigma noise, target noise - x0, the model's timestep sigma x 1000,
-sigma from the scheduler's shifted training sigmas. Everywhere else a timestep is an integer index t in
+against that target. A flow-matching model (SD3, FLUX; `FlowMatchEulerDiscreteScheduler`) is noised as diffusers'
+SD3 and FLUX scripts noise it: x_t = (1 - sigma) x0 + sigma noise, the model's timestep sigma x 1000, sigma from
+the scheduler's training sigmas drawn uniformly (their `weighting_scheme none`); the target is the velocity
+noise - x0, without their optional output preconditioning. Everywhere else a timestep is an integer index t in
 [0, num_train_timesteps) with 0 the cleanest (a DDPM timestep); `model_timesteps` maps it to what the model
 reads. Noise and timesteps come from an explicit generator, which makes a step reproducible from (seed, step)
 and resume exact.
