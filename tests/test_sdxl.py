@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.lora import assert_lora_round_trip
 from safetensors.torch import load_file
 from test_sd_erase import erase_args, reuse_sets, unet_state
 
@@ -88,17 +89,8 @@ def test_a_cross_attention_method_changes_only_cross_attention_on_sdxl(method: s
 def test_exports_of_an_sdxl_run_load(salun_run: Path, sdxl_dir: Path, tmp_path: Path, run_cli) -> None:
     from diffusers import StableDiffusionXLPipeline
 
-    assert main(["export", "--run", str(salun_run), "--format", "lora", "--rank", "100000",
-                 "--out", str(tmp_path / "lora")]) == 0
-    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
-    pipe.load_lora_weights(str(tmp_path / "lora"))
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
-    left_out = {row["parameter"] for row in read_json(tmp_path / "lora" / "metrics.json")["left_out"]}
     after = unet_state(salun_run / "unet")
-    for name, value in pipe.unet.state_dict().items():
-        if name not in left_out:
-            torch.testing.assert_close(value, after[name], rtol=0, atol=1e-5, msg=name)
+    pipe = assert_lora_round_trip(StableDiffusionXLPipeline, sdxl_dir, salun_run, tmp_path / "lora", after)
     status, output = run_cli("export", "--run", salun_run, "--format", "single-file", "--out", tmp_path / "single")
     assert status == 0, output
     from pipelines.export_ldm import UNET_PREFIX, unet_key_map  # the layouts' round trip: test_export

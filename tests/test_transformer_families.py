@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.lora import assert_lora_round_trip
 from test_sd_erase import erase_args, reuse_sets
 
 from erasure.cli import main
@@ -198,17 +199,8 @@ def test_exports_of_a_transformer_run_load(salun_run: Path, model_dir: Path, fam
     from pipelines.delta import apply_delta
 
     pipeline_class = getattr(diffusers, PIPELINES[family])
-    assert main(["export", "--run", str(salun_run), "--format", "lora", "--rank", "100000",
-                 "--out", str(tmp_path / "lora")]) == 0
-    pipe = pipeline_class.from_pretrained(model_dir)
-    pipe.load_lora_weights(str(tmp_path / "lora"))
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
-    left_out = {row["parameter"] for row in read_json(tmp_path / "lora" / "metrics.json")["left_out"]}
     after = transformer_state(salun_run / "transformer")
-    for name, value in pipe.transformer.state_dict().items():
-        if name not in left_out:
-            torch.testing.assert_close(value, after[name], rtol=0, atol=1e-5, msg=name)
+    assert_lora_round_trip(pipeline_class, model_dir, salun_run, tmp_path / "lora", after)
     patched = apply_delta(pipeline_class.from_pretrained(model_dir), salun_run / "delta.safetensors")
     assert all(torch.equal(v, after[k]) for k, v in patched.state_dict().items())
     status, output = run_cli("export", "--run", salun_run, "--format", "single-file", "--out", tmp_path / "single")
