@@ -209,14 +209,10 @@ def test_exports_of_a_transformer_run_load(salun_run: Path, model_dir: Path, fam
 
 @pytest.mark.slow  # two processes under accelerate launch: ~40 s
 def test_two_cpu_processes_erase_a_transformer_model_like_one(salun_run: Path, model_dir: Path, tmp_path: Path) -> None:
-    from helpers.launch import accelerate_launch, log_of
+    from helpers.launch import erase_with_two_processes
 
     out = tmp_path / "two"
-    result = accelerate_launch(Path(__file__).parent.parent / "erase.py", *erase_args(
-        model_dir, out, *reuse_sets(salun_run), "--steps", 2, "--lr", 1e-3, "--mask", salun_run / "mask.safetensors",
-        "--grid-seeds", 0, "--no-export-delta"))
-    assert (out / "metrics.json").is_file(), log_of(result)
-    assert read_json(out / "metrics.json")["processes"] == 2
+    erase_with_two_processes(model_dir, salun_run, out)
     base, expected = transformer_state(model_dir / "transformer"), transformer_state(salun_run / "transformer")
     got = transformer_state(out / "transformer")
     moved = max(float((expected[n] - base[n]).abs().max()) for n in base)

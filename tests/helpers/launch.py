@@ -35,3 +35,19 @@ def accelerate_launch(script: Path, *args: object, timeout: int = 300) -> subpro
 def log_of(result: subprocess.CompletedProcess) -> str:
     """Exit status and the tails of both streams, for assertion messages."""
     return f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
+def erase_with_two_processes(model_dir: Path, run: Path, out: Path) -> dict:
+    """`erasure sd` of the tiny config on `model_dir` in two CPU processes, reusing a finished one-process `run`'s
+    images and mask (2 steps at lr 1e-3, no grid or delta); returns the two-process run's metrics."""
+    from erasure.io import read_json
+
+    args = ["sd", "--config", str(REPO / "configs" / "sd_tiny.yaml"), "--model", str(model_dir), "--out", str(out),
+            "--forget-images", str(run / "data" / "forget"), "--retain-images", str(run / "data" / "retain"),
+            "--steps", "2", "--lr", "0.001", "--mask", str(run / "mask.safetensors"), "--grid-seeds", "0",
+            "--no-export-delta"]
+    result = accelerate_launch(REPO / "erase.py", *args)
+    assert (out / "metrics.json").is_file(), log_of(result)
+    metrics = read_json(out / "metrics.json")
+    assert metrics["processes"] == 2
+    return metrics
