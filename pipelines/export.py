@@ -17,7 +17,7 @@ from erasure.errors import ErasureError
 from erasure.io import RunDir, atomic_dir, atomic_path, finished_run
 from pipelines.delta import export_delta
 from pipelines.export_config import ExportConfig
-from pipelines.export_ldm import to_ldm_state_dict
+from pipelines.export_ldm import SINGLE_FILE_FAMILIES, to_ldm_state_dict
 from pipelines.export_lora import WEIGHTS_NAME, fused_state, lora_from_difference, prediction_error, summarise
 from pipelines.families import denoiser, denoiser_name
 from pipelines.loading import load_base_pipeline, load_erased_pipeline, model_family
@@ -64,7 +64,7 @@ def check_exportable(base_model: str, fmt: str) -> None:
     """Refuse, in one line, a format the base model's family has no layout for (SD3 and FLUX have no single-file
     one here)."""
     family = model_family(base_model)
-    if fmt == "single-file" and family in ("sd3", "flux"):
+    if fmt == "single-file" and family not in SINGLE_FILE_FAMILIES:
         raise ErasureError(f"'{base_model}' is an {family.upper()} model, which has no single-file layout here; "
                            "export it with --format diffusers, lora or delta")
 

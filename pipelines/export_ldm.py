@@ -23,6 +23,8 @@ from torch import Tensor
 
 from erasure.errors import ErasureError
 
+SINGLE_FILE_FAMILIES = ("sd", "sdxl")
+"""The families with an original single-file (LDM / SGM) layout written here."""
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."

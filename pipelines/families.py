@@ -16,7 +16,7 @@ values project, without the added-conditions row.
   T5), plus one row carrying the pooled projections of both CLIP encoders: (P, 77 + 256 + 1, D). Its denoiser is
   an `SD3Transformer2DModel` (`pipe.transformer`, saved as `transformer/`), trained by flow matching
   (`pipelines.objectives`). Its attention is joint (text and image tokens attend together), so there is no
-  cross-attention for a closed-form edit (UCE, RECE), which `edits` says.
+  cross-attention for a closed-form edit (UCE, RECE): it is not in EDITABLE.
 
 - `flux` (`FluxPipeline`): `encode_prompt`'s T5 states plus one row carrying the CLIP pooled vector: (P, 512 + 1,
   D). Its denoiser is a `FluxTransformer2DModel` (`pipe.transformer`) that reads 2x2-packed latents with rotary
@@ -35,13 +35,13 @@ from pipelines.objectives import Predict
 
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3",
             "FluxPipeline": "flux"}
+"""The pipeline classes `erasure` loads (model_index.json's `_class_name`), by family."""
 EDITABLE = ("sd", "sdxl")
+"""The families with cross-attention reading the text encoder's states, which UCE and RECE edit in closed form."""
 FLOW_MATCHING = ("sd3", "flux")
 """The families trained and sampled by flow matching."""
-"""The families with cross-attention reading the text encoder's states, which UCE and RECE edit in closed form."""
 FLUX_TRAINING_GUIDANCE = 3.5
 """The guidance scale a guidance-distilled FLUX transformer is trained with: diffusers' FLUX fine-tuning default."""
-"""The pipeline classes `erasure` loads (model_index.json's `_class_name`), by family."""
 TIME_IDS = 6
 
 
@@ -49,8 +49,6 @@ class TextConditioning:
     """SD 1.x / 2.x: a prompt's condition is its CLIP last hidden states."""
 
     family = "sd"
-    edits = True
-    """Whether the denoiser has cross-attention whose key and value projections read the text (UCE, RECE)."""
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
@@ -144,7 +142,6 @@ class SD3Conditioning(TextConditioning):
     """SD3: `encode_prompt`'s joint CLIP + T5 sequence, plus a row carrying the pooled CLIP projections."""
 
     family = "sd3"
-    edits = False
 
     @property
     def text_encoders(self) -> list[nn.Module]:
@@ -160,12 +157,16 @@ class SD3Conditioning(TextConditioning):
         with torch.no_grad():
             embeds, _, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
                                                            device=device, do_classifier_free_guidance=False)
-        extra = embeds.new_zeros(len(prompts), 1, embeds.shape[-1])
+        return self._with_pooled_row(embeds, pooled)
+
+    def _with_pooled_row(self, embeds: Tensor, pooled: Tensor) -> Tensor:
+        """float32 (P, L + 1, D): the sequence, then a row whose first entries carry the pooled vector."""
+        extra = embeds.new_zeros(len(embeds), 1, embeds.shape[-1])
         extra[:, 0, :self.pooled_width] = pooled
         return torch.cat([embeds, extra], dim=1).float()
 
     def token_states(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        raise ValueError("SD3's joint attention has no cross-attention to edit in closed form")
+        raise ValueError(f"{self.family.upper()}'s joint attention has no cross-attention to edit in closed form")
 
     def predictor(self, transformer: nn.Module) -> Predict:
         width = self.pooled_width
@@ -194,9 +195,7 @@ class FluxConditioning(SD3Conditioning):
         with torch.no_grad():
             embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None,
                                                         device=self.pipe.text_encoder.device)
-        extra = embeds.new_zeros(len(prompts), 1, embeds.shape[-1])
-        extra[:, 0, :self.pooled_width] = pooled
-        return torch.cat([embeds, extra], dim=1).float()
+        return self._with_pooled_row(embeds, pooled)
 
     def predictor(self, transformer: nn.Module) -> Predict:
         width = self.pooled_width

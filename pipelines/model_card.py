@@ -36,15 +36,12 @@ def _metrics_table(metrics: dict[str, Any], keys: tuple[str, ...]) -> str:
     return "| metric | value |\n|---|---|\n" + "\n".join(rows) + "\n"
 
 
-DENOISERS = {"sd3": ("transformer", "SD3Transformer2DModel"), "flux": ("transformer", "FluxTransformer2DModel")}
-"""The folder and class of a transformer family's erased denoiser (a UNet's otherwise)."""
-
-
-def sd_card(run: Path, config: dict[str, Any], source: str, metrics: dict[str, Any], pipeline_class: str) -> None:
-    """Write the card of an `erasure sd` run (its config as a dict) into `run`."""
+def sd_card(run: Path, config: dict[str, Any], source: str, metrics: dict[str, Any], pipeline_class: str,
+            folder: str, denoiser: str) -> None:
+    """Write the card of an `erasure sd` run (its config as a dict) into `run`; the erased denoiser, of class
+    `denoiser`, is in `run/folder`."""
     model, method = config["model"], config["method"]
     mask = " and the saliency mask" if "mask" in metrics else ""
-    folder, denoiser = DENOISERS.get(metrics.get("family"), ("unet", "UNet2DConditionModel"))
     concepts = metrics["concepts"]
     header = {**({"base_model": model} if HUB_ID.match(model) and not Path(model).exists() else {}),
               "library_name": "diffusers", "pipeline_tag": "text-to-image",

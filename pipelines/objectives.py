@@ -143,11 +143,11 @@ def flow_sampling_schedule(config: Any, steps: int, shape: tuple[int, ...]) -> d
     if not config.get("use_dynamic_shifting"):
         return {}
     import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    patches = (shape[-2] // 2) * (shape[-1] // 2)
-    low, high = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    slope = (config.get("max_shift", 1.15) - config.get("base_shift", 0.5)) / (high - low)
-    mu = config.get("base_shift", 0.5) + slope * (patches - low)
+    mu = calculate_shift((shape[-2] // 2) * (shape[-1] // 2), config.get("base_image_seq_len", 256),
+                         config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                         config.get("max_shift", 1.15))
     return {"sigmas": np.linspace(1.0, 1 / steps, steps), "mu": mu}
 
 

@@ -522,7 +522,8 @@ def erase(config: SDEraseConfig, accelerator: Accelerator | None = None) -> dict
             setattr(pipe, denoiser_name(pipe), unet)
             save_before_after(run.path / GRID_FILE, before, render(pipe, prompts, config, accelerator),
                               config.grid_seeds)
-        sd_card(run.path, to_dict(config), spec.source, metrics, type(pipe).__name__)
+        sd_card(run.path, to_dict(config), spec.source, metrics, type(pipe).__name__, denoiser_name(pipe),
+                type(unet).__name__)
         run.finish(metrics)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -81,7 +81,7 @@ def test_the_run_carries_a_hub_model_card_whose_config_reproduces_it(erased, tmp
                                                                  read_json(erased / "manifest.json")["config"])
     metrics = read_json(erased / "metrics.json")
     sd_card(tmp_path, {**read_json(erased / "manifest.json")["config"], "model": "CompVis/stable-diffusion-v1-4"},
-            "SalUn", metrics, "StableDiffusionPipeline")
+            "SalUn", metrics, "StableDiffusionPipeline", "unet", "UNet2DConditionModel")
     assert yaml.safe_load((tmp_path / "README.md").read_text().split("---\n")[1])["base_model"] == \
         "CompVis/stable-diffusion-v1-4"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.lora import assert_lora_round_trip
+from helpers.erased_runs import assert_lora_round_trip, assert_masked_run_loads
 from safetensors.torch import load_file
 from test_sd_erase import erase_args, reuse_sets, unet_state
 
@@ -56,22 +56,12 @@ def test_salun_erases_an_sdxl_model_whose_unet_loads_with_plain_diffusers(salun_
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
     from erasure.saliency import Mask
-    from pipelines.loading import load_erased_pipeline
 
     metrics = read_json(salun_run / "metrics.json")
     assert metrics["family"] == "sdxl" and metrics["forget_objective_after"] < metrics["forget_objective_before"]
     base, after = unet_state(sdxl_dir / "unet"), unet_state(salun_run / "unet")
-    mask = Mask.load(salun_run / "mask.safetensors")
-    assert "add_embedding.linear_1.weight" in mask.masks
-    for name in mask:
-        assert torch.equal(after[name][~mask[name].bool()], base[name][~mask[name].bool()]), name
-    assert any(not torch.equal(after[name], base[name]) for name in base)
-    plain = StableDiffusionXLPipeline.from_pretrained(sdxl_dir,
-                                                      unet=UNet2DConditionModel.from_pretrained(salun_run / "unet"))
-    ours = load_erased_pipeline(str(sdxl_dir), salun_run)
-    assert type(ours) is StableDiffusionXLPipeline
-    for pipe in (plain, ours):
-        assert all(torch.equal(v, after[k]) for k, v in pipe.unet.state_dict().items())
+    assert "add_embedding.linear_1.weight" in Mask.load(salun_run / "mask.safetensors").masks
+    assert_masked_run_loads(StableDiffusionXLPipeline, UNet2DConditionModel, sdxl_dir, salun_run, base, after)
 
 
 @pytest.mark.parametrize("method", ["esd-x", "uce"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.lora import assert_lora_round_trip
+from helpers.erased_runs import assert_lora_round_trip, assert_masked_run_loads
 from test_sd_erase import erase_args, reuse_sets
 
 from erasure.cli import main
@@ -146,24 +146,12 @@ def test_salun_erases_a_transformer_model_that_loads_with_plain_diffusers(salun_
                                                                           family: str) -> None:
     import diffusers
 
-    from erasure.saliency import Mask
-    from pipelines.loading import load_erased_pipeline
-
     pipeline_class, transformer_class = (getattr(diffusers, c[family]) for c in (PIPELINES, TRANSFORMERS))
     metrics = read_json(salun_run / "metrics.json")
     assert metrics["family"] == family and metrics["forget_objective_after"] < metrics["forget_objective_before"]
     assert not (salun_run / "unet").exists()
     base, after = transformer_state(model_dir / "transformer"), transformer_state(salun_run / "transformer")
-    mask = Mask.load(salun_run / "mask.safetensors")
-    for name in mask:
-        assert torch.equal(after[name][~mask[name].bool()], base[name][~mask[name].bool()]), name
-    assert any(not torch.equal(after[name], base[name]) for name in base)
-    plain = pipeline_class.from_pretrained(model_dir,
-                                           transformer=transformer_class.from_pretrained(salun_run / "transformer"))
-    ours = load_erased_pipeline(str(model_dir), salun_run)
-    assert type(ours) is pipeline_class
-    for pipe in (plain, ours):
-        assert all(torch.equal(v, after[k]) for k, v in pipe.transformer.state_dict().items())
+    assert_masked_run_loads(pipeline_class, transformer_class, model_dir, salun_run, base, after)
     assert f"{TRANSFORMERS[family]}.from_pretrained" in (salun_run / "README.md").read_text()
 
 
