@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import itertools
+import re
 import types
 import typing
 from pathlib import Path
@@ -133,7 +135,7 @@ def _coerce_mapping(key: str, value: Any, tp: Any) -> dict[str, Any]:
         import yaml
 
         try:
-            value = yaml.safe_load(value)
+            value = load_yaml(value)
         except yaml.YAMLError as exc:
             raise ConfigError(f"config key '{key}' must be a mapping (YAML like '{{lr: 0.1}}'): {exc}") from None
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
@@ -274,6 +276,28 @@ def config_path(path: str | Path) -> Path:
     return path
 
 
+# YAML 1.1 (PyYAML) reads `1e-05` as a string (its floats need a dot); YAML 1.2, and every user, reads a float.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
+@functools.cache
+def _yaml_loader() -> type:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """SafeLoader that also resolves exponent floats without a dot (`1e-05`, `3E4`)."""
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
+    return Loader
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load`, except that `1e-05` is the float it looks like, not a string."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping (see `config_path`), with errors that say which file is wrong and how."""
     import yaml
@@ -282,7 +306,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file to --config (see configs/)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file '{path}' is not valid YAML ({exc}); fix the syntax") from None
     if data is None:

@@ -20,6 +20,7 @@ from erasure.config import (
     field_type,
     fields,
     is_section,
+    load_yaml,
     option,
     read_yaml,
     reject_other_sections,
@@ -193,7 +194,7 @@ def read_concept_file(path: str) -> list[tuple[str, str]]:
         import yaml
 
         try:
-            rows = yaml.safe_load(file.read_text())
+            rows = load_yaml(file.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"config key 'concepts': '{path}' is not valid YAML ({exc}); fix the syntax") from None
     else:
