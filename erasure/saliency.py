@@ -62,6 +62,8 @@ class GradientSum(NamedTuple):
     grads: dict[str, Tensor]
     samples: int
     batches: int
+    shards: dict[str, Tensor] | None = None
+    """For an FSDP2-sharded model: the parameters (DTensors) whose local shards `grads` holds; else None."""
 
 
 # ---------------------------------------------------------------------------- computing masks
@@ -87,7 +89,10 @@ def compute_mask(
     at the cut keep the earliest entries in parameter then index order) or `threshold`
     (keep entries with |g| >= threshold). With `soft_temperature`, the mask is soft around
     the same cut (see `soft_mask`). See `accumulate_gradients` for the other arguments;
-    under a multi-process `accelerator` every rank returns the same mask.
+    under a multi-process `accelerator` every rank returns the same mask. On an FSDP2-sharded model the
+    gradients and scores stay sharded: only the selection's histograms and counts are all-reduced, and the
+    whole-parameter masks (which `Mask` holds on every rank) are gathered at the end, ties at the cut kept in
+    the one-process (parameter, index) order, so the mask is the one a single process would select.
     """
     _check_selection(ratio, threshold)
     summed = accumulate_gradients(
@@ -95,7 +100,10 @@ def compute_mask(
         accelerator=accelerator, progress=progress,
     )
     scores = {name: g.abs_() for name, g in summed.grads.items()}
-    if soft_temperature is None:
+    sharded = summed.shards is not None
+    if sharded:
+        masks, used = _select_on_shards(scores, summed.shards, ratio, threshold, soft_temperature)
+    elif soft_temperature is None:
         masks, used = select_mask(scores, ratio=ratio, threshold=threshold)
     else:
         masks, used = soft_mask(scores, temperature=soft_temperature, ratio=ratio, threshold=threshold)
@@ -116,7 +124,8 @@ def compute_mask(
         "param_filter": _describe_filter(params),
         "grad_clip": grad_clip,
         "model_class": type(_unwrap(model, accelerator)).__name__,
-        "world_size": accelerator.num_processes if accelerator is not None else 1,
+        "world_size": _world_size(accelerator),
+        "sharded": sharded,
     }
     if soft_temperature is not None:
         metadata["soft_temperature"] = soft_temperature
@@ -141,11 +150,19 @@ def accumulate_gradients(
     batch-norm statistics should not vary). With a multi-process `accelerator`, pass the
     same un-sharded batches on every rank: rank r uses batches i with i % world == r and
     the sums are all-reduced, so every rank gets the same result.
+
+    On a model sharded by FSDP2 (`fully_shard`, or Accelerate's `--fsdp_version 2`: its parameters are
+    DTensors) every rank runs every batch, since the shards' all-gathers and reduce-scatters need all ranks,
+    and keeps only its own shard of each sum (`GradientSum.shards` names the parameters). The reduce-scatter
+    averages the ranks' identical gradients, so each shard is the one-process batch gradient's; the pass
+    costs what one process's does, and no rank ever holds a whole gradient.
     """
     if grad_clip is not None and not grad_clip > 0:
         raise MaskError(f"grad_clip must be > 0 (got {grad_clip}); pass a positive norm or grad_clip=None")
     base = _unwrap(model, accelerator)
     named = _select_parameters(base, params)
+    if _is_sharded(named):
+        return _accumulate_on_shards(base, named, forget_batches, loss_fn, grad_clip, progress)
     rank, world = _rank_and_world(accelerator, forget_batches)
     sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for _, p in named]
     samples = batches = 0
@@ -160,6 +177,63 @@ def accumulate_gradients(
         for s in sums:
             torch.distributed.all_reduce(s, op=torch.distributed.ReduceOp.SUM)
     return GradientSum({name: s for (name, _), s in zip(named, sums, strict=True)}, samples, batches)
+
+
+def _is_sharded(named: list[tuple[str, nn.Parameter]]) -> bool:
+    """Whether the selected parameters are FSDP2 shards (DTensors); refuses a mix of both kinds."""
+    kinds = {hasattr(p, "device_mesh") for _, p in named}
+    if len(kinds) == 2:
+        plain = [name for name, p in named if not hasattr(p, "device_mesh")]
+        raise MaskError(
+            f"{len(plain)} selected parameters (e.g. {plain[0]}) are not FSDP2-sharded while the others are; "
+            "shard the whole model with fully_shard, or select one kind with params=..."
+        )
+    if kinds == {True} and not torch.distributed.is_initialized():
+        raise MaskError("the model is FSDP2-sharded but torch.distributed is not initialised; run under "
+                        "`accelerate launch` (or torch.distributed.init_process_group)")
+    return kinds == {True}
+
+
+def _accumulate_on_shards(
+    model: nn.Module,
+    named: list[tuple[str, nn.Parameter]],
+    forget_batches: Iterable[Any],
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    grad_clip: float | None,
+    progress: bool,
+) -> GradientSum:
+    """`accumulate_gradients` on an FSDP2-sharded model: every batch on every rank, sums kept as local shards."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.grad for p in trainable]
+    sums = [torch.zeros(_local(p).shape, dtype=torch.float32, device=_local(p).device) for _, p in named]
+    samples = batches = 0
+    try:
+        for batch in _progress(forget_batches, progress, torch.distributed.get_rank()):
+            for p in trainable:
+                p.grad = None
+            with torch.enable_grad():
+                _checked_loss(loss_fn(model, batch)).backward()
+            grads = [None if p.grad is None else _local(p.grad) for _, p in named]
+            scale = _clip_scale([g for g in grads if g is not None], grad_clip, _sum_over_ranks)
+            for s, g in zip(sums, grads, strict=True):
+                if g is not None:
+                    s.add_(g, alpha=scale)
+            samples += _count_samples(batch)
+            batches += 1
+    finally:
+        for p, grad in zip(trainable, saved, strict=True):
+            p.grad = grad
+    if batches == 0:
+        raise MaskError("the forget set is empty (no batches); pass a non-empty forget_batches iterable")
+    return GradientSum({name: s for (name, _), s in zip(named, sums, strict=True)}, samples, batches,
+                       shards=dict(named))
+
+
+def _world_size(accelerator: accelerate.Accelerator | None) -> int:
+    """Processes taking part: the accelerator's, else torch.distributed's, else 1."""
+    if accelerator is not None:
+        return accelerator.num_processes
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 def _check_selection(ratio: float | None, threshold: float | None) -> None:
@@ -251,27 +325,43 @@ def _add_batch_gradient(
 ) -> None:
     """Add one batch's (optionally norm-clipped) gradient into the float32 sums."""
     with torch.enable_grad():
-        loss = loss_fn(model, batch)
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise MaskError("loss_fn must return a scalar tensor; reduce the per-sample losses with .mean() or .sum()")
-        if not loss.requires_grad:
-            raise MaskError(
-                "the forget loss does not depend on the selected parameters; compute it from the "
-                "model's output outside torch.no_grad() and check the params filter"
-            )
-        grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
+        loss = _checked_loss(loss_fn(model, batch))
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
     scale = _clip_scale([g for g in grads if g is not None], grad_clip)
     for s, g in zip(sums, grads, strict=True):
         if g is not None:
             s.add_(g, alpha=scale)
 
 
-def _clip_scale(grads: list[Tensor], grad_clip: float | None) -> float:
-    """The factor that brings the global L2 norm of `grads` to at most `grad_clip`."""
-    if grad_clip is None or not grads:
+def _checked_loss(loss: Any) -> Tensor:
+    """`loss` as a 0-d tensor, refusing what cannot give a gradient."""
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise MaskError("loss_fn must return a scalar tensor; reduce the per-sample losses with .mean() or .sum()")
+    if not loss.requires_grad:
+        raise MaskError(
+            "the forget loss does not depend on the selected parameters; compute it from the "
+            "model's output outside torch.no_grad() and check the params filter"
+        )
+    return loss.reshape(())
+
+
+def _clip_scale(
+    grads: list[Tensor], grad_clip: float | None, reduce: Callable[[Tensor], Tensor] | None = None
+) -> float:
+    """The factor that brings the global L2 norm of `grads` to at most `grad_clip`; with `reduce` (the sum over
+    ranks), `grads` are this rank's shards and the norm is that of the whole gradients."""
+    if grad_clip is None:
         return 1.0
-    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(grads[0].device) for g in grads])
-    norm = float(torch.linalg.vector_norm(norms))
+    if reduce is None:
+        if not grads:
+            return 1.0
+        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(grads[0].device) for g in grads])
+        norm = float(torch.linalg.vector_norm(norms))
+    else:  # every rank must join the reduction, even one whose shards are all empty
+        device = grads[0].device if grads else torch.device("cpu")
+        squares = sum((torch.linalg.vector_norm(g, dtype=torch.float64).square().to(device) for g in grads),
+                      torch.zeros((), dtype=torch.float64, device=device))
+        norm = float(reduce(squares.reshape(1)).sqrt())
     return min(1.0, grad_clip / (norm + 1e-6))
 
 
@@ -296,19 +386,61 @@ def select_mask(
     (rank, dict order, flat index) order: the global order when rank r holds the r-th consecutive piece.
     """
     _check_selection(ratio, threshold)
-    _check_scores(scores)
-    scores = {name: s.contiguous() for name, s in scores.items()}
     reduce = _sum_over_ranks if sharded else _identity
-    high = reduce(_histogram(scores))
-    _check_finite(high)
+    scores, high = _histogrammed(scores, reduce)
     if threshold is not None:
         return {name: s >= threshold for name, s in scores.items()}, float(threshold)
+    cut, k = _cut(scores, high, ratio, reduce)
+    return _keep_top(scores, cut, k, sharded), _bits_to_float(cut)
+
+
+def _histogrammed(scores: dict[str, Tensor], reduce: Callable[[Tensor], Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+    """Checked, contiguous scores and the (reduced) histogram of their high 16 bits."""
+    _check_scores(scores)
+    scores = {name: s.contiguous() for name, s in scores.items()}
+    high = reduce(_histogram(scores))
+    _check_finite(high)
+    return scores, high
+
+
+def _cut(scores: dict[str, Tensor], high: Tensor, ratio: float, reduce: Callable[[Tensor], Tensor]) -> tuple[int, int]:
+    """The bit pattern of the k-th largest score and k = int(ratio * n), the entries to keep."""
     n = int(high.sum())
     k = int(ratio * n)
     if k == 0:
         raise MaskError(f"ratio={ratio} keeps no entry out of {n}; raise the ratio")
-    cut = _kth_largest(scores, high, k, reduce)
-    return _keep_top(scores, cut, k, sharded), _bits_to_float(cut)
+    return _kth_largest(scores, high, k, reduce), k
+
+
+def _select_on_shards(
+    scores: dict[str, Tensor], shards: dict[str, Tensor], ratio: float | None, threshold: float | None,
+    soft_temperature: float | None,
+) -> tuple[dict[str, Tensor], float]:
+    """Whole-parameter masks, the same on every rank, from each rank's FSDP2 shards of the scores: the cut from
+    all-reduced histograms, then each shard's mask gathered. Ties at the cut are dropped in (parameter, index)
+    order over the gathered masks, so the mask is the one-process selection (a shard is not a consecutive
+    piece of all scores, so select_mask's rank order would differ)."""
+    if soft_temperature is not None or threshold is not None:
+        local, used = (select_mask(scores, threshold=threshold, sharded=True) if soft_temperature is None else
+                       soft_mask(scores, temperature=soft_temperature, ratio=ratio, threshold=threshold, sharded=True))
+        return {name: _gathered(m, shards[name]) for name, m in local.items()}, used
+    scores, high = _histogrammed(scores, _sum_over_ranks)
+    cut, k = _cut(scores, high, ratio, _sum_over_ranks)
+    masks = {name: _gathered(s.view(torch.int32) >= cut, shards[name]) for name, s in scores.items()}
+    surplus = sum(int(torch.count_nonzero(m)) for m in masks.values()) - k
+    # the same surplus and names on every rank, so every rank gathers the same ties in the same order
+    _drop_last_ties(masks, lambda name: _gathered(scores[name].view(torch.int32) == cut, shards[name]), surplus)
+    return masks, _bits_to_float(cut)
+
+
+def _gathered(local: Tensor, shard_of: Tensor) -> Tensor:
+    """The whole tensor whose piece on each rank is `local`, split as the DTensor `shard_of` is; on the CPU."""
+    from torch.distributed.tensor import DTensor
+
+    wire = local.to(torch.uint8) if local.dtype == torch.bool else local  # collectives need a numeric type
+    whole = DTensor.from_local(wire, shard_of.device_mesh, shard_of.placements, shape=shard_of.shape,
+                               stride=shard_of.stride()).full_tensor()
+    return whole.to(local.dtype).cpu()
 
 
 def soft_mask(
@@ -454,13 +586,18 @@ def _keep_top(scores: dict[str, Tensor], cut: int, k: int, sharded: bool = False
     surplus = sum(int(torch.count_nonzero(m)) for m in masks.values()) - k
     if sharded:
         surplus = _surplus_of_this_rank(scores, masks, cut, k)
-    for name in reversed(scores):
+    _drop_last_ties(masks, lambda name: scores[name].view(torch.int32) == cut, surplus)
+    return masks
+
+
+def _drop_last_ties(masks: dict[str, Tensor], ties_of: Callable[[str], Tensor], surplus: int) -> None:
+    """Unselect the last `surplus` entries at the cut (`ties_of(name)`, all selected) in (dict, index) order."""
+    for name in reversed(masks):
         if surplus == 0:
             break
-        ties = (scores[name].view(torch.int32) == cut).view(-1).nonzero().squeeze(1)[-surplus:]
+        ties = ties_of(name).view(-1).nonzero().squeeze(1)[-surplus:]
         masks[name].view(-1)[ties] = False
         surplus -= ties.numel()
-    return masks
 
 
 def _surplus_of_this_rank(scores: dict[str, Tensor], masks: dict[str, Tensor], cut: int, k: int) -> int:

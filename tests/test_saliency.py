@@ -175,7 +175,7 @@ def test_ratio_mask_equals_brute_force_top_k(ratio: float) -> None:
     assert meta | {"ratio": 0, "threshold_used": 0, "density": 0, "kept": 0} == {
         "mode": "ratio", "ratio": 0, "threshold": None, "threshold_used": 0, "density": 0, "kept": 0,
         "numel": numel, "loss_name": "ce", "forget_samples": 20, "forget_batches": 4, "param_filter": None,
-        "grad_clip": None, "model_class": "Tiny", "world_size": 1,
+        "grad_clip": None, "model_class": "Tiny", "world_size": 1, "sharded": False,
     }
 
 

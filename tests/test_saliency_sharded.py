@@ -66,3 +66,31 @@ def test_a_mask_trains_an_fsdp2_sharded_model_as_it_trains_the_whole_one(tmp_pat
             assert torch.equal(run[model][name][frozen], base[frozen]), (model, name)
         torch.testing.assert_close(run["sharded"][name], run["single"][name], rtol=1e-5, atol=1e-6)
         assert name not in run["masks"] or not torch.equal(run["sharded"][name], base), name
+
+
+@pytest.mark.slow  # two processes (~10 s)
+def test_compute_mask_on_an_fsdp2_sharded_model_selects_the_one_process_mask(tmp_path: Path) -> None:
+    """The gradients stay sharded; the gathered mask equals one process's, ties at the cut across both ranks'
+    shards included. A clipped pass sums shards' norms in another order, so it may move a near-tie."""
+    result = accelerate_launch(REPO / "tests" / "helpers" / "fsdp_compute_mask_worker.py", tmp_path, timeout=120)
+    assert (tmp_path / "result.pt").is_file(), log_of(result)
+    run = torch.load(tmp_path / "result.pt")
+    assert run["world"] == 2 and run["types"] == ["DTensor"] and run["grads_left"] == 0
+    for case, (single, single_meta) in run["single"].items():
+        sharded, meta = run["sharded"][case]
+        assert meta["sharded"] and meta["world_size"] == 2 and not single_meta["sharded"], case
+        assert meta["forget_samples"] == single_meta["forget_samples"] == 20, case
+        assert list(sharded) == list(single), case
+        if case == "clipped":
+            agree = sum(int((sharded[n] == single[n]).sum()) for n in single) / sum(m.numel() for m in single.values())
+            assert agree > 0.99 and meta["kept"] == single_meta["kept"], case
+            continue
+        for name in single:
+            assert torch.equal(sharded[name], single[name]), (case, name)
+        assert meta["threshold_used"] == single_meta["threshold_used"] and meta["kept"] == single_meta["kept"], case
+    # 0.9 keeps 114 of 127 entries, 66 non-zero: 48 of the 61 zero ties (column 0 of first.weight, the unused
+    # layer). One process drops the last 13 in model order, all of unused.bias (whose rows 0-4 lie on rank 0);
+    # a tie-break in rank order would have dropped rank 1's rows of unused.weight and kept them.
+    zero_ties, meta = run["single"]["ratio 0.9 (cut among zero ties)"]
+    assert meta["threshold_used"] == 0.0 and meta["kept"] == 114
+    assert not zero_ties["unused.bias"].any() and zero_ties["unused.weight"].view(-1)[:-4].all()
