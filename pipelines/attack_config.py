@@ -53,6 +53,10 @@ class RingABellSettings:
     pairs: str | None = option(None, "CSV with columns 'concept' and 'neutral' (one prompt pair per row) for the "
                                      "concept vector (default: configs/attacks/nudity_pairs.csv with --judge "
                                      "nudenet, 'a photo of a <class>' vs 'a photo' with a classifier judge)")
+    cache: str | None = option(None, "folder of finished searches to reuse: the search sees only the text encoder, "
+                                     "so every model sharing one (e.g. each UNet-only erasure of a base) shares its "
+                                     "result; a search is reused only for the same encoder weights, prompt, seed "
+                                     "and settings")
 
 
 ATTACK_SETTINGS: dict[str, type] = {"paraphrase": ParaphraseSettings, "unlearndiffatk": UnlearnDiffAtkSettings,

@@ -127,6 +127,37 @@ def test_ringabell_lowers_its_own_objective(pipe) -> None:
     assert ids[0, 0] == pipe.tokenizer.bos_token_id and (ids[0, 9:] == pipe.tokenizer.eos_token_id).all()
 
 
+def test_ringabell_reuses_a_stored_search_for_another_unet_but_not_another_encoder_prompt_or_seed(pipe, tmp_path):
+    import copy
+    from dataclasses import replace
+
+    pairs = [("a nude person", "a person")]
+    settings = RingABellSettings(length=8, population=20, generations=5, cache=str(tmp_path / "cache"))
+
+    def search(model, text: str = "a church", seed: int = 0, stored: RingABellSettings = settings):
+        target = Target(model, lambda: model, lambda _: None)
+        (found,) = RingABell(stored, pairs).candidates(target, PROMPT, token_ids(model.tokenizer, text),
+                                                       torch.Generator().manual_seed(seed))
+        return found, target.cost
+
+    def changed(part: str):
+        model = copy.deepcopy(pipe)
+        with torch.no_grad():
+            next(getattr(model, part).parameters()).add_(1e-3)
+        return model
+
+    first, cost = search(pipe)
+    uncached, _ = search(pipe, stored=replace(settings, cache=None))
+    assert torch.equal(first.ids, uncached.ids) and cost.reused_searches == 0
+    for model in (pipe, changed("unet")):  # the search never sees the UNet
+        again, again_cost = search(model)
+        assert again_cost.reused_searches == 1 and torch.equal(again.ids, first.ids)
+        assert again.objective == first.objective and again_cost.text_encoder_calls == cost.text_encoder_calls
+    for _, other_cost in (search(pipe, seed=1), search(pipe, "a dog"), search(changed("text_encoder"))):
+        assert other_cost.reused_searches == 0
+    assert len(list((tmp_path / "cache").iterdir())) == 4
+
+
 def test_ringabell_concept_pairs() -> None:
     config = from_dict(AttackEvalConfig, {"judge": "some/classifier", "target_class": "0", "prompts": "p.txt"})
     assert RingABell.from_config(config, "airplane").pairs[0] == ("a photo of an airplane", "a photo")

@@ -28,6 +28,8 @@ class Cost:
     text_encoder_calls: int = 0
     images: int = 0
     judge_calls: int = 0
+    reused_searches: int = 0
+    """Searches read from a cache instead of run (their model calls are counted as if run: the attack's cost)."""
 
     def add(self, other: Cost) -> None:
         for key, value in asdict(other).items():

@@ -7,11 +7,17 @@ for the prompt whose hidden states lie closest (summed squared distance) to the 
 the better half, appends for every survivor, with probability `crossover_rate`, the two one-point crosses with
 a random survivor, and gives each candidate, with probability `mutation_rate`, one random token. Only the
 text encoder is used: the search never sees the erased UNet, and its best prompt is the one candidate judged.
+So models that share a text encoder share each search's result: `ringabell.cache` keeps finished searches,
+keyed by a hash of the encoder's weights, the tokenizer's vocabulary, the prompt's ids, the seed, the concept
+pairs and the settings, and a later attack on another such model judges the stored prompt at once.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 from collections.abc import Generator
+from dataclasses import asdict
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +28,7 @@ from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from erasure.errors import ErasureError
+from erasure.io import read_json, write_json
 from erasure.prompts import Prompt
 from pipelines.attacks.base import Attack, Candidate, Cost, Target
 from pipelines.attacks.judges import NUDITY
@@ -79,6 +86,7 @@ class RingABell(Attack):
         super().__init__(settings)
         self.pairs = pairs
         self._vector: Tensor | None = None
+        self._encoder_hash: str | None = None
 
     @classmethod
     def from_config(cls, config: AttackEvalConfig, concept: str) -> RingABell:
@@ -121,7 +129,17 @@ class RingABell(Attack):
         target.cost.text_encoder_calls += 1
         special = set(tokenizer.all_special_ids)
         tokens = np.array([i for i in range(1, len(tokenizer)) if i not in special])
-        rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
+        seed = int(torch.randint(2**62, (1,), generator=generator))
+        stored = self._stored_search(encoder, tokenizer, original, seed)
+        if stored is not None and stored.is_file():
+            found = read_json(stored)
+            target.cost.text_encoder_calls += found["text_encoder_calls"]
+            target.cost.reused_searches += 1
+            yield Candidate(torch.tensor([found["ids"]]), found["text"], objective=found["objective"],
+                            step=found["step"])
+            return
+        calls = target.cost.text_encoder_calls
+        rng = np.random.default_rng(seed)
         rows = rng.choice(tokens, size=(settings.population, settings.length))
         total = original.shape[1]
         if settings.length > total - 2:
@@ -142,4 +160,26 @@ class RingABell(Attack):
             if generation != settings.generations - 1:
                 rows = self.evolve(rows, tokens, rng)
         ids = full(rows[:1])
-        yield Candidate(ids, decode(tokenizer, ids), objective=best, step=settings.generations)
+        candidate = Candidate(ids, decode(tokenizer, ids), objective=best, step=settings.generations)
+        if stored is not None:
+            write_json(stored, {"ids": ids[0].tolist(), "text": candidate.text, "objective": best,
+                                "step": settings.generations,
+                                "text_encoder_calls": target.cost.text_encoder_calls - calls})
+        yield candidate
+
+    def _stored_search(self, encoder: CLIPTextModel, tokenizer: CLIPTokenizer, original: Tensor, seed: int
+                       ) -> Path | None:
+        """Where this search's result is kept in `settings.cache` (None without a cache)."""
+        if self.settings.cache is None:
+            return None
+        if self._encoder_hash is None:
+            digest = hashlib.sha256()
+            for name, value in encoder.state_dict().items():
+                digest.update(name.encode())
+                digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            self._encoder_hash = digest.hexdigest()
+        settings = {k: v for k, v in asdict(self.settings).items() if k not in ("cache", "pairs")}
+        key = json.dumps({"encoder": self._encoder_hash, "vocabulary": len(tokenizer),
+                          "special": sorted(tokenizer.all_special_ids), "prompt": original[0].tolist(), "seed": seed,
+                          "pairs": self.pairs, "settings": settings}, sort_keys=True)
+        return Path(self.settings.cache) / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.json"
