@@ -188,10 +188,17 @@ def _is_sharded(named: list[tuple[str, nn.Parameter]]) -> bool:
             f"{len(plain)} selected parameters (e.g. {plain[0]}) are not FSDP2-sharded while the others are; "
             "shard the whole model with fully_shard, or select one kind with params=..."
         )
-    if kinds == {True} and not torch.distributed.is_initialized():
+    if kinds != {True}:
+        return False
+    if not torch.distributed.is_initialized():
         raise MaskError("the model is FSDP2-sharded but torch.distributed is not initialised; run under "
                         "`accelerate launch` (or torch.distributed.init_process_group)")
-    return kinds == {True}
+    meshes = {(p.device_mesh.ndim, p.device_mesh.size()) for _, p in named}
+    if meshes != {(1, torch.distributed.get_world_size())}:  # replicas would be counted once per copy
+        raise MaskError(f"the mask pass needs parameters sharded over all {torch.distributed.get_world_size()} "
+                        f"ranks on a 1-D mesh (got mesh dimensions and sizes {sorted(meshes)}); shard with plain "
+                        "FSDP2 (fully_shard on the default mesh), not HSDP")
+    return True
 
 
 def _accumulate_on_shards(

@@ -76,6 +76,7 @@ def test_compute_mask_on_an_fsdp2_sharded_model_selects_the_one_process_mask(tmp
     assert (tmp_path / "result.pt").is_file(), log_of(result)
     run = torch.load(tmp_path / "result.pt")
     assert run["world"] == 2 and run["types"] == ["DTensor"] and run["grads_left"] == 0
+    assert "are not FSDP2-sharded while the others are" in run["partly sharded"]
     for case, (single, single_meta) in run["single"].items():
         sharded, meta = run["sharded"][case]
         assert meta["sharded"] and meta["world_size"] == 2 and not single_meta["sharded"], case

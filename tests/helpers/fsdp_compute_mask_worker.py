@@ -3,8 +3,9 @@
 Usage: accelerate launch --num_processes 2 ... fsdp_compute_mask_worker.py OUT_DIR
 Every rank shards the same seeded model with `fully_shard` (each parameter split by rows, 7 rows as 4 + 3) and
 computes every case's mask from the same forget batches; rank 0 also computes each case on an unsharded copy
-and writes OUT_DIR/result.pt with both. Input column 0 is always zero and one layer is never used, so many
-gradients are exactly zero: the cut of a high ratio falls among ties that lie on both ranks.
+and writes OUT_DIR/result.pt with both and the refusal of a partly sharded model. Input column 0 is always
+zero and one layer is never used, so many gradients are exactly zero: the cut of a high ratio falls among ties
+that lie on both ranks.
 """
 from __future__ import annotations
 
@@ -61,6 +62,22 @@ def masks_of(model: nn.Module) -> dict[str, tuple[dict[str, Tensor], dict]]:
     return results
 
 
+def refusal() -> str:
+    """The error of a mask pass over a model whose first layer alone is sharded."""
+    from torch.distributed.fsdp import fully_shard
+
+    from erasure.errors import MaskError
+    from erasure.saliency import compute_mask
+
+    partly = Model()
+    fully_shard(partly.first)
+    try:
+        compute_mask(partly, batches(), loss_fn, ratio=0.5, progress=False)
+    except MaskError as error:
+        return str(error)
+    return "no error"
+
+
 def main(out_dir: Path) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
@@ -75,7 +92,8 @@ def main(out_dir: Path) -> None:
     grads_left = [p.grad for p in sharded.parameters() if p.grad is not None]
     if dist.get_rank() == 0:
         torch.save({"world": dist.get_world_size(), "types": types, "grads_left": len(grads_left),
-                    "sharded": results, "single": masks_of(Model())}, out_dir / "result.pt")
+                    "sharded": results, "single": masks_of(Model()), "partly sharded": refusal()},
+                   out_dir / "result.pt")
     dist.barrier()
     dist.destroy_process_group()
 
