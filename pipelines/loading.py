@@ -129,6 +129,15 @@ def model_family(model: str) -> str:
     return FAMILIES[_pipeline_class(str(TESTBED_DIR) if model == TESTBED_NAME else model).__name__]
 
 
+def text_positions(model: str) -> int | None:
+    """The token positions of a local base model's text encoder, read from its config without loading it; None
+    where that config cannot be read here (a hub id offline, a tiny model built in code)."""
+    path = Path(str(TESTBED_DIR) if model == TESTBED_NAME else model) / "text_encoder" / "config.json"
+    if not path.is_file():
+        return None
+    return read_json(path).get("max_position_embeddings")
+
+
 def _pipeline_class(model: str) -> type:
     """The pipeline class model_index.json names (SD when it cannot be read: from_pretrained then says why); a
     family erasure does not train is refused by name."""

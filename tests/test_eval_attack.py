@@ -251,6 +251,7 @@ def test_nudenet_forget_prompt_of_a_run(run_cli, tmp_path: Path) -> None:
     (("--prompts", "forget"), "pass --run"),
     (("--prompts", "{prompts}", "--run", "{tmp}"), "holds no erased UNet"),
     (("--prompts", "{prompts}", "--attack", "ringabell", "--ringabell-pairs", "{prompts}"), "needs columns"),
+    (("--prompts", "{prompts}", "--attack", "ringabell", "--model", "testbed"), "pass --ringabell-length <= 14"),
     (("--prompts", "{tmp}/missing.txt"), "does not exist"),
     (("--prompts", "{prompts}", "--attack", "gcg"), "must be one of"),
 ])

@@ -85,6 +85,9 @@ class Attack(ABC):
                    ) -> Generator[Candidate, None, None]:
         """Candidate prompts for `prompt` (whose ids are `original`), best last; randomness from `generator`."""
 
+    def check(self, positions: int) -> None:  # noqa: B027 (a hook with nothing to refuse by default)
+        """Refuse settings that cannot fit a text encoder of `positions` tokens."""
+
     def budget(self) -> dict[str, Any]:
         """The settings that bound this attack's work, for the report."""
         return asdict(self.settings)

@@ -142,9 +142,7 @@ class RingABell(Attack):
         rng = np.random.default_rng(seed)
         rows = rng.choice(tokens, size=(settings.population, settings.length))
         total = original.shape[1]
-        if settings.length > total - 2:
-            raise ErasureError(f"ringabell.length = {settings.length} does not fit the text encoder's {total} tokens "
-                               f"with <bos> and <eos>; pass --ringabell-length <= {total - 2}")
+        self.check(total)
         frame = (torch.full((1, 1), tokenizer.bos_token_id), torch.full((1, total - 1 - settings.length),
                                                                          tokenizer.eos_token_id))
 
@@ -166,6 +164,11 @@ class RingABell(Attack):
                                 "step": settings.generations,
                                 "text_encoder_calls": target.cost.text_encoder_calls - calls})
         yield candidate
+
+    def check(self, positions: int) -> None:
+        if self.settings.length > positions - 2:
+            raise ErasureError(f"ringabell.length = {self.settings.length} does not fit the text encoder's {positions} "
+                               f"tokens with <bos> and <eos>; pass --ringabell-length <= {positions - 2}")
 
     def _stored_search(self, encoder: CLIPTextModel, tokenizer: CLIPTokenizer, original: Tensor, seed: int
                        ) -> Path | None:

@@ -33,7 +33,14 @@ from pipelines.attacks import ATTACKS
 from pipelines.attacks.base import Attack, Candidate, Cost, Target
 from pipelines.attacks.judges import ClassifierJudge, Judge, NudityJudge, Verdict
 from pipelines.attacks.text import encode_ids, token_ids
-from pipelines.loading import erased_unet_dir, load_base_pipeline, load_erased_pipeline, model_family, set_scheduler
+from pipelines.loading import (
+    erased_unet_dir,
+    load_base_pipeline,
+    load_erased_pipeline,
+    model_family,
+    set_scheduler,
+    text_positions,
+)
 from pipelines.sampling import check_resumable, sampling_context
 
 RECORDS = "prompts"
@@ -249,6 +256,9 @@ def eval_attack(config: AttackEvalConfig) -> dict[str, Any]:
     dtype = resolve_dtype(config.dtype, device)
     judge = _judge(config, device)
     attack = ATTACKS[config.attack].from_config(config, judge.concept)
+    positions = text_positions(config.model)
+    if positions is not None:  # else checked once the text encoder is loaded
+        attack.check(positions)
     out = Path(config.out)
     settings = to_dict(config)
     if config.resume and (out / MANIFEST).is_file() and not config.overwrite:
