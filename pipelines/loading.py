@@ -43,8 +43,7 @@ def load_base_pipeline(model: str, device: torch.device | str = "cpu", dtype: to
     as the model's model_index.json names it, from a hub id, a local directory, 'tiny', 'tiny-sd2', 'tiny-sdxl',
     'tiny-sd3', 'tiny-flux' or 'testbed'; `erased` ({'unet': ...} or {'transformer': ...}) replaces its
     denoiser."""
-    if model == TESTBED_NAME:
-        model = str(TESTBED_DIR)
+    model = _resolved(model)
     if model in TINY_BUILDERS:
         pipe = TINY_BUILDERS[model]()
         for name, module in (erased or {}).items():
@@ -126,16 +125,21 @@ def model_family(model: str) -> str:
     it."""
     if model in TINY_BUILDERS:
         return {TINY_SDXL_NAME: "sdxl", TINY_SD3_NAME: "sd3", TINY_FLUX_NAME: "flux"}.get(model, "sd")
-    return FAMILIES[_pipeline_class(str(TESTBED_DIR) if model == TESTBED_NAME else model).__name__]
+    return FAMILIES[_pipeline_class(_resolved(model)).__name__]
 
 
 def text_positions(model: str) -> int | None:
     """The token positions of a local base model's text encoder, read from its config without loading it; None
     where that config cannot be read here (a hub id offline, a tiny model built in code)."""
-    path = Path(str(TESTBED_DIR) if model == TESTBED_NAME else model) / "text_encoder" / "config.json"
+    path = Path(_resolved(model)) / "text_encoder" / "config.json"
     if not path.is_file():
         return None
     return read_json(path).get("max_position_embeddings")
+
+
+def _resolved(model: str) -> str:
+    """`model` with the name 'testbed' replaced by the committed testbed's directory."""
+    return str(TESTBED_DIR) if model == TESTBED_NAME else model
 
 
 def _pipeline_class(model: str) -> type:
