@@ -171,19 +171,25 @@ def accumulate_gradients(
         batches += 1
         if index % world == rank:
             _add_batch_gradient(sums, base, [p for _, p in named], loss_fn, batch, grad_clip)
-    if batches == 0:
-        raise MaskError("the forget set is empty (no batches); pass a non-empty forget_batches iterable")
     if world > 1:
         for s in sums:
             torch.distributed.all_reduce(s, op=torch.distributed.ReduceOp.SUM)
-    return GradientSum({name: s for (name, _), s in zip(named, sums, strict=True)}, samples, batches)
+    return _gradient_sum(named, sums, samples, batches)
+
+
+def _gradient_sum(named: list[tuple[str, nn.Parameter]], sums: list[Tensor], samples: int, batches: int,
+                  shards: dict[str, Tensor] | None = None) -> GradientSum:
+    """The sums by parameter name, refusing an empty forget set."""
+    if batches == 0:
+        raise MaskError("the forget set is empty (no batches); pass a non-empty forget_batches iterable")
+    return GradientSum({name: s for (name, _), s in zip(named, sums, strict=True)}, samples, batches, shards)
 
 
 def _is_sharded(named: list[tuple[str, nn.Parameter]]) -> bool:
     """Whether the selected parameters are FSDP2 shards (DTensors); refuses a mix of both kinds."""
-    kinds = {hasattr(p, "device_mesh") for _, p in named}
+    kinds = {_is_dtensor(p) for _, p in named}
     if len(kinds) == 2:
-        plain = [name for name, p in named if not hasattr(p, "device_mesh")]
+        plain = [name for name, p in named if not _is_dtensor(p)]
         raise MaskError(
             f"{len(plain)} selected parameters (e.g. {plain[0]}) are not FSDP2-sharded while the others are; "
             "shard the whole model with fully_shard, or select one kind with params=..."
@@ -221,19 +227,13 @@ def _accumulate_on_shards(
             with torch.enable_grad():
                 _checked_loss(loss_fn(model, batch)).backward()
             grads = [None if p.grad is None else _local(p.grad) for _, p in named]
-            scale = _clip_scale([g for g in grads if g is not None], grad_clip, _sum_over_ranks)
-            for s, g in zip(sums, grads, strict=True):
-                if g is not None:
-                    s.add_(g, alpha=scale)
+            _add_scaled(sums, grads, _clip_scale([g for g in grads if g is not None], grad_clip, _sum_over_ranks))
             samples += _count_samples(batch)
             batches += 1
     finally:
         for p, grad in zip(trainable, saved, strict=True):
             p.grad = grad
-    if batches == 0:
-        raise MaskError("the forget set is empty (no batches); pass a non-empty forget_batches iterable")
-    return GradientSum({name: s for (name, _), s in zip(named, sums, strict=True)}, samples, batches,
-                       shards=dict(named))
+    return _gradient_sum(named, sums, samples, batches, shards=dict(named))
 
 
 def _world_size(accelerator: accelerate.Accelerator | None) -> int:
@@ -334,7 +334,11 @@ def _add_batch_gradient(
     with torch.enable_grad():
         loss = _checked_loss(loss_fn(model, batch))
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-    scale = _clip_scale([g for g in grads if g is not None], grad_clip)
+    _add_scaled(sums, grads, _clip_scale([g for g in grads if g is not None], grad_clip))
+
+
+def _add_scaled(sums: list[Tensor], grads: Iterable[Tensor | None], scale: float) -> None:
+    """Add each gradient (None: the parameter was unused) times `scale` into its float32 sum."""
     for s, g in zip(sums, grads, strict=True):
         if g is not None:
             s.add_(g, alpha=scale)
@@ -816,15 +820,20 @@ class Mask:
         return p, frozen, local[frozen].clone()
 
 
+def _is_dtensor(tensor: Tensor) -> bool:
+    """Whether `tensor` is a DTensor (an FSDP2 shard), told by its mesh without importing torch.distributed.tensor."""
+    return hasattr(tensor, "device_mesh")
+
+
 def _local(tensor: Tensor) -> Tensor:
     """This rank's shard of an FSDP2-sharded tensor (a DTensor; the same storage), or the tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "device_mesh") else tensor
+    return tensor.to_local() if _is_dtensor(tensor) else tensor
 
 
 def _shard_like(full: Tensor, p: Tensor) -> Tensor:
     """`full` (a whole-parameter mask, the same on every rank) on p's device, cut to p's shard when p is a
     DTensor: each rank keeps its own piece of its own copy, so nothing is communicated."""
-    if not hasattr(p, "device_mesh"):
+    if not _is_dtensor(p):
         return full.to(p.device)
     from torch.distributed.tensor import distribute_tensor
 
