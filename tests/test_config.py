@@ -74,7 +74,8 @@ def test_exponent_floats_without_a_dot_are_floats_in_every_yaml_read(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lr: 1e-05\nratio: 5E-1\nnames: [1e3, 1e3x, 10]\nnested: {lr: -2e-4}\n")
     assert read_yaml(path) == {"lr": 1e-05, "ratio": 0.5, "names": [1000.0, "1e3x", 10], "nested": {"lr": -2e-4}}
-    assert load_config(Example, path.write_text("lr: 1e-05\n") and path).lr == 1e-05
+    path.write_text("lr: 1e-05\n")
+    assert load_config(Example, path).lr == 1e-05
 
 
 def test_flags_override_the_file(tmp_path):
