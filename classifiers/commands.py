@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from classifiers.config import CompareConfig, MaskConfig, TrainConfig, UnlearnConfig
 from classifiers.data import ForgetSplit, forget_split
 from classifiers.loop import Loop, Streams
+from classifiers.method_settings import METHODS
 from classifiers.methods import FineTune, Method, build_method, forget_loss, image_batches
 from classifiers.metrics import PROTOCOL, accuracy, average_gap, evaluate, predict_proba
 from classifiers.models import MODEL_FILE, Classifier, build_model, load_model, save_model, spec_for
@@ -23,12 +24,14 @@ from erasure.accel import make_accelerator
 from erasure.config import from_dict, to_dict
 from erasure.datasets import Dataset, ImageSet, load_dataset
 from erasure.errors import RunDirError
-from erasure.io import RunDir, finished_manifest, finished_run, read_json, write_json
+from erasure.io import RunDir, finished_run, read_json, reusable_run, write_json
 from erasure.saliency import Mask, compute_mask
 from erasure.trainer import tracker_options
 from erasure.training import evaluating
 
 MASK_FILE = "mask.safetensors"
+RUN_PLACEMENT_KEYS = ("out", "retrain", "resume", "overwrite", "log_with")
+"""Settings of a compared run that say where it writes and how it runs, not what it computes."""
 SHADOW_SEED = 10_000  # shadow k of comparison seed s trains with seed SHADOW_SEED + 100 s + k
 
 
@@ -173,7 +176,8 @@ def compare(config: CompareConfig) -> dict[str, Any]:
     With several `seeds`, everything runs once per seed (in out/seed<k>) and the report gives mean ± std.
     """
     accelerator = make_accelerator(**tracker_options(config.log_with(), config.out))
-    run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume, main_process=accelerator.is_main_process)
+    run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume, main_process=accelerator.is_main_process,
+                 reopen=True)
     run.start(to_dict(config), seed=config.seed, device=str(accelerator.device), kind="classifier-compare")
     seeds = config.seeds or [config.seed]
     if len(seeds) == 1:
@@ -192,7 +196,8 @@ def _compare_seed(config: CompareConfig, folder: Path, accelerator: Accelerator)
     """The comparison for `config.seed`, with its runs in `folder`: original, retrain, then each method."""
     original = config.original or str(folder / "original")
     if config.original is None:
-        _once(folder / "original", lambda: train(config.train_config(out=original, resume=True), accelerator))
+        settings = config.train_config(out=original, resume=True)
+        _once(folder / "original", settings, lambda: train(settings, accelerator))
     retrain = config.retrain or str(folder / "retrain")
     results: dict[str, dict[str, Any]] = {"retrain": _retrain_metrics(config, original, retrain, accelerator)}
     train_config, model = _original(original)
@@ -206,7 +211,7 @@ def _compare_seed(config: CompareConfig, folder: Path, accelerator: Accelerator)
             runs[method] = Path(searches[method]["selected_run"])
         settings = config.unlearn_config(method, (searches.get(method) or {}).get("selected_settings"),
                                          original=original, out=str(runs[method]), retrain=retrain, resume=True)
-        results[method] = _once(runs[method], lambda s=settings: unlearn(s, accelerator))
+        results[method] = _once(runs[method], settings, lambda s=settings: unlearn(s, accelerator))
     original_metrics = evaluate(model.to(accelerator.device), data, split, config.seed)
     original_metrics["Avg.Gap"] = average_gap(original_metrics, read_json(Path(retrain) / "metrics.json"))
     if config.lira_shadows:
@@ -223,7 +228,7 @@ def _search(config: CompareConfig, method: str, original: str, retrain: str, fol
     """The method's grid search (each point a run in folder/search/<method>/<settings>), selected on validation."""
     def run_point(out: Path, point: dict[str, Any]) -> None:
         settings = config.unlearn_config(method, point, original=original, out=str(out), retrain=retrain, resume=True)
-        _once(out, lambda: unlearn(settings, accelerator))
+        _once(out, settings, lambda: unlearn(settings, accelerator))
 
     reference = load_model(Path(retrain) / MODEL_FILE).to(accelerator.device)
     result = search(config.search[method], run_point, folder / "search" / method, reference, data, split, config.seed)
@@ -236,15 +241,18 @@ def _shadows(config: CompareConfig, folder: Path, split: ForgetSplit, accelerato
     for k in range(config.lira_shadows):
         out = folder / "shadows" / f"shadow{k}"
         seed = SHADOW_SEED + 100 * config.seed + k
-        _once(out, lambda o=out, s=seed: train(config.train_config(out=str(o), seed=s, resume=True), accelerator,
-                                               keep=split.retain_index))
+        settings = config.train_config(out=str(out), seed=seed, resume=True)
+        _once(out, settings, lambda s=settings: train(s, accelerator, keep=split.retain_index))
         models.append(load_model(out / MODEL_FILE).to(accelerator.device))
     return models
 
 
-def _once(out: Path, work) -> dict[str, Any]:
-    """Run `work` unless `out` already holds a finished run (then reuse its metrics)."""
-    manifest = finished_manifest(out)
+def _once(out: Path, settings: TrainConfig | UnlearnConfig, work: Callable[[], Any]) -> dict[str, Any]:
+    """Run `work` unless `out` already holds a finished run with these `settings` (then reuse its metrics); a
+    finished run with other settings is refused, naming them. Where runs write and how they resume is not
+    compared, nor another method's settings, which an unlearning run carries but does not use."""
+    others = tuple(m for m in METHODS if m != getattr(settings, "method", None))
+    manifest = reusable_run(out, to_dict(settings), ignored=(*RUN_PLACEMENT_KEYS, *others))
     return manifest["metrics"] if manifest is not None else work()
 
 
@@ -252,7 +260,7 @@ def _retrain_metrics(config: CompareConfig, original: str, retrain: str, acceler
     """Metrics of the gold standard: a given finished retrain run (checked to match), or one trained here."""
     if config.retrain is None:
         settings = config.unlearn_config("retrain", original=original, out=retrain, resume=True)
-        return _once(Path(retrain), lambda: unlearn(settings, accelerator))
+        return _once(Path(retrain), settings, lambda: unlearn(settings, accelerator))
     manifest = finished_run(retrain, "`classifier unlearn --method retrain`")
     given = manifest["config"]
     if given.get("method") != "retrain" or given.get("forget") != config.forget or given.get("seed") != config.seed:

@@ -153,24 +153,28 @@ class RunDir:
 
     `RunDir(path, overwrite=..., resume=...)` checks the directory; `start(config, seed, device)`
     writes the manifest with status `running`; `finish(metrics)` writes `metrics.json` and marks
-    the manifest `finished` with the end time and wall seconds.
+    the manifest `finished` with the end time and wall seconds. `reopen=True` lets `resume` continue a
+    finished run too: for runs that collect other runs (a comparison, a benchmark), which a resume extends
+    with rows while reusing the finished ones.
     """
 
-    def __init__(self, path: str | Path, *, overwrite: bool = False, resume: bool = False, main_process: bool = True):
+    def __init__(self, path: str | Path, *, overwrite: bool = False, resume: bool = False, main_process: bool = True,
+                 reopen: bool = False):
         self.path = Path(path)
         self.main_process = main_process
         self.resumed = resume
         if main_process:
-            self._guard(overwrite=overwrite, resume=resume)
+            self._guard(overwrite=overwrite, resume=resume, reopen=reopen)
         self._t0 = time.time()
         self._manifest: dict[str, Any] = {}
 
-    def _guard(self, *, overwrite: bool, resume: bool) -> None:
+    def _guard(self, *, overwrite: bool, resume: bool, reopen: bool) -> None:
         state = self.status()
-        if state == "finished" and not overwrite:
+        if state == "finished" and not overwrite and not (resume and reopen):
             raise RunDirError(
                 f"output directory '{self.path}' already holds a finished run; "
-                "pass --overwrite to replace it or choose another --out"
+                + ("pass --resume to add to it, " if reopen else "")
+                + "pass --overwrite to replace it or choose another --out"
             )
         if state is not None and state != "finished" and not (resume or overwrite):
             raise RunDirError(
@@ -184,7 +188,7 @@ class RunDir:
             )
         if overwrite and self.path.exists():
             shutil.rmtree(self.path)
-        self.resumed = resume and not overwrite and state not in (None, "finished")
+        self.resumed = resume and not overwrite and state is not None and (state != "finished" or reopen)
 
     def status(self) -> str | None:
         """The manifest's status (`running`, `failed`, `finished`), or None when there is no manifest."""
@@ -249,6 +253,37 @@ def finished_manifest(path: str | Path) -> dict[str, Any] | None:
         return None
     data = read_json(manifest)
     return data if data.get("status") == "finished" else None
+
+
+def changed_settings(recorded: dict[str, Any], wanted: dict[str, Any], ignored: tuple[str, ...] = ()) -> list[str]:
+    """The keys of `wanted` (a resolved config as plain data) whose values differ from those in `recorded` (a
+    manifest's config); keys in `ignored`, and keys `recorded` lacks (settings added since), are not compared."""
+    wanted = json.loads(json.dumps(wanted, default=str))
+    return sorted(k for k in wanted if k not in ignored and k in recorded and recorded[k] != wanted[k])
+
+
+def check_resumable(out: str | Path, settings: dict[str, Any], resumable: tuple[str, ...]) -> None:
+    """Refuse to resume `out` when a setting outside `resumable` differs from the one its manifest records."""
+    previous = read_json(Path(out) / MANIFEST).get("config", {})
+    changed = changed_settings(previous, settings, resumable)
+    if changed:
+        details = ", ".join(f"{k}: {previous[k]!r} -> {settings[k]!r}" for k in changed)
+        raise RunDirError(f"cannot resume '{out}' with different settings ({details}); "
+                          "use the original settings, or --overwrite / another --out to start again")
+
+
+def reusable_run(path: str | Path, wanted: dict[str, Any], *, ignored: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """The manifest of the finished run at `path` if it was made with the settings `wanted`, None when `path` holds
+    no finished run, or a RunDirError naming the settings that differ, so a changed setting never silently reuses
+    an old result. Keys in `ignored` (how it ran, where it wrote) are not compared."""
+    manifest = finished_manifest(path)
+    if manifest is None:
+        return None
+    changed = changed_settings(manifest.get("config", {}), wanted, ignored)
+    if changed:
+        raise RunDirError(f"'{path}' holds a finished run made with other settings ({', '.join(changed)}); "
+                          "remove that folder (or pass --overwrite) to run it again, or choose another --out")
+    return manifest
 
 
 def finished_run(path: str | Path, what: str) -> dict[str, Any]:

@@ -36,14 +36,13 @@ from classifiers.models import to_input
 from erasure.config import load_config, to_dict
 from erasure.datasets import ImageSet
 from erasure.evaluation.fid import fid_kid
-from erasure.io import MANIFEST, RunDir, atomic_open, read_json
+from erasure.io import MANIFEST, RunDir, atomic_open, check_resumable, read_json
 from erasure.media import image_grid, save_png
 from pipelines.bench_attack import attack_columns, attack_rates, check_attacks
 from pipelines.bench_config import CONCEPT_SEPARATOR, BenchEraseConfig
 from pipelines.bench_data import real_sets
 from pipelines.loading import load_base_pipeline, load_erased_pipeline
 from pipelines.methods import SD_METHODS
-from pipelines.sampling import check_resumable
 from pipelines.sd_config import DEFAULT_LR, SDEraseConfig
 from pipelines.testbed_captions import CLASSES, QUALITY_PROMPT, caption, prompt_groups
 from pipelines.testbed_eval import generate, load_judge
@@ -221,7 +220,7 @@ def bench(config: BenchEraseConfig) -> dict[str, Any]:
             load_config(SDEraseConfig, None, erase_args(config, classes, method, config.seeds[0], Path("x"))["values"])
     check_attacks(config)
     check_resume(config)
-    run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume)
+    run = RunDir(config.out, overwrite=config.overwrite, resume=config.resume, reopen=True)
     run.start(to_dict(config), seed=config.seeds[0], device="cpu", kind="bench-erase")
     judge = load_judge(config.judge)
     base = load_base_pipeline(config.model)

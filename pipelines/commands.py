@@ -7,7 +7,7 @@ from erasure.config import from_dict, to_dict
 from erasure.errors import ErasureError
 from erasure.evaluation.config import DEFAULT_BASE_MODEL, NudityEvalConfig
 from erasure.evaluation.protocol import run_protocol
-from erasure.io import finished_manifest
+from erasure.io import reusable_run
 from erasure.media import list_images
 from pipelines.config import SampleConfig
 
@@ -80,14 +80,7 @@ def _sampling_plan(config: NudityEvalConfig, out: Path) -> dict[str, SampleConfi
 def _sample(sample_config: SampleConfig) -> Path:
     """Generate one side's images, or reuse them when that folder already holds a finished, equal sampling."""
     folder = Path(sample_config.out)
-    manifest = finished_manifest(folder)
-    if manifest is not None:
-        previous = manifest.get("config", {})
-        wanted = to_dict(sample_config)
-        changed = [k for k in wanted if k not in SAMPLE_KEYS_IGNORED_ON_REUSE and previous.get(k) != wanted[k]]
-        if changed:
-            raise ErasureError(f"'{folder}' was sampled with other settings ({', '.join(changed)}); "
-                               "pass --overwrite to sample again")
+    if reusable_run(folder, to_dict(sample_config), ignored=SAMPLE_KEYS_IGNORED_ON_REUSE) is not None:
         return folder
     from pipelines.sampling import run_sampling
 

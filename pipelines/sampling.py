@@ -21,8 +21,7 @@ from tqdm.auto import tqdm
 
 from erasure.accel import resolve_device, resolve_dtype
 from erasure.config import to_dict
-from erasure.errors import ErasureError
-from erasure.io import MANIFEST, RunDir, atomic_open, read_json
+from erasure.io import RunDir, atomic_open, check_resumable
 from erasure.media import UNIT, save_png, to_uint8
 from erasure.prompts import RECORDS, Prompt, read_prompts, sha256_file
 from pipelines.config import SampleConfig
@@ -126,18 +125,6 @@ def sampling_context() -> Iterator[None]:
     finally:
         diffusers_logging.set_verbosity(levels[0])
         transformers_logging.set_verbosity(levels[1])
-
-
-def check_resumable(out: Path, settings: dict[str, Any], resumable: tuple[str, ...]) -> None:
-    """Refuse to resume `out` when a setting outside `resumable` differs from the one its manifest records."""
-    previous = read_json(out / MANIFEST).get("config", {})
-    changed = sorted(k for k in settings if k not in resumable and k in previous and previous[k] != settings[k])
-    if changed:
-        details = ", ".join(f"{k}: {previous[k]!r} -> {settings[k]!r}" for k in changed)
-        raise ErasureError(
-            f"cannot resume '{out}' with different settings ({details}); "
-            "use the original settings, or --overwrite / another --out to start again"
-        )
 
 
 def _rewrite_records(out: Path, done: list[dict[str, Any]]) -> None:

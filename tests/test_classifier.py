@@ -222,6 +222,26 @@ def test_compare_reuses_a_matching_retrain_run_and_refuses_another(original, tmp
         compare(from_dict(CompareConfig, {**base, "forget": "class:4", "out": str(tmp_path / "cmp4")}))
 
 
+def test_a_resumed_compare_reuses_rows_with_equal_settings_and_refuses_changed_ones(original, tmp_path):
+    from classifiers.commands import compare
+    from classifiers.config import CompareConfig
+    from erasure.errors import RunDirError
+
+    retrain = tmp_path / "retrain"
+    unlearn(unlearn_config(original, retrain, "retrain"))
+    base = {"original": str(original), "retrain": str(retrain), "methods": ["rl"], "forget": "class:3",
+            "unlearn": {"epochs": 1, "checkpoint_every": 0}, "out": str(tmp_path / "cmp")}
+    first = compare(from_dict(CompareConfig, base))
+    row = tmp_path / "cmp" / "rl" / "manifest.json"
+    made = row.stat().st_mtime_ns
+    # another method's settings, carried by every unlearning config, do not make the rl row stale
+    again = compare(from_dict(CompareConfig, {**base, "resume": True, "overwrite": False,
+                                              "per_method": {"salun": {"mask_ratio": 0.3}}}))
+    assert row.stat().st_mtime_ns == made and again["methods"]["rl"] == first["methods"]["rl"]
+    with pytest.raises(RunDirError, match=r"'.*cmp/rl' holds a finished run made with other settings \(lr\)"):
+        compare(from_dict(CompareConfig, {**base, "resume": True, "per_method": {"rl": {"lr": 0.5}}}))
+
+
 def test_downsampling_is_the_rounded_block_mean_and_resolution_is_cifar_only():
     from classifiers.config import TrainConfig
     from erasure.datasets import downsample

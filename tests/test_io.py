@@ -6,7 +6,7 @@ import json
 import pytest
 
 from erasure.errors import RunDirError
-from erasure.io import RunDir, atomic_open, finished_run, write_json
+from erasure.io import RunDir, atomic_open, finished_run, reusable_run, write_json
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -41,6 +41,31 @@ def test_a_finished_run_is_refused_unless_overwrite(tmp_path):
         RunDir(tmp_path / "run")
     RunDir(tmp_path / "run", overwrite=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_only_a_run_that_collects_others_reopens_when_finished(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.start({"methods": ["rl"]}, seed=0, device="cpu", kind="test")
+    run.finish({})
+    with pytest.raises(RunDirError, match="finished run; pass --overwrite"):
+        RunDir(tmp_path / "run", resume=True)
+    with pytest.raises(RunDirError, match="pass --resume to add to it"):
+        RunDir(tmp_path / "run", reopen=True)
+    reopened = RunDir(tmp_path / "run", resume=True, reopen=True)
+    reopened.start({"methods": ["rl", "salun"]}, seed=0, device="cpu", kind="test")
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert reopened.resumed and manifest["status"] == "running" and len(manifest["resumed_at"]) == 1
+
+
+def test_reusable_run_names_the_settings_that_changed(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.start({"lr": 0.1, "epochs": [1, 2], "out": "a"}, seed=0, device="cpu", kind="test")
+    assert reusable_run(tmp_path / "run", {"lr": 0.1}) is None  # not finished: nothing to reuse
+    run.finish({"UA": 1.0})
+    assert reusable_run(tmp_path / "run", {"lr": 0.1, "epochs": (1, 2), "out": "b", "new": 3},
+                        ignored=("out",))["metrics"] == {"UA": 1.0}
+    with pytest.raises(RunDirError, match=r"other settings \(epochs, lr\)"):
+        reusable_run(tmp_path / "run", {"lr": 0.2, "epochs": [1], "out": "a"})
 
 
 def test_an_unfinished_run_needs_resume_or_overwrite(tmp_path):

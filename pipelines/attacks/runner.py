@@ -25,7 +25,7 @@ from erasure.config import to_dict
 from erasure.errors import ConfigError, ErasureError
 from erasure.evaluation.protocol import Grid, Protocol, ProtocolCard, Result, register, run_protocol
 from erasure.evaluation.report import grid_links, markdown_table, settings_table
-from erasure.io import MANIFEST, finished_manifest, read_json, write_json
+from erasure.io import MANIFEST, check_resumable, finished_manifest, read_json, write_json
 from erasure.media import UNIT, load_rgb, save_png, to_uint8
 from erasure.prompts import Prompt, default_i2p_file, read_prompts, sha256_file
 from pipelines.attack_config import FORGET, AttackEvalConfig
@@ -41,7 +41,7 @@ from pipelines.loading import (
     set_scheduler,
     text_positions,
 )
-from pipelines.sampling import check_resumable, sampling_context
+from pipelines.sampling import sampling_context
 
 RECORDS = "prompts"
 IMAGES = "images"
