@@ -85,7 +85,11 @@ def judge_pipeline(pipe: StableDiffusionPipeline, judge: nn.Module, classes: lis
                 features = torch.cat([judge.features(to_input(images[i:i + 500])) for i in
                                       range(0, len(images), 500)])
         else:
-            result[f"{name}_erased_pct"] = round(100.0 * float(torch.isin(predicted, erased).float().mean()), 2)
+            hit = torch.isin(predicted, erased).float()
+            result[f"{name}_erased_pct"] = round(100.0 * float(hit.mean()), 2)
+            if len(classes) > 1:  # a goal "for every concept" needs each class's own share
+                for index, erased_class in zip(erased.tolist(), classes, strict=True):
+                    result[per_class_key(name, erased_class)] = round(100.0 * float(hit[labels == index].mean()), 2)
         for (text, _), start in zip(pairs, range(0, len(prompts), config.per_prompt), strict=True):
             samples[text] = images[start].permute(1, 2, 0).numpy()
     return result, features, samples
@@ -165,9 +169,15 @@ def evaluate_run(config: BenchEraseConfig, pipe: StableDiffusionPipeline, judge:
     return result, samples
 
 
+def per_class_key(group: str, name: str) -> str:
+    """The result key of one erased class's share in a prompt group, e.g. `forget_erased_pct[ship]`."""
+    return f"{group}_erased_pct[{name}]"
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean (and std over seeds) of every number in a method's per-seed rows."""
-    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float))]
+    """Mean (and std over seeds) of every number in a method's per-seed rows (that every row has: results judged
+    before per-class shares were recorded have none)."""
+    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and all(k in r for r in rows)]
     return {k: {"mean": round(mean(r[k] for r in rows), 3),
                 "std": round(stdev(r[k] for r in rows), 3) if len(rows) > 1 else None} for k in keys}
 
@@ -199,8 +209,25 @@ def report(config: BenchEraseConfig, results: dict[str, dict[str, dict[str, Any]
                 cells.append("—" if value is None else f"{value['mean']:g}" +
                              (f" ± {value['std']:g}" if value["std"] is not None else ""))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += ["", *per_class_table(concept.split(CONCEPT_SEPARATOR), rows)]
     return "\n".join(lines)
+
+
+PER_CLASS_GROUPS = ("forget", "held_out", "synonyms")
+
+
+def per_class_table(classes: list[str], rows: dict[str, dict[str, Any]]) -> list[str]:
+    """For several classes erased at once, each class's share (forget prompt / held-out templates / synonyms, mean
+    over the seeds) per model; nothing for one class."""
+    if len(classes) < 2:
+        return []
+    lines = ["Per erased class: forget prompt / held-out templates / synonyms %, mean over the seeds.", "",
+             "| model | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+    for name, summary in rows.items():
+        cells = [" / ".join(f"{summary[key]['mean']:g}" if key in summary else "—"
+                            for key in (per_class_key(group, c) for group in PER_CLASS_GROUPS)) for c in classes]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def check_resume(config: BenchEraseConfig) -> None:
