@@ -58,6 +58,8 @@ sys.exit(code)
 """The erasure process: `erasure sd`, then its own peak resident memory (VmHWM: the high-water mark of its address
 space since exec; rusage's maxrss would include the benchmark process's memory, inherited through fork)."""
 COST_FILE, EVAL_FILE = "cost.json", "bench.json"
+PER_CLASS_GROUPS = ("forget", "held_out", "synonyms")
+"""The prompt groups written for each erased class (the target prompt belongs to none)."""
 RESUMABLE_KEYS = ("resume", "overwrite", "concepts", "methods", "retrained", "attacks", "seeds", "batch_size",
                   "threads", "jobs")
 """Settings a resumed benchmark may change (rows and columns to add, how it runs); any other change would mix
@@ -87,7 +89,7 @@ def judge_pipeline(pipe: StableDiffusionPipeline, judge: nn.Module, classes: lis
         else:
             hit = torch.isin(predicted, erased).float()
             result[f"{name}_erased_pct"] = round(100.0 * float(hit.mean()), 2)
-            if len(classes) > 1:  # a goal "for every concept" needs each class's own share
+            if len(classes) > 1 and name in PER_CLASS_GROUPS:  # "for every concept" goals need each class
                 for index, erased_class in zip(erased.tolist(), classes, strict=True):
                     result[per_class_key(name, erased_class)] = round(100.0 * float(hit[labels == index].mean()), 2)
         for (text, _), start in zip(pairs, range(0, len(prompts), config.per_prompt), strict=True):
@@ -211,9 +213,6 @@ def report(config: BenchEraseConfig, results: dict[str, dict[str, dict[str, Any]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines += ["", *per_class_table(concept.split(CONCEPT_SEPARATOR), rows)]
     return "\n".join(lines)
-
-
-PER_CLASS_GROUPS = ("forget", "held_out", "synonyms")
 
 
 def per_class_table(classes: list[str], rows: dict[str, dict[str, Any]]) -> list[str]:

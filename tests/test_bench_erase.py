@@ -60,6 +60,8 @@ def test_several_classes_are_judged_each_and_a_finished_benchmark_resumes_keepin
     for group in ("forget", "held_out", "synonyms"):  # equal images per class: the classes' shares average to all
         shares = [row[f"{group}_erased_pct[{c}]"]["mean"] for c in ("airplane", "ship")]
         assert sum(shares) / 2 == pytest.approx(row[f"{group}_erased_pct"]["mean"], abs=0.01)
+    base = read_json(out / "metrics.json")["concepts"]["airplane+ship"]["base"]
+    assert "target_erased_pct" in base and not [k for k in base if k.startswith("target_erased_pct[")]
     assert "| model | airplane | ship |" in (out / "report.md").read_text()
     cost = out / "runs" / "airplane+ship" / "uce" / "seed0" / "cost.json"
     stamp = cost.stat().st_mtime_ns
