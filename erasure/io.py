@@ -255,11 +255,14 @@ def finished_manifest(path: str | Path) -> dict[str, Any] | None:
     return data if data.get("status") == "finished" else None
 
 
-def changed_settings(recorded: dict[str, Any], wanted: dict[str, Any], ignored: tuple[str, ...] = ()) -> list[str]:
+def changed_settings(recorded: dict[str, Any], wanted: dict[str, Any], ignored: tuple[str, ...] = (), *,
+                     unrecorded_changed: bool = False) -> list[str]:
     """The keys of `wanted` (a resolved config as plain data) whose values differ from those in `recorded` (a
-    manifest's config); keys in `ignored`, and keys `recorded` lacks (settings added since), are not compared."""
+    manifest's config); keys in `ignored` are not compared, nor keys `recorded` lacks (settings added since it was
+    made) unless `unrecorded_changed`."""
     wanted = json.loads(json.dumps(wanted, default=str))
-    return sorted(k for k in wanted if k not in ignored and k in recorded and recorded[k] != wanted[k])
+    return sorted(k for k in wanted if k not in ignored and (k in recorded or unrecorded_changed)
+                  and recorded.get(k) != wanted[k])
 
 
 def check_resumable(out: str | Path, settings: dict[str, Any], resumable: tuple[str, ...]) -> None:
@@ -275,11 +278,12 @@ def check_resumable(out: str | Path, settings: dict[str, Any], resumable: tuple[
 def reusable_run(path: str | Path, wanted: dict[str, Any], *, ignored: tuple[str, ...] = ()) -> dict[str, Any] | None:
     """The manifest of the finished run at `path` if it was made with the settings `wanted`, None when `path` holds
     no finished run, or a RunDirError naming the settings that differ, so a changed setting never silently reuses
-    an old result. Keys in `ignored` (how it ran, where it wrote) are not compared."""
+    an old result. Keys in `ignored` (how it ran, where it wrote) are not compared; a setting the run did not
+    record counts as changed, since it may have been made without it."""
     manifest = finished_manifest(path)
     if manifest is None:
         return None
-    changed = changed_settings(manifest.get("config", {}), wanted, ignored)
+    changed = changed_settings(manifest.get("config", {}), wanted, ignored, unrecorded_changed=True)
     if changed:
         raise RunDirError(f"'{path}' holds a finished run made with other settings ({', '.join(changed)}); "
                           "remove that folder (or pass --overwrite) to run it again, or choose another --out")

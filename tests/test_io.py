@@ -62,10 +62,12 @@ def test_reusable_run_names_the_settings_that_changed(tmp_path):
     run.start({"lr": 0.1, "epochs": [1, 2], "out": "a"}, seed=0, device="cpu", kind="test")
     assert reusable_run(tmp_path / "run", {"lr": 0.1}) is None  # not finished: nothing to reuse
     run.finish({"UA": 1.0})
-    assert reusable_run(tmp_path / "run", {"lr": 0.1, "epochs": (1, 2), "out": "b", "new": 3},
+    assert reusable_run(tmp_path / "run", {"lr": 0.1, "epochs": (1, 2), "out": "b"},
                         ignored=("out",))["metrics"] == {"UA": 1.0}
     with pytest.raises(RunDirError, match=r"other settings \(epochs, lr\)"):
         reusable_run(tmp_path / "run", {"lr": 0.2, "epochs": [1], "out": "a"})
+    with pytest.raises(RunDirError, match=r"other settings \(new\)"):  # not recorded: maybe made without it
+        reusable_run(tmp_path / "run", {"lr": 0.1, "epochs": [1, 2], "new": 3}, ignored=("out",))
 
 
 def test_an_unfinished_run_needs_resume_or_overwrite(tmp_path):
