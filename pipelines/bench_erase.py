@@ -223,10 +223,14 @@ def per_class_table(classes: list[str], rows: dict[str, dict[str, Any]]) -> list
     lines = ["Per erased class: forget prompt / held-out templates / synonyms %, mean over the seeds.", "",
              "| model | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
     for name, summary in rows.items():
-        cells = [" / ".join(f"{summary[key]['mean']:g}" if key in summary else "—"
-                            for key in (per_class_key(group, c) for group in PER_CLASS_GROUPS)) for c in classes]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(_class_shares(summary, c) for c in classes) + " |")
     return [*lines, ""]
+
+
+def _class_shares(summary: dict[str, Any], erased_class: str) -> str:
+    """One cell of the per-class table: the class's mean share in each group, '—' where it was not recorded."""
+    keys = [per_class_key(group, erased_class) for group in PER_CLASS_GROUPS]
+    return " / ".join(f"{summary[k]['mean']:g}" if k in summary else "—" for k in keys)
 
 
 def check_resume(config: BenchEraseConfig) -> None:
