@@ -137,6 +137,9 @@ class DDPMEvalConfig:
     batch_size: int = option(250, "images per sampling forward pass", ge=1)
     seed: int = option(0, "seed of image i of class c is seed + 100003 * c + i", ge=0)
     device: str = option("auto", "auto (cuda if available), cpu, cuda, cuda:N or mps")
+    cache: str | None = option(None, "a folder keeping each model's judged generations, keyed by its weights, the "
+                                     "judge and every setting above: a baseline that several evaluations share "
+                                     "(a sweep's original) is then sampled once")
     out: str | None = option(None, "output directory (default: <run>/eval-ddpm)")
     overwrite: bool = option(False, "replace an existing output directory")
 

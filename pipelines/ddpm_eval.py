@@ -24,16 +24,20 @@ from classifiers.models import load_model as load_classifier
 from erasure.accel import resolve_device, resolve_dtype
 from erasure.config import from_dict, to_dict
 from erasure.datasets import ImageSet, load_cifar10
+from erasure.digest import key_digest, tensor_digest, weights_digest
 from erasure.errors import ConfigError
 from erasure.evaluation.fid import FeatureError, build_extractor, fid_kid
 from erasure.evaluation.protocol import Grid, Protocol, ProtocolCard, Result, register, run_protocol
 from erasure.evaluation.report import grid_links, markdown_table, settings_table
-from erasure.io import MANIFEST, finished_run, read_json
+from erasure.io import MANIFEST, atomic_dir, finished_run, read_json, write_json
 from pipelines.ddpm import load_model, sample_batched
 from pipelines.ddpm_config import CIFAR10_CLASSES, DDPMEvalConfig, DDPMTrainConfig, class_index
 
 SEED_STRIDE = 100_003
 GRID_COLUMNS = 8
+SIDE_FILE = "side.json"
+ROWS_FILE = "grid_rows.pt"
+SIDE_SETTINGS = ("n_forget", "n_per_class", "guidance", "steps", "scheduler", "batch_size", "seed")
 
 
 def _features(config: DDPMEvalConfig, device: torch.device) -> tuple[nn.Module, str, str | None]:
@@ -86,9 +90,9 @@ def check_judge_size(judge: nn.Module, resolution: int, judge_dir: str) -> None:
                           f"`erasure classifier train --dataset cifar10 --resolution {resolution}`>")
 
 
-def generate(config: DDPMEvalConfig, run_dir: str, forget: int, device: torch.device) -> dict[int, Tensor]:
+def generate(config: DDPMEvalConfig, unet: nn.Module, scheduler: Any, forget: int, device: torch.device
+             ) -> dict[int, Tensor]:
     """uint8 images per class: n_forget of the forgotten class, n_per_class of every other (seeded per image)."""
-    unet, scheduler = load_model(run_dir)
     unet.to(device).eval()
     out = {}
     for label in range(len(CIFAR10_CLASSES)):
@@ -116,10 +120,10 @@ def judge_side(images: dict[int, Tensor], forget: int, judge: nn.Module, extract
             "reference_images": distance["reference_images"]}
 
 
-def _grid(side: str, images: dict[int, Tensor]) -> Grid:
+def _grid(side: str, rows: dict[int, Tensor]) -> Grid:
     """One row of the first images per class (rows in class order)."""
-    rows = [images[label][:GRID_COLUMNS] for label in sorted(images)]
-    return Grid(side, [a for row in rows for a in row.permute(0, 2, 3, 1).numpy()], columns=GRID_COLUMNS, cell=64)
+    ordered = [rows[label][:GRID_COLUMNS] for label in sorted(rows)]
+    return Grid(side, [a for row in ordered for a in row.permute(0, 2, 3, 1).numpy()], columns=GRID_COLUMNS, cell=64)
 
 
 def relative_change(after: float, before: float) -> float | None:
@@ -142,6 +146,40 @@ class DDPMInputs:
     device: torch.device
 
 
+def judged_side(inputs: DDPMInputs, run_dir: str) -> tuple[dict[str, Any], dict[int, Tensor]]:
+    """One model's judged generations and the first images of each class: sampled, or read from `--cache` where
+    the same weights were judged the same way before (the result then names where it came from)."""
+    config = inputs.config
+    unet, scheduler = load_model(run_dir)
+    kept = Path(config.cache) / _side_key(inputs, unet, scheduler) if config.cache else None
+    if kept is not None and (kept / SIDE_FILE).is_file():
+        return {**read_json(kept / SIDE_FILE), "reused_from": str(kept)}, torch.load(kept / ROWS_FILE)
+    start = time.perf_counter()
+    images = generate(config, unet, scheduler, inputs.forget, inputs.device)
+    seconds = time.perf_counter() - start
+    judged = {**judge_side(images, inputs.forget, inputs.judge, inputs.extractor, inputs.reference, inputs.device,
+                           config.seed),
+              "sampling_seconds": round(seconds, 3),
+              "images_per_second": round(sum(len(b) for b in images.values()) / seconds, 3)}
+    rows = {label: batch[:GRID_COLUMNS].clone() for label, batch in images.items()}
+    if kept is not None:
+        with atomic_dir(kept) as folder:
+            write_json(folder / SIDE_FILE, judged)
+            torch.save(rows, folder / ROWS_FILE)
+    return judged, rows
+
+
+def _side_key(inputs: DDPMInputs, unet: nn.Module, scheduler: Any) -> str:
+    """What a side's result depends on: the protocol, the model, the judge, the distance's features and reference,
+    the forgotten class, the sampling settings and the device."""
+    config = inputs.config
+    return key_digest({"protocol": DDPMProtocol.card.id, "unet": weights_digest(unet),
+                       "scheduler": dict(scheduler.config), "judge": weights_digest(inputs.judge),
+                       "extractor": weights_digest(inputs.extractor), "reference": tensor_digest(inputs.reference),
+                       "forget": inputs.forget, "device": inputs.device.type,
+                       **{key: getattr(config, key) for key in SIDE_SETTINGS}})
+
+
 class DDPMProtocol(Protocol):
     """Generate each class from the evaluated run (and its baseline), judge them and measure the distance."""
 
@@ -154,14 +192,9 @@ class DDPMProtocol(Protocol):
         results: dict[str, Any] = {}
         grids = []
         for side, run_dir in inputs.sides.items():
-            start = time.perf_counter()
-            images = generate(config, run_dir, forget, inputs.device)
-            seconds = time.perf_counter() - start
-            results[side] = {"run": run_dir, **judge_side(images, forget, inputs.judge, inputs.extractor,
-                                                          inputs.reference, inputs.device, config.seed),
-                             "sampling_seconds": round(seconds, 3),
-                             "images_per_second": round(sum(len(b) for b in images.values()) / seconds, 3)}
-            grids.append(_grid(side, images))
+            judged, rows = judged_side(inputs, run_dir)
+            results[side] = {"run": run_dir, **judged}
+            grids.append(_grid(side, rows))
         metrics: dict[str, Any] = {
             "forget_class": CIFAR10_CLASSES[forget], "distance_metric": inputs.metric,
             "features": inputs.extractor.describe(), "inception_unavailable": inputs.fallback, **results,

@@ -7,7 +7,8 @@ holds a finished run is reused, not rerun, and marked so):
 3. retrain  `erasure ddpm train ... --exclude <forget>`           the gold standard (--retrain)
 4. unlearn  `erasure ddpm unlearn --config <unlearn> --method m`  for every --methods entry
 5. eval     `erasure eval ddpm --config <eval> --run <run>`       every unlearned run and the retrain,
-            against the trained model (protocol ddpm-cifar10-v1)
+            against the trained model (protocol ddpm-cifar10-v1); the trained model's judged generations are
+            kept in <train out>/eval-cache, so it is sampled once for every run and every later story
 
     python scripts/ddpm_story.py                 # the 16x16 CPU story (configs/ddpm_cpu*.yaml)
     accelerate launch --num_processes 1 --mixed_precision bf16 scripts/ddpm_story.py --story fast  # one H100
@@ -89,7 +90,8 @@ def main() -> None:
     for name, run in runs.items():
         evaluation = _stage(f"eval_{name}", f"{run}/eval-ddpm",
                             ["eval", "ddpm", "--config", configs["eval"], "--run", run, "--judge", judge_out,
-                             "--forget", forget, "--baseline", train_out], stages)
+                             "--forget", forget, "--baseline", train_out, "--cache", f"{train_out}/eval-cache"],
+                            stages)
         results[name] = {key: evaluation["evaluated"][key] for key in EVAL_KEYS}
         results[name]["change_vs_original"] = evaluation["change"]
         results["original"] = {key: evaluation["baseline"][key] for key in EVAL_KEYS}

@@ -226,6 +226,38 @@ def test_eval_reports_ua_accuracy_and_a_labelled_feature_distance(trained: Path,
     assert alone["evaluated"]["class_accuracy"] == metrics["evaluated"]["class_accuracy"]
 
 
+def test_the_cache_samples_a_shared_baseline_once_and_keys_on_weights_and_settings(trained: Path, cifar_judge: Path,
+                                                                                    tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    import pipelines.ddpm_eval as ddpm_eval
+    from pipelines.ddpm_commands import evaluate
+    from pipelines.ddpm_config import DDPMEvalConfig
+
+    sampled = []
+    real_generate = ddpm_eval.generate
+    monkeypatch.setattr(ddpm_eval, "generate", lambda *args: sampled.append(1) or real_generate(*args))
+    unlearn_tiny(trained, tmp_path / "one", steps=1)
+    unlearn_tiny(trained, tmp_path / "two", steps=2)
+    base = {"judge": str(cifar_judge), "n_forget": 4, "n_per_class": 2, "steps": 2, "cache": str(tmp_path / "cache")}
+
+    def run(name: str, **overrides) -> dict:
+        sampled.clear()
+        return evaluate(from_dict(DDPMEvalConfig, {**base, "run": str(tmp_path / "one"), **overrides,
+                                                   "out": str(tmp_path / name)}))
+
+    first = run("e1")
+    assert len(sampled) == 2 and "reused_from" not in first["baseline"]
+    again = run("e2")
+    assert sampled == [] and again["baseline"]["reused_from"] and again["evaluated"]["reused_from"]
+    for side in ("evaluated", "baseline"):
+        assert {k: v for k, v in again[side].items() if k != "reused_from"} == first[side]
+    assert (tmp_path / "e2" / "grid_baseline.png").read_bytes() == (tmp_path / "e1" / "grid_baseline.png").read_bytes()
+    other_weights = run("e3", run=str(tmp_path / "two"))
+    assert len(sampled) == 1 and other_weights["baseline"]["reused_from"]
+    run("e4", steps=3)
+    assert len(sampled) == 2
+
+
 def test_a_reduced_resolution_run_generates_at_its_size_and_needs_a_judge_of_that_size(cifar_judge: Path,
                                                                                         tmp_path: Path) -> None:
     from pipelines.ddpm import load_model, sample

@@ -14,8 +14,6 @@ pairs and the settings, and a later attack on another such model judges the stor
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 from collections.abc import Generator
 from dataclasses import asdict
 from importlib.resources import files
@@ -27,6 +25,7 @@ import torch
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from erasure.digest import key_digest, weights_digest
 from erasure.errors import ErasureError
 from erasure.io import read_json, write_json
 from erasure.prompts import Prompt
@@ -176,13 +175,9 @@ class RingABell(Attack):
         if self.settings.cache is None:
             return None
         if self._encoder_hash is None:
-            digest = hashlib.sha256()
-            for name, value in encoder.state_dict().items():
-                digest.update(name.encode())
-                digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-            self._encoder_hash = digest.hexdigest()
+            self._encoder_hash = weights_digest(encoder)
         settings = {k: v for k, v in asdict(self.settings).items() if k not in ("cache", "pairs")}
-        key = json.dumps({"encoder": self._encoder_hash, "vocabulary": len(tokenizer),
+        key = key_digest({"encoder": self._encoder_hash, "vocabulary": len(tokenizer),
                           "special": sorted(tokenizer.all_special_ids), "prompt": original[0].tolist(), "seed": seed,
-                          "pairs": self.pairs, "settings": settings}, sort_keys=True)
-        return Path(self.settings.cache) / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.json"
+                          "pairs": self.pairs, "settings": settings})
+        return Path(self.settings.cache) / f"{key}.json"
