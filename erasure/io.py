@@ -131,6 +131,13 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def cpu_threads() -> int | None:
+    """torch's intra-op CPU threads (they change the order of float reductions, hence a CPU run's last bits), or None
+    when torch is not loaded."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else None
+
+
 def git_commit(path: str | Path | None = None) -> str | None:
     """The commit of the source tree (with `-dirty` if it has uncommitted changes), or None."""
     cwd = Path(path) if path else Path(__file__).resolve().parent
@@ -217,6 +224,7 @@ class RunDir:
             "config": config,
             "seed": seed,
             "device": device,
+            "cpu_threads": cpu_threads(),
             "versions": package_versions(),
             "git_commit": git_commit(),
             "command": sys.argv,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from erasure.errors import RunDirError
 from erasure.io import RunDir, atomic_open, finished_run, reusable_run, write_json
@@ -29,6 +30,7 @@ def test_manifest_records_what_reproduces_the_run(tmp_path):
     assert manifest["config"] == {"lr": 0.1} and manifest["seed"] == 3 and manifest["device"] == "cpu"
     assert {"torch", "python", "erasure"} <= set(manifest["versions"])
     assert "git_commit" in manifest and manifest["wall_seconds"] >= 0
+    assert manifest["cpu_threads"] == torch.get_num_threads()
     assert manifest["started"] <= manifest["ended"]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == {"acc": 0.9}
 
