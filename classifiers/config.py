@@ -130,8 +130,9 @@ class CompareConfig:
     seed: int = option(0, "seed of every run (overrides train/unlearn seeds)", ge=0)
     seeds: list[int] = option([], "several seeds: run everything once per seed (in out/seed<k>) and report "
                               "mean ± std (overrides seed)")
-    search_file: str | None = option(None, "a YAML of per-method grids (the `search` mapping), shared by scenarios; "
-                                                "grids of methods not compared are skipped")
+    search_file: str | None = option(None, "a YAML of per-method grids (the `search` mapping), shared by scenarios "
+                                           "(`extends: <file>` starts from another file's grids); grids of methods "
+                                           "not compared are skipped")
     search: dict = option({}, "per-method grids chosen on validation data, never the test set, e.g. "
                               "{salun: {lr: [0.005, 0.01], mask_ratio: [0.3, 0.5]}}: every point runs and the one "
                               "closest to retrain on validation data is the method's row (overrides search_file)")
@@ -162,7 +163,7 @@ class CompareConfig:
     def _validate_search(self) -> None:
         """Each searched method is compared, and each grid is a non-empty list per key that makes a valid run."""
         if self.search_file:
-            grids = read_yaml(self.search_file)
+            grids = read_search_file(self.search_file)
             self.search = {**{m: g for m, g in grids.items() if m in self.methods}, **self.search}
             self.search_file = None
         for method, space in self.search.items():
@@ -226,3 +227,15 @@ class MaskConfig:
                               "those above a threshold")
         if self.threshold is None and self.ratio is None:
             self.ratio = 0.5
+
+
+def read_search_file(path: str) -> dict[str, Any]:
+    """A search file's per-method grids. `extends: <file>` starts from that file's grids, and each method the file
+    itself names replaces the one it inherits (so a scenario's wider grid for a few methods is not a copy)."""
+    grids = read_yaml(path)
+    base = grids.pop("extends", None)
+    if base is None:
+        return grids
+    if not isinstance(base, str):
+        raise ConfigError(f"'{path}': config key 'extends' must name another search file, got {base!r}")
+    return {**read_search_file(base), **grids}

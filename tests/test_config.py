@@ -113,6 +113,20 @@ def test_every_shipped_search_grid_makes_valid_runs(path):
     assert config.search and set(config.search) <= set(METHODS)
 
 
+def test_a_search_file_extends_another_and_replaces_the_methods_it_names(tmp_path):
+    from classifiers.config import CompareConfig, read_search_file
+
+    shared = read_search_file(str(ROOT / "configs" / "classifier_search_grid.yaml"))
+    wider = read_search_file(str(ROOT / "configs" / "classifier_search_grid_random50.yaml"))
+    assert set(wider) == set(shared) and wider["rl"]["epochs"] == [2, 5, 10, 20, 40]
+    assert {m: g for m, g in wider.items() if m not in ("rl", "salun")} == \
+        {m: g for m, g in shared.items() if m not in ("rl", "salun")}
+    path = tmp_path / "g.yaml"
+    path.write_text("extends: [configs/classifier_search_grid.yaml]\n")
+    with pytest.raises(ConfigError, match="'extends' must name another search file"):
+        load_config(CompareConfig, None, {"search_file": str(path), "methods": ["rl"]})
+
+
 def test_nested_compare_sections_are_validated(tmp_path):
     from classifiers.config import CompareConfig
 
