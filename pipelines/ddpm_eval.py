@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,15 @@ class DDPMInputs:
     reference: Tensor
     device: torch.device
 
+    @cached_property
+    def judging(self) -> dict[str, Any]:
+        """What every side's result depends on besides its model (the cache key's shared part, hashed once per
+        evaluation): the protocol, the judge, the distance's features and reference, the class, the sampling."""
+        return {"protocol": DDPMProtocol.card.id, "judge": weights_digest(self.judge),
+                "extractor": weights_digest(self.extractor), "reference": tensor_digest(self.reference),
+                "forget": self.forget, "device": self.device.type,
+                **{key: getattr(self.config, key) for key in SIDE_SETTINGS}}
+
 
 def judged_side(inputs: DDPMInputs, run_dir: str) -> tuple[dict[str, Any], dict[int, Tensor]]:
     """One model's judged generations and the first images of each class: sampled, or read from `--cache` where
@@ -170,14 +180,8 @@ def judged_side(inputs: DDPMInputs, run_dir: str) -> tuple[dict[str, Any], dict[
 
 
 def _side_key(inputs: DDPMInputs, unet: nn.Module, scheduler: Any) -> str:
-    """What a side's result depends on: the protocol, the model, the judge, the distance's features and reference,
-    the forgotten class, the sampling settings and the device."""
-    config = inputs.config
-    return key_digest({"protocol": DDPMProtocol.card.id, "unet": weights_digest(unet),
-                       "scheduler": dict(scheduler.config), "judge": weights_digest(inputs.judge),
-                       "extractor": weights_digest(inputs.extractor), "reference": tensor_digest(inputs.reference),
-                       "forget": inputs.forget, "device": inputs.device.type,
-                       **{key: getattr(config, key) for key in SIDE_SETTINGS}})
+    """What a side's result depends on: its model (weights and scheduler) and how every side is judged."""
+    return key_digest({"unet": weights_digest(unet), "scheduler": dict(scheduler.config), **inputs.judging})
 
 
 class DDPMProtocol(Protocol):
