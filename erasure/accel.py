@@ -49,3 +49,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return torch_dtype(dtype)
+
+
+def fsdp_version(accelerator: Any) -> int | None:
+    """1 or 2 when Accelerate shards models with FSDP (`accelerate launch --use_fsdp [--fsdp_version 2]`), else None."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return None
+    return int(accelerator.state.fsdp_plugin.fsdp_version)

@@ -123,7 +123,7 @@ def compute_mask(
         "forget_batches": summed.batches,
         "param_filter": _describe_filter(params),
         "grad_clip": grad_clip,
-        "model_class": type(_unwrap(model, accelerator)).__name__,
+        "model_class": class_name(_unwrap(model, accelerator)),
         "world_size": _world_size(accelerator),
         "sharded": sharded,
     }
@@ -254,6 +254,17 @@ def _check_selection(ratio: float | None, threshold: float | None) -> None:
         )
     if threshold is not None and not threshold >= 0:
         raise MaskError(f"threshold must be >= 0 (got {threshold}); pass a non-negative |grad| cut-off")
+
+
+def class_name(model: nn.Module) -> str:
+    """The model's class name; for a model FSDP2 sharded (whose class `fully_shard` swaps for a subclass named
+    FSDP<name>), the original class's."""
+    cls = type(model)
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    return cls.__name__
 
 
 def _unwrap(model: nn.Module, accelerator: accelerate.Accelerator | None) -> nn.Module:
@@ -734,7 +745,7 @@ class Mask:
         Model parameters absent from the mask are fine: they are frozen.
         """
         shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-        model_class = type(model).__name__
+        model_class = class_name(model)
         if self.masks and not any(name in shapes for name in self.masks):
             raise MaskError(
                 f"none of the mask's {len(self)} parameter names exist in {model_class}; the mask looks made "

@@ -4,7 +4,9 @@ resume), closed-form edits in one call; saving.
 
 The order follows diffusers' text-to-image example: the Accelerator first, frozen VAE and text encoder in
 the weight dtype on the device, only the UNet and its optimizer prepared (by the Trainer, which runs the
-micro-steps under `accelerator.accumulate`), unwrap before saving on the main process. Every micro-step's
+micro-steps under `accelerator.accumulate`), unwrap before saving on the main process. Under FSDP2 the UNet is
+prepared (sharded) alone first, so the mask pass and the optimizer see only shards, and the full weights are
+gathered before saving. Every micro-step's
 images, timesteps and noise are pure functions of (seed, micro-step) over the *global* batch, and each rank
 keeps rows rank::world of it, so N processes compute what one process does and a resumed run is
 bit-identical to an uninterrupted one.
@@ -24,7 +26,7 @@ from accelerate.utils import broadcast_object_list
 from diffusers import StableDiffusionPipeline
 from torch import Tensor
 
-from erasure.accel import make_accelerator
+from erasure.accel import fsdp_version, make_accelerator
 from erasure.config import to_dict
 from erasure.errors import ConfigError, RunDirError
 from erasure.io import RunDir, atomic_dir
@@ -374,18 +376,24 @@ class Eraser:
     # ---------------------------------------------------------------- loop
 
     def prepare(self) -> None:
-        """Mask, optimizer over the method's scope (and the mask), and the Trainer (which prepares both,
-        protecting the unmasked weights)."""
-        self.mask = self.build_mask()
+        """The method's scope trainable; under FSDP2 the UNet sharded first (in place), so neither the mask pass
+        nor the optimizer ever holds a whole weight or gradient; the mask; the optimizer over the scope's masked
+        parameters; and the Trainer (which prepares both, protecting the unmasked weights)."""
         unet, config, scope = denoiser(self.pipe), self.config, self.method.scope.includes
-        allowed = {id(p) for p in masked_parameters(unet, self.mask)} if self.mask is not None else None
-        params = [p for name, p in unet.named_parameters()
-                  if scope(name) and (allowed is None or id(p) in allowed)]
-        if not params:
+        if not any(scope(name) for name, _ in unet.named_parameters()):
             raise ConfigError(f"method {config.method} trains {self.method.scope.name}, which this "
                               f"{denoiser_name(self.pipe)} does not have; pick another method or parameter scope")
         for name, p in unet.named_parameters():
             p.requires_grad_(scope(name))
+        if fsdp_version(self.accelerator) == 2:
+            self.accelerator.prepare(unet)
+        self.mask = self.build_mask()
+        allowed = {id(p) for p in masked_parameters(unet, self.mask)} if self.mask is not None else None
+        params = [p for name, p in unet.named_parameters()
+                  if scope(name) and (allowed is None or id(p) in allowed)]
+        if not params:
+            raise ConfigError(f"the mask keeps no weight of {self.method.scope.name}, which method {config.method} "
+                              "trains; pass a mask computed for this scope or drop --mask")
         optimizer = make_optimizer(config.optimizer, params, lr=config.lr, weight_decay=config.weight_decay)
         self.trainer = Trainer(unet, optimizer, accelerator=self.accelerator, run=self.run,
                                steps=config.total_steps(len(self.sets.get("forget", ())) or config.num_images),
@@ -398,9 +406,7 @@ class Eraser:
         """The trained denoiser as an ordinary module: the unwrapped one, or under FSDP (Accelerate's FSDP2 config,
         whose parameters are shards) a fresh copy holding the gathered full weights on the main process. Call it on
         every rank: gathering is a collective."""
-        from accelerate.utils import DistributedType
-
-        if self.accelerator.distributed_type != DistributedType.FSDP:
+        if fsdp_version(self.accelerator) is None:
             return self.unwrapped
         state = self.accelerator.get_state_dict(self.unet)
         model = type(self.unwrapped).from_config(self.unwrapped.config)
@@ -475,6 +481,9 @@ def erase(config: SDEraseConfig, accelerator: Accelerator | None = None) -> dict
                           "attention has none; pick a trained method (e.g. --method esd-x, which trains the text "
                           "key/value projections of its joint attention)")
     accelerator = accelerator or make_accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
+    if spec.trains and fsdp_version(accelerator) == 1:
+        raise ConfigError("erasure sd shards with FSDP2 only: add --fsdp_version 2 to accelerate launch (FSDP1 "
+                          "flattens the UNet's weights, so a per-weight mask cannot address them)")
     shards = accelerator.num_processes * config.gradient_accumulation_steps
     if spec.trains and config.batch_size % shards:
         raise ConfigError(f"batch_size {config.batch_size} must be a multiple of processes x "

@@ -1,11 +1,16 @@
-"""FSDP through Accelerate's own config: a masked erasure under `accelerate launch --use_fsdp --fsdp_version 2`
-keeps every unmasked weight bit-identical and moves the masked ones as the same run without FSDP does, up to GPU
-arithmetic. Accelerate enables FSDP only on accelerators, so this runs where CUDA is (the GPU check); on CPU the
-mask engine's FSDP2 paths are tested with raw `fully_shard` in test_saliency_sharded.py.
+"""FSDP through Accelerate's own config (`accelerate launch --use_fsdp --fsdp_version 2`).
 
-Why the masked weights are compared on average: on an H200 (2026-12-04) they differed by about 1e-5 after 2
-Adam steps of lr 1e-3, and by up to 1.2e-3 in a few entries, because Adam's first step is lr * g / |g| and a
-gradient near zero changes sign with the GPU's reduction order; unmasked weights did not move in either run."""
+On CPU: Accelerate switches FSDP on only for accelerators, so two gloo processes run `erasure sd` through
+helpers/fsdp_cpu.py, which sets the FSDP state the launch flags describe and leaves the rest (sharding, the
+optimizer's remapping, gathering, checkpoints) to Accelerate. The UNet is sharded before the mask pass, so the
+mask comes from sharded gradients; it must equal the unsharded one, and the run must save exactly the weights of
+the same two-process run without FSDP.
+
+On a GPU (`pytest -m gpu`): a masked erasure under FSDP2 keeps every unmasked weight bit-identical and moves the
+masked ones as the same run without FSDP does, up to GPU arithmetic. Why the masked weights are compared on
+average there: on an H200 (2026-12-04) they differed by about 1e-5 after 2 Adam steps of lr 1e-3, and by up to
+1.2e-3 in a few entries, because Adam's first step is lr * g / |g| and a gradient near zero changes sign with the
+GPU's reduction order; unmasked weights did not move in either run."""
 from __future__ import annotations
 
 import os
@@ -15,13 +20,76 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.launch import REPO, free_port
-from test_sd_erase import erase_args, unet_state
+from helpers.erased_runs import denoiser_state
+from helpers.launch import REPO, accelerate_launch, free_port, log_of
+from test_sd_erase import erase_args, reuse_sets, unet_state
 
 from erasure.cli import main
+from erasure.io import read_json
 from erasure.saliency import Mask
 
 LR, STEPS = 1e-3, 2
+FSDP2 = ("--use_fsdp", "--fsdp_version", "2")
+FSDP_CPU = REPO / "tests" / "helpers" / "fsdp_cpu.py"
+
+
+def launch_erasure(model: Path, images: Path, out: Path, *extra: object, fsdp: bool,
+                   env: dict[str, str] | None = None) -> str:
+    """`erasure sd` of the tiny config in two CPU processes (under FSDP2 or not) on `images`' sets; the log."""
+    args = erase_args(model, out, *reuse_sets(images), "--steps", STEPS, "--lr", LR, "--grid-seeds", 0,
+                      "--no-export-delta", *extra)
+    result = (accelerate_launch(FSDP_CPU, *args, mode=FSDP2, env=env) if fsdp
+              else accelerate_launch(REPO / "erase.py", *args))
+    return log_of(result)
+
+
+@pytest.fixture(scope="module", params=["sd", pytest.param("sdxl", marks=pytest.mark.slow),
+                                        pytest.param("flux", marks=pytest.mark.slow)])
+def family_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipelines.tiny import TINY_NAME, save_tiny_pipeline
+
+    name = TINY_NAME if request.param == "sd" else f"tiny-{request.param}"
+    return save_tiny_pipeline(tmp_path_factory.mktemp(request.param) / "pipeline", name=name)
+
+
+def test_fsdp2_on_two_cpu_processes_masks_the_shards_and_saves_the_run_without_fsdp(family_dir: Path,
+                                                                                    tmp_path: Path) -> None:
+    one = tmp_path / "one"
+    assert main(erase_args(family_dir, one, "--steps", STEPS, "--lr", LR, "--grid-seeds", 0,
+                           "--no-export-delta")) == 0
+    log = launch_erasure(family_dir, one, tmp_path / "ddp", fsdp=False)
+    assert (tmp_path / "ddp" / "metrics.json").is_file(), log
+    log = launch_erasure(family_dir, one, tmp_path / "fsdp", fsdp=True)
+    assert (tmp_path / "fsdp" / "metrics.json").is_file(), log
+    reference, sharded = Mask.load(one / "mask.safetensors"), Mask.load(tmp_path / "fsdp" / "mask.safetensors")
+    assert sharded.metadata["sharded"] and sharded.metadata["world_size"] == 2
+    assert sharded.metadata["model_class"] == reference.metadata["model_class"]
+    assert set(sharded) == set(reference) and all(torch.equal(sharded[n], reference[n]) for n in reference)
+    base, ddp, fsdp = (denoiser_state(run) for run in (family_dir, tmp_path / "ddp", tmp_path / "fsdp"))
+    assert any(not torch.equal(ddp[n], base[n]) for n in base), "the run without FSDP trained nothing"
+    assert all(torch.equal(fsdp[n], ddp[n]) for n in ddp), "FSDP2 saved other weights than the run without it"
+
+
+@pytest.mark.slow  # three two-process launches: ~40 s
+def test_an_interrupted_fsdp2_run_resumes_bit_identically_from_its_sharded_checkpoint(tiny_sd_dir: Path,
+                                                                                       tmp_path: Path) -> None:
+    one = tmp_path / "one"
+    assert main(erase_args(tiny_sd_dir, one, "--steps", STEPS, "--lr", LR, "--grid-seeds", 0)) == 0
+    steps = ("--steps", 4, "--checkpoint-every", 1)
+    log = launch_erasure(tiny_sd_dir, one, tmp_path / "whole", *steps, fsdp=True)
+    assert (tmp_path / "whole" / "metrics.json").is_file(), log
+    log = launch_erasure(tiny_sd_dir, one, tmp_path / "cut", *steps, fsdp=True, env={"CRASH_AT_STEP": "3"})
+    assert "simulated crash" in log and not (tmp_path / "cut" / "metrics.json").exists(), log
+    log = launch_erasure(tiny_sd_dir, one, tmp_path / "cut", *steps, "--resume", fsdp=True)
+    assert read_json(tmp_path / "cut" / "metrics.json")["resumed_from_step"] == 3, log
+    whole, resumed = denoiser_state(tmp_path / "whole"), denoiser_state(tmp_path / "cut")
+    assert all(torch.equal(resumed[n], whole[n]) for n in whole)
+
+
+def test_fsdp1_is_refused_before_any_work(tiny_sd_dir: Path, tmp_path: Path, run_cli, monkeypatch) -> None:
+    monkeypatch.setattr("pipelines.stable_diffusion.fsdp_version", lambda accelerator: 1)
+    status, output = run_cli(*erase_args(tiny_sd_dir, tmp_path / "run"))
+    assert status == 2 and "add --fsdp_version 2" in output and not (tmp_path / "run").exists(), output
 
 
 @pytest.mark.gpu
@@ -48,3 +116,26 @@ def test_an_fsdp2_erasure_saves_the_weights_of_the_same_run_without_fsdp(tiny_sd
     moved, apart = torch.cat(moved), torch.cat(apart)
     assert moved.mean() > LR, "the plain run did not train the masked weights"
     assert apart.mean() < moved.mean() / 20, f"FSDP and plain runs differ on average by {apart.mean():.3g}"
+
+
+@pytest.mark.gpu
+def test_an_fsdp2_erasure_on_a_gpu_masks_from_its_shards_what_the_run_without_fsdp_masks(tiny_sd_dir: Path,
+                                                                                        tmp_path: Path) -> None:
+    """The mask pass on GPU shards: the mask agrees with the unsharded run's up to near-ties that GPU reduction
+    order may swap (at most 1e-4 of the entries), and the run keeps every weight outside its own mask."""
+    flags = ["--steps", STEPS, "--lr", LR, "--grid-seeds", 0, "--no-export-delta"]
+    assert main(erase_args(tiny_sd_dir, tmp_path / "plain", *flags)) == 0
+    command = [sys.executable, "-m", "accelerate.commands.launch", *FSDP2, "--num_processes", "1",
+               "--mixed_precision", "no", "--main_process_port", str(free_port()), str(REPO / "erase.py"),
+               *erase_args(tiny_sd_dir, tmp_path / "fsdp", *flags, *reuse_sets(tmp_path / "plain"))]
+    result = subprocess.run(command, env=os.environ | {"HF_HUB_OFFLINE": "1"}, cwd=REPO, capture_output=True,
+                            text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plain, sharded = (Mask.load(tmp_path / run / "mask.safetensors") for run in ("plain", "fsdp"))
+    assert sharded.metadata["sharded"] and sharded.metadata["kept"] == plain.metadata["kept"]
+    differing = sum(int((sharded[n] != plain[n]).sum()) for n in plain)
+    assert differing <= 1e-4 * plain.metadata["numel"], f"{differing} mask entries differ"
+    base, fsdp = unet_state(tiny_sd_dir / "unet"), unet_state(tmp_path / "fsdp" / "unet")
+    for name, value in base.items():
+        kept = sharded[name].bool()
+        assert torch.equal(fsdp[name][~kept], value[~kept]), f"{name}: FSDP moved unmasked weights"

@@ -1,5 +1,6 @@
 """Checks of an erased run that every model-family test makes: the mask kept the unmasked weights and the run loads
-with plain diffusers and with `load_erased_pipeline`; the LoRA export's round trip through plain diffusers."""
+with plain diffusers and with `load_erased_pipeline`; the LoRA export's round trip through plain diffusers; the
+saved denoiser's weights."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +10,14 @@ import torch
 
 from erasure.cli import main
 from erasure.io import read_json
+
+
+def denoiser_state(run: Path) -> dict[str, torch.Tensor]:
+    """The run's UNet or transformer weights, read as saved."""
+    from safetensors.torch import load_file
+
+    folder = next(run / name for name in ("unet", "transformer") if (run / name).is_dir())
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 def assert_masked_run_loads(pipeline_class: Any, denoiser_class: Any, model_dir: Path, run: Path,

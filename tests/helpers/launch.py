@@ -17,10 +17,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch(script: Path, *args: object, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`accelerate launch --num_processes 2 script args` on the CPU; returns the finished process (never raises)."""
+def accelerate_launch(script: Path, *args: object, timeout: int = 300, mode: tuple[str, ...] = ("--multi_gpu",),
+                      env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch <mode> --num_processes 2 script args` on the CPU, with `env` added to the environment;
+    returns the finished process (never raises)."""
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), str(script), *map(str, args),
     ]
@@ -28,6 +30,7 @@ def accelerate_launch(script: Path, *args: object, timeout: int = 300) -> subpro
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        **(env or {}),
     }
     return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
 
