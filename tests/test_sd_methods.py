@@ -356,6 +356,30 @@ def test_eight_bit_adam_trains_the_masked_weights_only_and_resumes_exactly(sets_
     assert all(torch.equal(after[name], got[name]) for name in after)
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl", "flux"])
+def test_gradient_checkpointing_recomputes_in_backward_and_saves_the_same_weights(family, tiny_sd_dir, tmp_path,
+                                                                                 monkeypatch):
+    """`--gradient-checkpointing` really checkpoints (diffusers calls torch's checkpoint in the denoiser's blocks)
+    and, recomputing the same activations on the CPU, trains exactly the weights of the run without it."""
+    import torch.utils.checkpoint
+    from helpers.erased_runs import denoiser_state
+
+    from pipelines.tiny import save_tiny_pipeline
+
+    model = tiny_sd_dir if family == "sd" else save_tiny_pipeline(tmp_path / "pipeline", name=f"tiny-{family}")
+    flags = ["--steps", 2, "--lr", 1e-3, "--grid-seeds", 0, "--no-export-delta"]
+    calls, checkpoint = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    assert main(erase_args(model, tmp_path / "plain", *flags)) == 0
+    assert not calls
+    checkpointed = tmp_path / "checkpointed"
+    flags += [*reuse_sets(tmp_path / "plain"), "--gradient-checkpointing"]
+    assert main(erase_args(model, checkpointed, *flags)) == 0
+    assert calls, "no block was checkpointed"
+    plain, got = denoiser_state(tmp_path / "plain"), denoiser_state(checkpointed)
+    assert all(torch.equal(plain[name], got[name]) for name in plain)
+
+
 def test_a_missing_optimizer_package_is_named_before_any_work(monkeypatch):
     import erasure.optimizers as optimizers
 
