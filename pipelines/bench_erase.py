@@ -125,20 +125,23 @@ def real_images(config: BenchEraseConfig, classes: list[str], method: str, folde
 
 def run_method(config: BenchEraseConfig, classes: list[str], method: str, seed: int, folder: Path,
                images: dict[str, str] | None = None) -> dict[str, Any]:
-    """Erase in a child process (kept when already finished); returns its cost."""
+    """Erase in a child process; returns its cost. A finished run is kept when it was made from the same settings
+    (its erase.yaml and concepts file), else it is erased again."""
     cost_file, run = folder / COST_FILE, folder / "run"
-    if cost_file.is_file() and (run / "manifest.json").is_file() and \
-            read_json(run / "manifest.json").get("status") == "finished":
-        return read_json(cost_file)
     spec = erase_args(config, classes, method, seed, run, images)
-    folder.mkdir(parents=True, exist_ok=True)
     values = dict(spec["values"], overwrite=True)
+    config_file, files = folder / "erase.yaml", {}  # JSON is YAML
     if spec["concepts"]:
-        concepts_file = folder / "concepts.yaml"  # JSON is YAML
-        concepts_file.write_text(json.dumps(spec["concepts"]))
-        values["concepts"] = str(concepts_file)
-    config_file = folder / "erase.yaml"
-    config_file.write_text(json.dumps(values))
+        concepts_file = folder / "concepts.yaml"
+        values["concepts"], files[concepts_file] = str(concepts_file), json.dumps(spec["concepts"])
+    files[config_file] = json.dumps(values)
+    if cost_file.is_file() and (run / "manifest.json").is_file() and \
+            read_json(run / "manifest.json").get("status") == "finished" and \
+            all(f.is_file() and f.read_text() == text for f, text in files.items()):
+        return read_json(cost_file)
+    folder.mkdir(parents=True, exist_ok=True)
+    for file, text in files.items():
+        file.write_text(text)
     env = dict(os.environ, OMP_NUM_THREADS=str(config.threads), HF_HUB_OFFLINE="1")
     peak_file = folder / "peak_kb.txt"
     command = [sys.executable, "-c", CHILD, str(peak_file), "sd", "--config", str(config_file)]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -11,7 +12,7 @@ from erasure.errors import ConfigError, ErasureError
 from erasure.io import read_json
 from pipelines.bench_attack import check_attacks
 from pipelines.bench_config import BenchEraseConfig
-from pipelines.bench_erase import check_resume, erase_args, real_images
+from pipelines.bench_erase import check_resume, erase_args, real_images, run_method
 from pipelines.testbed_captions import prompt_groups
 
 
@@ -67,6 +68,24 @@ def test_several_classes_are_judged_each_and_a_finished_benchmark_resumes_keepin
     stamp = cost.stat().st_mtime_ns
     assert main([*args, "--resume"]) == 0  # finished: resuming reopens it, as adding a method or seed would
     assert cost.stat().st_mtime_ns == stamp, "a finished method run is kept on resume"
+
+
+def test_a_finished_method_run_is_kept_only_when_its_settings_are_the_same(tmp_path, monkeypatch):
+    import pipelines.bench_erase as bench_erase
+
+    children = []
+    monkeypatch.setattr(bench_erase.subprocess, "run",
+                        lambda command, **_: children.append(command) or SimpleNamespace(returncode=0))
+    folder, classes = tmp_path / "rece" / "seed0", ["airplane", "ship"]
+    config = load_config(BenchEraseConfig, None, {"out": str(tmp_path)})
+    cost = run_method(config, classes, "rece", 0, folder)
+    (folder / "run").mkdir()
+    (folder / "run" / "manifest.json").write_text(json.dumps({"status": "finished"}))
+    assert run_method(config, classes, "rece", 0, folder) == cost and len(children) == 1
+    run_method(load_config(BenchEraseConfig, None, {"out": str(tmp_path), "steps": 7}), classes, "rece", 0, folder)
+    assert len(children) == 2 and read_json(folder / "erase.yaml")["generation_steps"] == 7
+    run_method(config, ["airplane", "truck"], "rece", 0, folder)  # another second concept: concepts.yaml differs
+    assert len(children) == 3 and "truck" in (folder / "concepts.yaml").read_text()
 
 
 def test_a_benchmark_resumed_with_other_judging_settings_is_refused(tmp_path, capsys):
