@@ -43,13 +43,12 @@ def launch_erasure(model: Path, images: Path, out: Path, *extra: object, fsdp: b
     return log_of(result)
 
 
-@pytest.fixture(scope="module", params=["sd", pytest.param("sdxl", marks=pytest.mark.slow),
-                                        pytest.param("flux", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=["tiny", *(pytest.param(f"tiny-{family}", marks=pytest.mark.slow)
+                                                  for family in ("sd2", "sdxl", "sd3", "flux"))])
 def family_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipelines.tiny import TINY_NAME, save_tiny_pipeline
+    from pipelines.tiny import save_tiny_pipeline
 
-    name = TINY_NAME if request.param == "sd" else f"tiny-{request.param}"
-    return save_tiny_pipeline(tmp_path_factory.mktemp(request.param) / "pipeline", name=name)
+    return save_tiny_pipeline(tmp_path_factory.mktemp(request.param) / "pipeline", name=request.param)
 
 
 def test_fsdp2_on_two_cpu_processes_masks_the_shards_and_saves_the_run_without_fsdp(family_dir: Path,
