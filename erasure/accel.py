@@ -58,3 +58,25 @@ def fsdp_version(accelerator: Any) -> int | None:
     if accelerator.distributed_type != DistributedType.FSDP:
         return None
     return int(accelerator.state.fsdp_plugin.fsdp_version)
+
+
+FSDP2_MIN_ACCELERATE = "1.10"
+"""The first Accelerate that maps an optimizer onto a model it had already sharded (DTensor parameters), which
+training a mask computed on the shards needs."""
+
+
+def check_fsdp(accelerator: Any) -> None:
+    """Refuse, in one line, an FSDP setup that masked training cannot use: FSDP1 (its flattened parameters have no
+    per-weight names for a mask) or FSDP2 under an Accelerate older than FSDP2_MIN_ACCELERATE."""
+    import accelerate
+    from packaging.version import Version
+
+    from erasure.errors import ConfigError
+
+    version = fsdp_version(accelerator)
+    if version == 1:
+        raise ConfigError("masked training shards with FSDP2 only: add --fsdp_version 2 to accelerate launch (FSDP1 "
+                          "flattens the weights, so a per-weight mask cannot address them)")
+    if version == 2 and Version(accelerate.__version__) < Version(FSDP2_MIN_ACCELERATE):
+        raise ConfigError(f"FSDP2 training needs accelerate>={FSDP2_MIN_ACCELERATE} (found {accelerate.__version__}):"
+                          f" pip install -U 'accelerate>={FSDP2_MIN_ACCELERATE}'")

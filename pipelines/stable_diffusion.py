@@ -26,7 +26,7 @@ from accelerate.utils import broadcast_object_list
 from diffusers import StableDiffusionPipeline
 from torch import Tensor
 
-from erasure.accel import fsdp_version, make_accelerator
+from erasure.accel import check_fsdp, fsdp_version, make_accelerator
 from erasure.config import to_dict
 from erasure.errors import ConfigError, RunDirError
 from erasure.io import RunDir, atomic_dir
@@ -481,9 +481,8 @@ def erase(config: SDEraseConfig, accelerator: Accelerator | None = None) -> dict
                           "attention has none; pick a trained method (e.g. --method esd-x, which trains the text "
                           "key/value projections of its joint attention)")
     accelerator = accelerator or make_accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
-    if spec.trains and fsdp_version(accelerator) == 1:
-        raise ConfigError("erasure sd shards with FSDP2 only: add --fsdp_version 2 to accelerate launch (FSDP1 "
-                          "flattens the UNet's weights, so a per-weight mask cannot address them)")
+    if spec.trains:
+        check_fsdp(accelerator)
     shards = accelerator.num_processes * config.gradient_accumulation_steps
     if spec.trains and config.batch_size % shards:
         raise ConfigError(f"batch_size {config.batch_size} must be a multiple of processes x "

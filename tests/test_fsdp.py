@@ -85,10 +85,15 @@ def test_an_interrupted_fsdp2_run_resumes_bit_identically_from_its_sharded_check
     assert all(torch.equal(resumed[n], whole[n]) for n in whole)
 
 
-def test_fsdp1_is_refused_before_any_work(tiny_sd_dir: Path, tmp_path: Path, run_cli, monkeypatch) -> None:
-    monkeypatch.setattr("pipelines.stable_diffusion.fsdp_version", lambda accelerator: 1)
+def test_fsdp1_and_fsdp2_under_an_old_accelerate_are_refused_before_any_work(tiny_sd_dir: Path, tmp_path: Path,
+                                                                             run_cli, monkeypatch) -> None:
+    monkeypatch.setattr("erasure.accel.fsdp_version", lambda accelerator: 1)
     status, output = run_cli(*erase_args(tiny_sd_dir, tmp_path / "run"))
     assert status == 2 and "add --fsdp_version 2" in output and not (tmp_path / "run").exists(), output
+    monkeypatch.setattr("erasure.accel.fsdp_version", lambda accelerator: 2)
+    monkeypatch.setattr("accelerate.__version__", "1.9.0")
+    status, output = run_cli(*erase_args(tiny_sd_dir, tmp_path / "run"))
+    assert status == 2 and "needs accelerate>=1.10 (found 1.9.0)" in output and not (tmp_path / "run").exists()
 
 
 @pytest.mark.gpu
