@@ -94,10 +94,11 @@ def _command_of(path: Path):
 
 
 SEARCH_GRID = "# search grid of: erasure classifier compare"
+ACCELERATE = "# accelerate config:"
 SHIPPED = sorted((ROOT / "configs").glob("**/*.yaml"))
 
 
-@pytest.mark.parametrize("path", [p for p in SHIPPED if not p.read_text().startswith(SEARCH_GRID)],
+@pytest.mark.parametrize("path", [p for p in SHIPPED if not p.read_text().startswith((SEARCH_GRID, ACCELERATE))],
                          ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     command = _command_of(path)
@@ -181,3 +182,12 @@ def test_method_flags_and_choices_come_from_the_registry():
     assert sections == {name for name, cls in METHOD_SETTINGS.items() if dataclasses.fields(cls)}
     with pytest.raises(ConfigError, match="'method' must be one of"):
         load_config(UnlearnConfig, None, {"original": "x", "method": "nope"})
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.read_text().startswith(ACCELERATE)], ids=lambda p: p.name)
+def test_every_shipped_accelerate_config_is_read_by_accelerate(path):
+    """Accelerate's own reader takes it (tests/test_fsdp.py launches erasures with it)."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(path)
+    assert config.distributed_type == "FSDP" and config.fsdp_config["fsdp_version"] == 2
