@@ -57,7 +57,7 @@ def fsdp_version(accelerator: Any) -> int | None:
 
     if accelerator.distributed_type != DistributedType.FSDP:
         return None
-    return int(accelerator.state.fsdp_plugin.fsdp_version)
+    return int(getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1))  # before accelerate 1.6: FSDP1 only
 
 
 FSDP2_MIN_ACCELERATE = "1.10"
