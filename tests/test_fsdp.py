@@ -148,7 +148,7 @@ def test_an_fsdp2_erasure_on_a_gpu_masks_from_its_shards_what_the_run_without_fs
     order may swap (at most 1e-4 of the entries), and the run keeps every weight outside its own mask."""
     flags = ["--steps", STEPS, "--lr", LR, "--grid-seeds", 0, "--no-export-delta"]
     assert main(erase_args(tiny_sd_dir, tmp_path / "plain", *flags)) == 0
-    command = [sys.executable, "-m", "accelerate.commands.launch", *FSDP2, "--num_processes", "1",
+    command = [sys.executable, "-m", "accelerate.commands.launch", *FSDP2_BLOCKS, "--num_processes", "1",
                "--mixed_precision", "no", "--main_process_port", str(free_port()), str(REPO / "erase.py"),
                *erase_args(tiny_sd_dir, tmp_path / "fsdp", *flags, *reuse_sets(tmp_path / "plain"))]
     result = subprocess.run(command, env=os.environ | {"HF_HUB_OFFLINE": "1"}, cwd=REPO, capture_output=True,
