@@ -88,6 +88,24 @@ def test_fsdp2_on_two_cpu_processes_masks_the_shards_and_saves_the_run_without_f
             assert apart <= 1e-3 * move, f"per-block FSDP2 is {apart:.3g} from the run without it (move {move:.3g})"
 
 
+@pytest.mark.slow  # two two-process launches per method: ~25 s each
+@pytest.mark.parametrize("method", ["esd-x", "ca", "ga"])
+def test_scoped_frozen_copy_and_ascent_methods_train_under_fsdp2_as_without_it(method: str, tiny_sd_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    """ESD-x trains cross-attention only (most of each shard group frozen), CA reads a frozen copy of the
+    denoiser, GA ascends: each moves exactly the entries it moves without FSDP, within 1 % of the move (Adam's
+    first step, lr * g / |g|, amplifies the per-block reordering where a gradient is near zero)."""
+    one = tmp_path / "one"
+    assert main(erase_args(tiny_sd_dir, one, "--steps", 1, "--grid-seeds", 0, "--no-export-delta")) == 0
+    for name, flags in (("ddp", ()), ("fsdp", FSDP2_BLOCKS)):
+        log = launch_erasure(tiny_sd_dir, one, tmp_path / name, "--method", method, fsdp=flags)
+        assert (tmp_path / name / "metrics.json").is_file(), log
+    base, ddp, fsdp = (denoiser_state(run) for run in (tiny_sd_dir, tmp_path / "ddp", tmp_path / "fsdp"))
+    move = max(float((ddp[n] - base[n]).abs().max()) for n in base)
+    assert move > 0 and all(torch.equal(ddp[n] != base[n], fsdp[n] != base[n]) for n in base)
+    assert max(float((fsdp[n] - ddp[n]).abs().max()) for n in base) <= 0.01 * move
+
+
 @pytest.mark.slow  # three two-process launches: ~40 s
 def test_an_interrupted_fsdp2_run_resumes_bit_identically_from_its_sharded_checkpoint(tiny_sd_dir: Path,
                                                                                        tmp_path: Path) -> None:
