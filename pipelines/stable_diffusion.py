@@ -376,9 +376,9 @@ class Eraser:
     # ---------------------------------------------------------------- loop
 
     def prepare(self) -> None:
-        """The method's scope trainable; under FSDP2 the UNet sharded first (in place), so neither the mask pass
-        nor the optimizer ever holds a whole weight or gradient; the mask; the optimizer over the scope's masked
-        parameters; and the Trainer (which prepares both, protecting the unmasked weights)."""
+        """The method's scope trainable; under FSDP2 the UNet (and a frozen copy) sharded first, in place, so
+        neither the mask pass nor the optimizer ever holds a whole weight or gradient; the mask; the optimizer over
+        the scope's masked parameters; and the Trainer (which prepares both, protecting the unmasked weights)."""
         unet, config, scope = denoiser(self.pipe), self.config, self.method.scope.includes
         if not any(scope(name) for name, _ in unet.named_parameters()):
             raise ConfigError(f"method {config.method} trains {self.method.scope.name}, which this "
@@ -387,6 +387,10 @@ class Eraser:
             p.requires_grad_(scope(name))
         if fsdp_version(self.accelerator) == 2:
             self.accelerator.prepare(unet)
+            if self.base is not None:  # ESD's frozen copy, sharded the same way but outside the training state
+                from accelerate.utils import fsdp2_prepare_model
+
+                self.base = fsdp2_prepare_model(self.accelerator, self.base)
         self.mask = self.build_mask()
         allowed = {id(p) for p in masked_parameters(unet, self.mask)} if self.mask is not None else None
         params = [p for name, p in unet.named_parameters()
@@ -401,6 +405,17 @@ class Eraser:
                                checkpoint_every=config.checkpoint_every, samples_per_step=config.batch_size,
                                name=f"'{config.method}'", accumulation=config.gradient_accumulation_steps)
         self.unet = self.trainer.model
+
+    def sharding(self) -> dict[str, Any] | None:
+        """Under FSDP2: the version and how many shard groups the denoiser and the frozen copy (if any) hold."""
+        version = fsdp_version(self.accelerator)
+        if version is None:
+            return None
+        from torch.distributed.fsdp import FSDPModule
+
+        groups = {name: sum(isinstance(m, FSDPModule) for m in model.modules())
+                  for name, model in (("denoiser", self.unwrapped), ("frozen_copy", self.base)) if model is not None}
+        return {"version": version, "shard_groups": groups}
 
     def trained_denoiser(self) -> torch.nn.Module:
         """The trained denoiser as an ordinary module: the unwrapped one, or under FSDP (Accelerate's FSDP2 config,
@@ -511,7 +526,7 @@ def erase(config: SDEraseConfig, accelerator: Accelerator | None = None) -> dict
         unet, mask = eraser.trained_denoiser().eval(), eraser.mask
         metrics.update(forget_objective_before=objective_before, forget_objective_after=eraser.forget_objective(),
                        images={name: len(latents) for name, latents in eraser.sets.items()},
-                       scope=eraser.method.scope.name, **stats)
+                       scope=eraser.method.scope.name, fsdp=eraser.sharding(), **stats)
     else:
         started = time.perf_counter()
         method = build_method(config)

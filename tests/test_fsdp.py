@@ -30,7 +30,7 @@ from erasure.saliency import Mask
 
 LR, STEPS = 1e-3, 2
 FSDP2 = ("--use_fsdp", "--fsdp_version", "2")
-"""The whole denoiser one shard group (Accelerate's default wrap policy)."""
+"""Accelerate's default wrapping: the whole denoiser one shard group (a final norm, if found, a second)."""
 FSDP2_BLOCKS = ("--config_file", str(REPO / "configs" / "accelerate_fsdp2.yaml"))
 """The shipped config: each block class of the denoiser's `_no_split_modules` its own group."""
 FSDP_CPU = REPO / "tests" / "helpers" / "fsdp_cpu.py"
@@ -57,10 +57,11 @@ def family_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
 def test_fsdp2_on_two_cpu_processes_masks_the_shards_and_saves_the_run_without_fsdp(family_dir: Path,
                                                                                     tmp_path: Path) -> None:
-    """Both wrappings select the one-process mask from their shards. One shard group saves the weights of the run
-    without FSDP bit for bit; with a group per block (the shipped config) the CPU's convolution kernels sum a
-    weight's gradient in another order on the gathered block weights, which moves the masked weights by up to
-    about 4e-7 against a move of 2e-3 (tiny SD), so they are compared to 1e-3 of the move."""
+    """Both wrappings select the one-process mask from their shards. Accelerate's default wrapping (the whole
+    denoiser one group, its final norm another) saves the weights of the run without FSDP bit for bit; with a group
+    per block (the shipped config) the CPU's convolution kernels sum a weight's gradient in another order on the
+    gathered block weights, which moves the masked weights by up to about 4e-7 against a move of 2e-3 (tiny SD),
+    so they are compared to 1e-3 of the move."""
     one = tmp_path / "one"
     assert main(erase_args(family_dir, one, "--steps", STEPS, "--lr", LR, "--grid-seeds", 0,
                            "--no-export-delta")) == 0
@@ -70,9 +71,11 @@ def test_fsdp2_on_two_cpu_processes_masks_the_shards_and_saves_the_run_without_f
     base, ddp = denoiser_state(family_dir), denoiser_state(tmp_path / "ddp")
     move = max(float((ddp[n] - base[n]).abs().max()) for n in base)
     assert move > 0, "the run without FSDP trained nothing"
+    groups = {}
     for name, flags in (("whole", FSDP2), ("blocks", FSDP2_BLOCKS)):
         log = launch_erasure(family_dir, one, tmp_path / name, fsdp=flags)
         assert (tmp_path / name / "metrics.json").is_file(), log
+        groups[name] = read_json(tmp_path / name / "metrics.json")["fsdp"]["shard_groups"]["denoiser"]
         sharded = Mask.load(tmp_path / name / "mask.safetensors")
         assert sharded.metadata["sharded"] and sharded.metadata["world_size"] == 2
         assert sharded.metadata["model_class"] == reference.metadata["model_class"]
@@ -86,15 +89,17 @@ def test_fsdp2_on_two_cpu_processes_masks_the_shards_and_saves_the_run_without_f
         else:
             apart = max(float((fsdp[n] - ddp[n]).abs().max()) for n in ddp)
             assert apart <= 1e-3 * move, f"per-block FSDP2 is {apart:.3g} from the run without it (move {move:.3g})"
+    assert groups["whole"] <= 2 < groups["blocks"], groups
 
 
 @pytest.mark.slow  # two two-process launches per method: ~25 s each
 @pytest.mark.parametrize("method", ["esd-x", "ca", "ga"])
 def test_scoped_frozen_copy_and_ascent_methods_train_under_fsdp2_as_without_it(method: str, tiny_sd_dir: Path,
                                                                               tmp_path: Path) -> None:
-    """ESD-x trains cross-attention only (most of each shard group frozen), CA reads a frozen copy of the
-    denoiser, GA ascends: each moves exactly the entries it moves without FSDP, within 1 % of the move (Adam's
-    first step, lr * g / |g|, amplifies the per-block reordering where a gradient is near zero)."""
+    """ESD-x trains cross-attention only (most of each shard group frozen) against a frozen copy of the denoiser,
+    sharded too; CA reads the current model without gradient; GA ascends. Each moves exactly the entries it moves
+    without FSDP, within 1 % of the move (Adam's first step, lr * g / |g|, amplifies the per-block reordering where
+    a gradient is near zero)."""
     one = tmp_path / "one"
     assert main(erase_args(tiny_sd_dir, one, "--steps", 1, "--grid-seeds", 0, "--no-export-delta")) == 0
     for name, flags in (("ddp", ()), ("fsdp", FSDP2_BLOCKS)):
@@ -104,6 +109,10 @@ def test_scoped_frozen_copy_and_ascent_methods_train_under_fsdp2_as_without_it(m
     move = max(float((ddp[n] - base[n]).abs().max()) for n in base)
     assert move > 0 and all(torch.equal(ddp[n] != base[n], fsdp[n] != base[n]) for n in base)
     assert max(float((fsdp[n] - ddp[n]).abs().max()) for n in base) <= 0.01 * move
+    groups = read_json(tmp_path / "fsdp" / "metrics.json")["fsdp"]["shard_groups"]
+    assert groups["denoiser"] > 1 and groups.get("frozen_copy", groups["denoiser"]) == groups["denoiser"]
+    assert ("frozen_copy" in groups) == (method == "esd-x")
+    assert read_json(tmp_path / "ddp" / "metrics.json")["fsdp"] is None
 
 
 @pytest.mark.slow  # three two-process launches: ~40 s
