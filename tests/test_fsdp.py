@@ -13,15 +13,12 @@ average there: on an H200 (2026-12-04) they differed by about 1e-5 after 2 Adam 
 GPU's reduction order; unmasked weights did not move in either run."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers.erased_runs import denoiser_state
-from helpers.launch import REPO, accelerate_launch, free_port, log_of
+from helpers.launch import ERASE, REPO, accelerate_launch, launch_erasure, log_of
 from test_sd_erase import erase_args, reuse_sets, unet_state
 
 from erasure.cli import main
@@ -33,18 +30,6 @@ FSDP2 = ("--use_fsdp", "--fsdp_version", "2")
 """Accelerate's default wrapping: the whole denoiser one shard group (a final norm, if found, a second)."""
 FSDP2_BLOCKS = ("--config_file", str(REPO / "configs" / "accelerate_fsdp2.yaml"))
 """The shipped config: each block class of the denoiser's `_no_split_modules` its own group."""
-FSDP_CPU = REPO / "tests" / "helpers" / "fsdp_cpu.py"
-
-
-def launch_erasure(model: Path, images: Path, out: Path, *extra: object, fsdp: tuple[str, ...] = (),
-                   env: dict[str, str] | None = None) -> str:
-    """`erasure sd` of the tiny config in two CPU processes (under the `fsdp` launch flags, else without FSDP) on
-    `images`' sets; the log."""
-    args = erase_args(model, out, *reuse_sets(images), "--steps", STEPS, "--lr", LR, "--grid-seeds", 0,
-                      "--no-export-delta", *extra)
-    result = (accelerate_launch(FSDP_CPU, *args, mode=fsdp, env=env) if fsdp
-              else accelerate_launch(REPO / "erase.py", *args))
-    return log_of(result)
 
 
 @pytest.fixture(scope="module", params=["tiny", *(pytest.param(f"tiny-{family}", marks=pytest.mark.slow)
@@ -146,15 +131,10 @@ def test_fsdp1_and_fsdp2_under_an_old_accelerate_are_refused_before_any_work(tin
 def test_an_fsdp2_erasure_saves_the_weights_of_the_same_run_without_fsdp(tiny_sd_dir: Path, tmp_path: Path) -> None:
     flags = ["--steps", STEPS, "--lr", LR, "--grid-seeds", 0, "--no-export-delta"]
     assert main(erase_args(tiny_sd_dir, tmp_path / "plain", *flags)) == 0
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
-               "--num_processes", "1", "--mixed_precision", "no", "--main_process_port", str(free_port()),
-               str(REPO / "erase.py"), *erase_args(tiny_sd_dir, tmp_path / "fsdp", *flags,
-                                                  "--mask", tmp_path / "plain" / "mask.safetensors",
-                                                  "--forget-images", tmp_path / "plain" / "data" / "forget",
-                                                  "--retain-images", tmp_path / "plain" / "data" / "retain")]
-    result = subprocess.run(command, env=os.environ | {"HF_HUB_OFFLINE": "1"}, cwd=REPO, capture_output=True,
-                            text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
+    flags += [*reuse_sets(tmp_path / "plain"), "--mask", tmp_path / "plain" / "mask.safetensors"]
+    result = accelerate_launch(ERASE, *erase_args(tiny_sd_dir, tmp_path / "fsdp", *flags), mode=FSDP2, processes=1,
+                               timeout=600)
+    assert result.returncode == 0, log_of(result)
     base, mask = unet_state(tiny_sd_dir / "unet"), Mask.load(tmp_path / "plain" / "mask.safetensors")
     plain, fsdp = unet_state(tmp_path / "plain" / "unet"), unet_state(tmp_path / "fsdp" / "unet")
     moved, apart = [], []
@@ -175,12 +155,10 @@ def test_an_fsdp2_erasure_on_a_gpu_masks_from_its_shards_what_the_run_without_fs
     order may swap (at most 1e-4 of the entries), and the run keeps every weight outside its own mask."""
     flags = ["--steps", STEPS, "--lr", LR, "--grid-seeds", 0, "--no-export-delta"]
     assert main(erase_args(tiny_sd_dir, tmp_path / "plain", *flags)) == 0
-    command = [sys.executable, "-m", "accelerate.commands.launch", *FSDP2_BLOCKS, "--num_processes", "1",
-               "--mixed_precision", "no", "--main_process_port", str(free_port()), str(REPO / "erase.py"),
-               *erase_args(tiny_sd_dir, tmp_path / "fsdp", *flags, *reuse_sets(tmp_path / "plain"))]
-    result = subprocess.run(command, env=os.environ | {"HF_HUB_OFFLINE": "1"}, cwd=REPO, capture_output=True,
-                            text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
+    flags += reuse_sets(tmp_path / "plain")
+    result = accelerate_launch(ERASE, *erase_args(tiny_sd_dir, tmp_path / "fsdp", *flags), mode=FSDP2_BLOCKS,
+                               processes=1, timeout=600)
+    assert result.returncode == 0, log_of(result)
     plain, sharded = (Mask.load(tmp_path / run / "mask.safetensors") for run in ("plain", "fsdp"))
     assert sharded.metadata["sharded"] and sharded.metadata["kept"] == plain.metadata["kept"]
     differing = sum(int((sharded[n] != plain[n]).sum()) for n in plain)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.interrupt import crashing_at
 from helpers.launch import accelerate_launch, log_of
 
 from erasure.cli import main
@@ -37,13 +38,7 @@ def crash_eraser_at(monkeypatch: pytest.MonkeyPatch, crash_step: int):
     from pipelines.stable_diffusion import Eraser
 
     original = Eraser.step_loss
-
-    def crashing(self, step, micro=0):
-        if step == crash_step:
-            raise RuntimeError("simulated crash")
-        return original(self, step, micro)
-
-    monkeypatch.setattr(Eraser, "step_loss", crashing)
+    monkeypatch.setattr(Eraser, "step_loss", crashing_at(original, crash_step))
     return original
 
 

@@ -16,8 +16,9 @@ def denoiser_state(run: Path) -> dict[str, torch.Tensor]:
     """The run's UNet or transformer weights, read as saved."""
     from safetensors.torch import load_file
 
-    folder = next(run / name for name in ("unet", "transformer") if (run / name).is_dir())
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+    from pipelines.loading import erased_unet_dir
+
+    return {k: v for f in sorted(erased_unet_dir(run).glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 def assert_masked_run_loads(pipeline_class: Any, denoiser_class: Any, model_dir: Path, run: Path,

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import sys
 
+from interrupt import crashing_at  # this folder: the script's own directory is first on sys.path
+
 import erasure.accel
 import pipelines.stable_diffusion
 
@@ -29,23 +31,11 @@ def fsdp_accelerator(**kwargs):
     return accelerator
 
 
-def crash_at(step: int) -> None:
-    """Make `Eraser.step_loss` raise at `step`."""
-    eraser = pipelines.stable_diffusion.Eraser
-    original = eraser.step_loss
-
-    def crashing(self, at, micro=0):
-        if at == step:
-            raise RuntimeError("simulated crash")
-        return original(self, at, micro)
-
-    eraser.step_loss = crashing
-
-
 if __name__ == "__main__":
     from erasure.cli import main
 
     pipelines.stable_diffusion.make_accelerator = fsdp_accelerator
     if "CRASH_AT_STEP" in os.environ:
-        crash_at(int(os.environ["CRASH_AT_STEP"]))
+        eraser = pipelines.stable_diffusion.Eraser
+        eraser.step_loss = crashing_at(eraser.step_loss, int(os.environ["CRASH_AT_STEP"]))
     sys.exit(main(sys.argv[1:]))
